@@ -1,0 +1,1 @@
+//! NSQ producer and consumer on the async-std runtime (work in progress).

@@ -1,0 +1,60 @@
+//! Client configuration: every go-nsq option, by name or typed.
+
+use std::time::Duration;
+
+use crate::transport::TlsOptions;
+
+/// Client configuration shared by every connection of a producer or consumer.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) dial_timeout: Duration,
+    pub(crate) read_timeout: Duration,
+    pub(crate) write_timeout: Duration,
+    pub(crate) heartbeat_interval: Option<Duration>,
+    pub(crate) client_id: String,
+    pub(crate) hostname: String,
+    pub(crate) user_agent: String,
+    pub(crate) sample_rate: u8,
+    pub(crate) deflate: bool,
+    pub(crate) deflate_level: u8,
+    pub(crate) snappy: bool,
+    pub(crate) output_buffer_size: Option<u64>,
+    pub(crate) output_buffer_timeout: Option<Duration>,
+    pub(crate) max_in_flight: u32,
+    pub(crate) msg_timeout: Option<Duration>,
+    pub(crate) auth_secret: Option<String>,
+    pub(crate) max_frame_size: u32,
+    pub(crate) tls: TlsOptions,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            dial_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(1),
+            heartbeat_interval: Some(Duration::from_secs(30)),
+            client_id: String::new(),
+            hostname: String::new(),
+            user_agent: concat!("nsq-rs/", env!("CARGO_PKG_VERSION")).to_owned(),
+            sample_rate: 0,
+            deflate: false,
+            deflate_level: 6,
+            snappy: false,
+            output_buffer_size: None,
+            output_buffer_timeout: None,
+            max_in_flight: 1,
+            msg_timeout: None,
+            auth_secret: None,
+            max_frame_size: 16 * 1024 * 1024,
+            tls: TlsOptions::default(),
+        }
+    }
+}
+
+impl Config {
+    /// A configuration with go-nsq's defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}

@@ -1,0 +1,1 @@
+//! ConnectionState: one nsqd TCP connection as a pure state machine.

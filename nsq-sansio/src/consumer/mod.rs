@@ -1,0 +1,1 @@
+//! ConsumerState: one topic/channel across many nsqd connections.

@@ -1,0 +1,1 @@
+//! Error types: what arrives as an event, and what a call returns.

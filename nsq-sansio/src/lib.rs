@@ -1,0 +1,21 @@
+//! A sans-IO NSQ client core.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod config;
+mod connection;
+mod consumer;
+mod error;
+mod lookupd;
+mod producer;
+mod protocol;
+mod timer;
+mod transport;
+
+pub use config::Config;
+pub use protocol::command::Command;
+pub use protocol::frame::{decode, ErrorCode, Frame, FrameError, ServerError};
+pub use protocol::identify::IdentifyResponse;
+pub use protocol::message::Message;
+pub use protocol::{Channel, MessageId, NameError, Topic, MAGIC_V2, MAX_NAME_LEN};
+pub use transport::{TlsOptions, TlsVersion, TransportError};

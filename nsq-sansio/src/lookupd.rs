@@ -1,0 +1,1 @@
+//! The nsqlookupd HTTP API: `GET /lookup?topic=...` request bytes and response parsing.

@@ -1,0 +1,1 @@
+//! ProducerState: publishes over one nsqd connection, responses matched FIFO.

@@ -1,0 +1,1 @@
+//! NSQ producer and consumer on the smol runtime (work in progress).

@@ -1,0 +1,1 @@
+//! NSQ producer and consumer on the tokio runtime (work in progress).

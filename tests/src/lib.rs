@@ -1,0 +1,1 @@
+//! Fake nsqd and nsqlookupd servers and the shared scenario suite.
