@@ -57,4 +57,14 @@ impl Config {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Sets an option by its go-nsq name (temporary subset).
+    pub fn set(&mut self, name: &str, value: &str) -> Result<&mut Self, String> {
+        match name {
+            "auth_secret" => self.auth_secret = Some(value.to_owned()),
+            "tls_v1" => self.tls.enabled = value == "true",
+            _ => return Err(name.to_owned()),
+        }
+        Ok(self)
+    }
 }

@@ -1,1 +1,109 @@
 //! Error types: what arrives as an event, and what a call returns.
+//!
+//! A problem caused by nsqd or the network ends the connection and arrives once, as the last
+//! event, [`Event::Closed`](crate::Event::Closed) with a [`ConnectionError`]. A problem caused by
+//! the caller is returned from the call as a [`CommandError`] and changes nothing.
+
+use crate::protocol::frame::{FrameError, ServerError};
+use crate::transport::TransportError;
+use crate::MessageId;
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// The application closed the connection (after a graceful drain, or at once).
+    #[error("connection closed locally")]
+    LocallyClosed,
+    /// nsqd closed the socket.
+    #[error("nsqd closed the connection")]
+    ServerClosed,
+    /// Nothing arrived for `read_timeout`: nsqd stopped sending heartbeats.
+    #[error("no data from nsqd within the read timeout (missed heartbeats)")]
+    ReadTimeout,
+    /// nsqd sent a fatal error frame, after which it closes the connection.
+    #[error("nsqd: {0}")]
+    Server(ServerError),
+    /// The byte stream is not valid NSQ framing (garbage, an oversized or short frame).
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// TLS or compression failed.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// nsqd sent something the protocol does not allow at this point.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The configuration asks for TLS but nsqd did not agree to it. Nothing was sent in clear
+    /// beyond the IDENTIFY.
+    #[error("TLS was required by the configuration but nsqd did not negotiate it")]
+    TlsNotNegotiated,
+    /// nsqd requires AUTH but no `auth_secret` is configured.
+    #[error("nsqd requires AUTH but no auth_secret is configured")]
+    AuthRequired,
+}
+
+impl ConnectionError {
+    /// Whether this is an orderly, locally requested close rather than a failure.
+    pub fn is_local_close(&self) -> bool {
+        matches!(self, Self::LocallyClosed)
+    }
+}
+
+/// Why a publish did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// nsqd refused the publish.
+    #[error("nsqd refused the publish: {0}")]
+    Server(ServerError),
+    /// The connection ended before nsqd acknowledged the publish; it may or may not have been
+    /// stored.
+    #[error("connection lost before the publish was acknowledged")]
+    ConnectionLost,
+    /// The publish was refused locally before anything was written.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+/// A call the connection refused; nothing was sent and the connection is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The connection is closed or closing and takes no new commands.
+    #[error("the connection is closed")]
+    Closed,
+    /// FIN, REQ or TOUCH for a message that is not in flight on this connection (already
+    /// answered, timed out, or never delivered here).
+    #[error("message {0} is not in flight on this connection")]
+    NotInFlight(MessageId),
+    /// The command is not valid in the connection's current state (e.g. RDY before SUB).
+    #[error("{command} is not allowed {reason}")]
+    InvalidState {
+        /// The refused command.
+        command: &'static str,
+        /// Why, e.g. "before SUB".
+        reason: &'static str,
+    },
+    /// A message body is empty; nsqd refuses empty messages.
+    #[error("message body is empty")]
+    EmptyBody,
+    /// A message body is larger than the configured `max_msg_size`.
+    #[error("message body of {size} bytes exceeds the limit of {max} bytes")]
+    BodyTooLarge {
+        /// The body's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// MPUB with no messages.
+    #[error("MPUB needs at least one message")]
+    EmptyBatch,
+    /// A DPUB delay outside nsqd's range.
+    #[error("DPUB delay of {delay_ms} ms is out of range 0..={max_ms} ms")]
+    DelayOutOfRange {
+        /// The delay asked for.
+        delay_ms: u128,
+        /// The largest delay nsqd accepts.
+        max_ms: u128,
+    },
+}

@@ -13,6 +13,11 @@ mod timer;
 mod transport;
 
 pub use config::Config;
+pub use connection::{
+    AuthResponse, ConnectionState, ConnectionStats, Event, Phase, PublishId, DEFAULT_MAX_DEFER,
+    DEFAULT_MAX_MSG_SIZE, DEFAULT_MAX_RDY_COUNT,
+};
+pub use error::{CommandError, ConnectionError, PublishError};
 pub use protocol::command::Command;
 pub use protocol::frame::{decode, ErrorCode, Frame, FrameError, ServerError};
 pub use protocol::identify::IdentifyResponse;

@@ -51,6 +51,7 @@ impl Transport {
         &mut self,
         wire: BytesMut,
         plain: &mut BytesMut,
+        _limit: usize,
     ) -> Result<(), TransportError> {
         if plain.is_empty() {
             *plain = wire;
@@ -61,10 +62,46 @@ impl Transport {
     }
 
     /// Queues plaintext NSQ bytes for sending.
-    pub(crate) fn send(&mut self, plain: &[u8]) -> Result<(), TransportError> {
-        self.out.extend_from_slice(plain);
+    pub(crate) fn send(&mut self, plain: &mut BytesMut) -> Result<(), TransportError> {
+        self.out.unsplit(plain.split());
         Ok(())
     }
+
+    pub(crate) fn has_pending(&self) -> bool {
+        false
+    }
+
+    pub(crate) fn start_tls(
+        &mut self,
+        _config: std::sync::Arc<rustls::ClientConfig>,
+        _name: rustls_pki_types::ServerName<'static>,
+        _leftover: BytesMut,
+        _plain: &mut BytesMut,
+        _limit: usize,
+    ) -> Result<(), TransportError> {
+        Err(TransportError::TlsSetup("not built yet".into()))
+    }
+
+    pub(crate) fn start_snappy(
+        &mut self,
+        _l: BytesMut,
+        _p: &mut BytesMut,
+        _limit: usize,
+    ) -> Result<(), TransportError> {
+        Err(TransportError::Snappy("not built yet".into()))
+    }
+
+    pub(crate) fn start_deflate(
+        &mut self,
+        _lvl: u32,
+        _l: BytesMut,
+        _p: &mut BytesMut,
+        _limit: usize,
+    ) -> Result<(), TransportError> {
+        Err(TransportError::Deflate("not built yet".into()))
+    }
+
+    pub(crate) fn close(&mut self) {}
 
     /// The bytes to write to the socket next, if any.
     pub(crate) fn poll_transmit(&mut self) -> Option<Bytes> {

@@ -34,3 +34,17 @@ pub struct TlsOptions {
     /// A ready rustls configuration; when set, the file options above are ignored.
     pub client_config: Option<Arc<rustls::ClientConfig>>,
 }
+
+pub(crate) fn client_config(
+    _opts: &TlsOptions,
+) -> Result<Arc<rustls::ClientConfig>, super::TransportError> {
+    Err(super::TransportError::TlsSetup("not built yet".into()))
+}
+
+pub(crate) fn server_name(
+    _opts: &TlsOptions,
+    host: &str,
+) -> Result<rustls_pki_types::ServerName<'static>, super::TransportError> {
+    rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| super::TransportError::TlsSetup(e.to_string()))
+}
