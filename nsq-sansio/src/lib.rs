@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod action;
 mod config;
 mod connection;
 mod consumer;
@@ -12,12 +13,15 @@ mod protocol;
 mod timer;
 mod transport;
 
+pub use action::{Action, ConnId, QueryId};
 pub use config::Config;
 pub use connection::{
     AuthResponse, ConnectionState, ConnectionStats, Event, Phase, PublishId, DEFAULT_MAX_DEFER,
     DEFAULT_MAX_MSG_SIZE, DEFAULT_MAX_RDY_COUNT,
 };
+pub use consumer::{ConsumerError, ConsumerEvent, ConsumerState, ConsumerStats, Response};
 pub use error::{CommandError, ConnectionError, PublishError};
+pub use producer::{ProducerEvent, ProducerState, TxId};
 pub use protocol::command::Command;
 pub use protocol::frame::{decode, ErrorCode, Frame, FrameError, ServerError};
 pub use protocol::identify::IdentifyResponse;

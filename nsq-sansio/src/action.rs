@@ -1,0 +1,51 @@
+//! I/O a [`ProducerState`](crate::ProducerState) or [`ConsumerState`](crate::ConsumerState) has
+//! decided on and an adapter carries out.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+/// Identifies one nsqd connection of a producer or consumer. Never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "conn#{}", self.0)
+    }
+}
+
+/// Identifies one lookupd query; the adapter hands it back with the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueryId(pub u64);
+
+/// Something the adapter must do. Drain with `poll_action` after every input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Action {
+    /// Open a TCP connection to `addr` (`host:port`) within `dial_timeout`, with TCP_NODELAY.
+    /// Report the outcome with `handle_connected` or `handle_connect_failed`.
+    Connect {
+        /// The connection this socket is for.
+        conn: ConnId,
+        /// `host:port` of the nsqd.
+        addr: String,
+    },
+    /// Write whatever is still pending for `conn`, then close its socket. No more input is
+    /// expected for it.
+    Close {
+        /// The connection to close.
+        conn: ConnId,
+    },
+    /// Send `request` to the lookupd at `addr` (`host:port`) over a new TCP connection, read the
+    /// whole response until EOF (or the body is complete), and hand the bytes back with
+    /// `handle_lookupd_response`.
+    QueryLookupd {
+        /// The query id to hand back.
+        query: QueryId,
+        /// `host:port` of the nsqlookupd HTTP interface.
+        addr: String,
+        /// The complete HTTP request.
+        request: Bytes,
+    },
+}
