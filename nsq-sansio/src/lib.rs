@@ -23,7 +23,10 @@ pub use consumer::{ConsumerError, ConsumerEvent, ConsumerState, ConsumerStats, R
 pub use error::{CommandError, ConnectionError, PublishError};
 pub use producer::{ProducerEvent, ProducerState, TxId};
 pub use protocol::command::Command;
-pub use protocol::frame::{decode, ErrorCode, Frame, FrameError, ServerError};
+pub use protocol::frame::{
+    decode, ErrorCode, Frame, FrameError, ServerError, CLOSE_WAIT, FRAME_HEADER_LEN,
+    FRAME_TYPE_ERROR, FRAME_TYPE_MESSAGE, FRAME_TYPE_RESPONSE, HEARTBEAT, OK,
+};
 pub use protocol::identify::IdentifyResponse;
 pub use protocol::message::Message;
 pub use protocol::{Channel, MessageId, NameError, Topic, MAGIC_V2, MAX_NAME_LEN};

@@ -31,10 +31,6 @@ impl<K: Copy + Into<usize>, const N: usize> TimerTable<K, N> {
         }
     }
 
-    pub(crate) fn get(&self, kind: K) -> Option<Instant> {
-        self.slots.get(kind.into()).copied().flatten()
-    }
-
     /// Whether `kind` is armed and due at `now`; disarms it if so.
     pub(crate) fn expire(&mut self, kind: K, now: Instant) -> bool {
         match self.slots.get_mut(kind.into()) {
