@@ -1,4 +1,63 @@
-//! A sans-IO NSQ client core.
+//! A sans-IO client core for [NSQ](https://nsq.io): the whole protocol, with no sockets, no
+//! clock and no async.
+//!
+//! Most applications want a runtime crate built on this one: `nsq-tokio`, `nsq-async-std` or
+//! `nsq-smol`. Use `nsq-sansio` directly to embed NSQ in your own event loop (mio, io_uring,
+//! blocking sockets), or to test and fuzz protocol logic deterministically.
+//!
+//! # What is here
+//!
+//! - [`ConnectionState`]: one nsqd connection. Handshake and feature negotiation (IDENTIFY,
+//!   TLS through rustls, snappy or deflate, AUTH), heartbeats, message delivery with in-flight
+//!   tracking, FIN/REQ/TOUCH/RDY, publishes matched to their responses, graceful CLS.
+//! - [`ProducerState`]: publishes to one nsqd with lazy connection and FIFO transaction
+//!   matching.
+//! - [`ConsumerState`]: one topic/channel across many nsqds: RDY distribution, backoff,
+//!   redials, lookupd polling, max attempts, graceful stop.
+//! - The codec: [`Command`] encoding, frame [`decode`], [`Topic`]/[`Channel`] validation,
+//!   [`Config`] with every go-nsq option.
+//!
+//! # The run loop
+//!
+//! Every state machine has the same shape. Feed it input with `handle_input` (bytes read),
+//! `handle_eof` and `handle_timeout`, call commands on it, and after each of those drain its
+//! outputs: `poll_transmit` (bytes to write), `poll_action` (sockets to open or close, lookupd
+//! queries; producer and consumer only), `poll_event` (what the application should know), and
+//! finally `poll_timeout` (when to call `handle_timeout` next). Time is always an argument.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Instant;
+//! use bytes::BytesMut;
+//! use nsq_sansio::{Channel, Config, ConnectionState, Event, Topic};
+//!
+//! let now = Instant::now();
+//! let mut conn = ConnectionState::new(Arc::new(Config::new()), "127.0.0.1", now);
+//! conn.subscribe(&Topic::new("events")?, &Channel::new("archive")?)?;
+//!
+//! // Write what the core queued: the magic and IDENTIFY (the SUB waits for the handshake).
+//! let out = conn.poll_transmit().unwrap();
+//! assert!(out.starts_with(b"  V2IDENTIFY\n"));
+//!
+//! // nsqd answers IDENTIFY; the SUB goes out; nsqd accepts it.
+//! conn.handle_input(now, BytesMut::from(&b"\0\0\0\x06\0\0\0\0OK"[..]));
+//! assert_eq!(conn.poll_transmit().unwrap(), "SUB events archive\n");
+//! conn.handle_input(now, BytesMut::from(&b"\0\0\0\x06\0\0\0\0OK"[..]));
+//! assert!(matches!(conn.poll_event(), Some(Event::Ready(_))));
+//! assert!(matches!(conn.poll_event(), Some(Event::Subscribed)));
+//!
+//! conn.ready(100)?;
+//! assert_eq!(conn.poll_transmit().unwrap(), "RDY 100\n");
+//! // Arm a timer for the next deadline (read timeout, message expiry).
+//! assert!(conn.poll_timeout().is_some());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! `examples/blocking.rs` runs this loop over a blocking `std::net::TcpStream` in under 150
+//! lines: connect, then repeat: write everything `poll_transmit` returns, hand every
+//! `poll_event` to the application, and block on a read with the socket timeout set to
+//! `poll_timeout`; feed what was read to `handle_input`, end of file to `handle_eof`, and a
+//! timed-out read to `handle_timeout`.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
