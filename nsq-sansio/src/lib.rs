@@ -66,6 +66,9 @@ mod config;
 mod connection;
 mod consumer;
 mod error;
+#[cfg(feature = "__fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod lookupd;
 mod producer;
 mod protocol;

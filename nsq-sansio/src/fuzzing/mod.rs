@@ -1,0 +1,5 @@
+//! Fuzz target bodies, reached through the hidden `__fuzzing` feature. Not a public API.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod connection;
+pub mod consumer;
