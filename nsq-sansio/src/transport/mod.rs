@@ -105,6 +105,8 @@ impl Transport {
 
     /// The bytes to write to the socket next, if any.
     pub(crate) fn poll_transmit(&mut self) -> Option<Bytes> {
-        (!self.out.is_empty()).then(|| self.out.split().freeze())
+        // Take the buffer instead of splitting it: an empty view left behind would keep the
+        // allocation shared, and the next write could not reclaim it once the caller drops this.
+        (!self.out.is_empty()).then(|| std::mem::take(&mut self.out).freeze())
     }
 }

@@ -1,0 +1,93 @@
+//! A `ConnectionState` consuming message frames and answering with FIN allocates nothing per
+//! message in the steady state. Counted with a global allocator, not by eye.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use nsq_sansio::{Channel, Config, ConnectionState, Event, Frame, Message, MessageId, Topic};
+
+struct Counting;
+
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// `n` message frames with 200-byte bodies and distinct ids, as one read buffer.
+fn frames(n: usize, round: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(n * 240);
+    for i in 0..n {
+        let mut id = [b'0'; 16];
+        id[..8].copy_from_slice(format!("{round:04}{i:04}").as_bytes());
+        let msg = Message {
+            id: MessageId(id),
+            timestamp: 1,
+            attempts: 1,
+            body: Bytes::from(vec![b'x'; 200]),
+        };
+        Frame::Message(msg).encode(&mut buf);
+    }
+    buf
+}
+
+/// Feeds one buffer, FINs every message, writes (drops) the output; returns allocations made.
+fn round(conn: &mut ConnectionState, now: Instant, input: BytesMut) -> usize {
+    let before = ALLOCS.load(Ordering::Relaxed);
+    conn.handle_input(now, input);
+    while let Some(event) = conn.poll_event() {
+        if let Event::Message(msg) = event {
+            conn.finish(&msg.id).unwrap();
+        }
+    }
+    while let Some(out) = conn.poll_transmit() {
+        drop(out);
+    }
+    ALLOCS.load(Ordering::Relaxed) - before
+}
+
+#[test]
+fn no_allocation_per_message_when_consuming_and_finishing() {
+    let now = Instant::now();
+    let mut config = Config::new();
+    config.set("max_in_flight", "2500").unwrap();
+    let mut conn = ConnectionState::new(Arc::new(config), "127.0.0.1", now);
+    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap())
+        .unwrap();
+    let mut ok = BytesMut::new();
+    Frame::Response(Bytes::from_static(b"OK")).encode(&mut ok);
+    conn.handle_input(now, ok.clone());
+    conn.handle_input(now, ok);
+    conn.ready(2500).unwrap();
+    while conn.poll_event().is_some() {}
+    while conn.poll_transmit().is_some() {}
+
+    // Warm up: buffers and tables grow to their working size.
+    for r in 0..3 {
+        round(&mut conn, now, frames(2000, r));
+    }
+    let small = round(&mut conn, now, frames(500, 10));
+    let large = round(&mut conn, now, frames(2000, 11));
+    assert_eq!(conn.in_flight(), 0);
+    assert_eq!(conn.stats().messages_finished, 3 * 2000 + 500 + 2000);
+    // One allocation per read buffer (bytes shares it on the first split), none per message.
+    assert!(large <= 1, "{large} allocations for 2000 messages");
+    assert_eq!(small, large, "allocations grow with the message count");
+}
