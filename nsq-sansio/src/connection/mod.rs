@@ -860,7 +860,7 @@ impl ConnectionState {
     }
 }
 
-fn check_body(body: &Bytes) -> Result<(), CommandError> {
+pub(crate) fn check_body(body: &Bytes) -> Result<(), CommandError> {
     if body.is_empty() {
         return Err(CommandError::EmptyBody);
     }

@@ -15,7 +15,7 @@ use crate::error::{CommandError, ConnectionError};
 use crate::{Channel, Config, Message, MessageId, Topic};
 
 use state::Consumer;
-pub(crate) use state::Rng;
+pub(crate) use state::{host_of, Rng};
 
 /// What a consumer tells the application.
 #[derive(Debug)]

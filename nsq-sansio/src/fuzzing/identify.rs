@@ -18,9 +18,15 @@ pub fn identify(data: &[u8]) {
     while conn.poll_transmit().is_some() {}
     while conn.poll_event().is_some() {}
     if parsed.is_err() && data != b"OK" {
-        assert!(conn.is_closed(), "a connection accepted an IDENTIFY response the parser refused");
+        assert!(
+            conn.is_closed(),
+            "a connection accepted an IDENTIFY response the parser refused"
+        );
     }
     if let Some(n) = conn.negotiated() {
-        assert!(u64::from(conn.max_rdy_count()) <= n.max_rdy_count.max(u64::from(crate::DEFAULT_MAX_RDY_COUNT)));
+        assert!(
+            u64::from(conn.max_rdy_count())
+                <= n.max_rdy_count.max(u64::from(crate::DEFAULT_MAX_RDY_COUNT))
+        );
     }
 }

@@ -1,0 +1,428 @@
+//! `ProducerState` against scripted nsqd bytes, in virtual time.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use nsq_sansio::{
+    Action, CommandError, Config, ConnId, ConnectionError, Frame, ProducerEvent, ProducerState,
+    PublishError, ServerError, Topic, TxId,
+};
+use proptest::prelude::*;
+
+fn response(data: &'static [u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    Frame::Response(Bytes::from_static(data)).encode(&mut b);
+    b
+}
+
+fn error(data: &[u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    Frame::Error(ServerError::parse(data)).encode(&mut b);
+    b
+}
+
+struct Sim {
+    p: ProducerState,
+    now: Instant,
+    dialled: Vec<ConnId>,
+    closed: Vec<ConnId>,
+    writes: Vec<(ConnId, Bytes)>,
+    results: HashMap<TxId, Result<(), PublishError>>,
+    events: Vec<ProducerEvent>,
+}
+
+impl Sim {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            p: ProducerState::new("127.0.0.1:4150", Arc::new(Config::new()), now),
+            now,
+            dialled: Vec::new(),
+            closed: Vec::new(),
+            writes: Vec::new(),
+            results: HashMap::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(a) = self.p.poll_action() {
+            match a {
+                Action::Connect { conn, addr } => {
+                    assert_eq!(addr, "127.0.0.1:4150");
+                    self.dialled.push(conn);
+                }
+                Action::Close { conn } => self.closed.push(conn),
+                other => panic!("{other:?}"),
+            }
+        }
+        while let Some(w) = self.p.poll_transmit() {
+            self.writes.push(w);
+        }
+        while let Some(e) = self.p.poll_event() {
+            if let ProducerEvent::Published { tx, result } = &e {
+                assert!(
+                    self.results.insert(*tx, result.clone()).is_none(),
+                    "{tx:?} resolved twice"
+                );
+            }
+            self.events.push(e);
+        }
+    }
+
+    fn conn(&self) -> ConnId {
+        *self.dialled.last().unwrap()
+    }
+
+    /// Socket connected and IDENTIFY answered with a plain OK.
+    fn accept(&mut self) {
+        let conn = self.conn();
+        self.p.handle_connected(conn, self.now);
+        self.drain();
+        self.input(response(b"OK"));
+    }
+
+    fn input(&mut self, bytes: BytesMut) {
+        let conn = self.conn();
+        self.p.handle_input(conn, self.now, bytes);
+        self.drain();
+    }
+
+    fn publish(&mut self, body: &'static [u8]) -> TxId {
+        let tx = self
+            .p
+            .publish(
+                &Topic::new("fixture_pub").unwrap(),
+                Bytes::from_static(body),
+                self.now,
+            )
+            .unwrap();
+        self.drain();
+        tx
+    }
+
+    fn wire(&self) -> Vec<u8> {
+        self.writes.iter().flat_map(|(_, b)| b.to_vec()).collect()
+    }
+}
+
+#[test]
+fn connects_lazily_and_publishes_after_the_handshake() {
+    let mut sim = Sim::new();
+    assert!(sim.dialled.is_empty());
+    let tx = sim.publish(b"hello pub");
+    assert_eq!(sim.dialled.len(), 1, "the first publish dials");
+    assert!(
+        sim.writes.is_empty(),
+        "nothing written before the socket connects"
+    );
+    sim.p.handle_connected(sim.conn(), sim.now);
+    sim.drain();
+    assert!(sim.wire().starts_with(b"  V2IDENTIFY\n"));
+    assert!(
+        !sim.wire().ends_with(b"hello pub"),
+        "the PUB waits for the IDENTIFY answer"
+    );
+    sim.input(response(b"OK"));
+    assert!(sim
+        .wire()
+        .ends_with(b"PUB fixture_pub\n\0\0\0\x09hello pub"));
+    sim.input(response(b"OK"));
+    assert_eq!(sim.results[&tx], Ok(()));
+    assert!(sim
+        .events
+        .iter()
+        .any(|e| matches!(e, ProducerEvent::Connected(_))));
+}
+
+#[test]
+fn responses_match_in_order_and_an_error_fails_its_own_publish_and_the_rest() {
+    let mut sim = Sim::new();
+    sim.p.connect(sim.now).unwrap();
+    sim.drain();
+    sim.accept();
+    let txs: Vec<TxId> = [&b"a"[..], b"b", b"c", b"d"]
+        .iter()
+        .map(|b| sim.publish(b))
+        .collect();
+    sim.input(response(b"OK"));
+    assert_eq!(sim.results.len(), 1);
+    sim.input(error(b"E_BAD_MESSAGE PUB message too big 2048 > 1024"));
+    assert_eq!(sim.results[&txs[0]], Ok(()));
+    assert!(
+        matches!(&sim.results[&txs[1]], Err(PublishError::Server(e)) if e.message.contains("too big"))
+    );
+    assert_eq!(sim.results[&txs[2]], Err(PublishError::ConnectionLost));
+    assert_eq!(sim.results[&txs[3]], Err(PublishError::ConnectionLost));
+    assert_eq!(sim.closed, [sim.dialled[0]]);
+    // The next publish dials a new connection.
+    sim.publish(b"e");
+    assert_eq!(sim.dialled.len(), 2);
+    assert_ne!(sim.dialled[0], sim.dialled[1]);
+}
+
+#[test]
+fn connection_loss_and_connect_failure_resolve_every_publish() {
+    let mut sim = Sim::new();
+    let a = sim.publish(b"a");
+    sim.accept();
+    let b = sim.publish(b"b");
+    sim.p.handle_eof(sim.conn(), sim.now);
+    sim.drain();
+    assert_eq!(sim.results[&a], Err(PublishError::ConnectionLost));
+    assert_eq!(sim.results[&b], Err(PublishError::ConnectionLost));
+    assert!(sim.events.iter().any(|e| matches!(
+        e,
+        ProducerEvent::Disconnected(_, ConnectionError::ServerClosed)
+    )));
+
+    let c = sim.publish(b"c");
+    sim.p
+        .handle_connect_failed(sim.conn(), "connection refused".into(), sim.now);
+    sim.drain();
+    assert_eq!(sim.results[&c], Err(PublishError::ConnectionLost));
+    assert!(sim.events.iter().any(|e| matches!(e, ProducerEvent::Disconnected(_, ConnectionError::Io(m)) if m == "connection refused")));
+    assert_eq!(sim.p.outstanding(), 0);
+}
+
+#[test]
+fn local_refusals_queue_nothing() {
+    let mut sim = Sim::new();
+    let t = Topic::new("t").unwrap();
+    assert_eq!(
+        sim.p.publish(&t, Bytes::new(), sim.now),
+        Err(CommandError::EmptyBody)
+    );
+    assert_eq!(
+        sim.p.multi_publish(&t, vec![], sim.now),
+        Err(CommandError::EmptyBatch)
+    );
+    assert!(matches!(
+        sim.p.deferred_publish(
+            &t,
+            Duration::from_secs(3601),
+            Bytes::from_static(b"x"),
+            sim.now
+        ),
+        Err(CommandError::DelayOutOfRange { .. })
+    ));
+    sim.drain();
+    assert!(
+        sim.dialled.is_empty(),
+        "a refused publish does not even dial"
+    );
+}
+
+#[test]
+fn replays_the_publish_capture() {
+    let path = format!(
+        "{}/tests/fixtures/nsqd-1.3.0/publish.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let cap: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let steps = cap["steps"].as_array().unwrap();
+    let c2s: Vec<Vec<u8>> = steps
+        .iter()
+        .filter(|s| s["dir"] == "c2s" && s.get("event").is_none())
+        .map(|s| hex::decode(s["hex"].as_str().unwrap()).unwrap())
+        .collect();
+    let mut sim = Sim::new();
+    let topic = Topic::new("fixture_pub").unwrap();
+    let eph = Topic::new("fixture_pub#ephemeral").unwrap();
+    sim.p.connect(sim.now).unwrap();
+    sim.drain();
+    sim.accept();
+    let start = sim.wire().len();
+    let mut txs = vec![sim
+        .p
+        .publish(&topic, Bytes::from_static(b"hello pub"), sim.now)
+        .unwrap()];
+    sim.drain();
+    assert_eq!(&sim.wire()[start..], &c2s[1][..]);
+    for s in &c2s[2..] {
+        let before = sim.wire().len();
+        let text = String::from_utf8_lossy(s).into_owned();
+        let payload = Bytes::copy_from_slice(&s[s.iter().position(|&b| b == b'\n').unwrap() + 5..]);
+        let tx = if text.starts_with("MPUB") {
+            let mut bodies = Vec::new();
+            let mut rest = &payload[4..];
+            while rest.len() >= 4 {
+                let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+                bodies.push(Bytes::copy_from_slice(&rest[4..4 + n]));
+                rest = &rest[4 + n..];
+            }
+            sim.p.multi_publish(&topic, bodies, sim.now)
+        } else if text.starts_with("DPUB") {
+            sim.p
+                .deferred_publish(&topic, Duration::from_millis(5000), payload, sim.now)
+        } else if text.starts_with("PUB fixture_pub#ephemeral") {
+            sim.p.publish(&eph, payload, sim.now)
+        } else {
+            sim.p.publish(&topic, payload, sim.now)
+        };
+        txs.push(tx.unwrap());
+        sim.drain();
+        assert_eq!(&sim.wire()[before..], &s[..], "{text:?}");
+    }
+    for _ in &txs {
+        sim.input(response(b"OK"));
+    }
+    assert!(txs.iter().all(|tx| sim.results[tx] == Ok(())));
+}
+
+#[test]
+fn heartbeats_are_answered_while_idle() {
+    let mut sim = Sim::new();
+    sim.p.connect(sim.now).unwrap();
+    sim.drain();
+    sim.accept();
+    let before = sim.writes.len();
+    sim.input(response(b"_heartbeat_"));
+    assert_eq!(
+        sim.writes[before..]
+            .iter()
+            .map(|(_, b)| b.to_vec())
+            .collect::<Vec<_>>(),
+        [b"NOP\n".to_vec()]
+    );
+}
+
+#[test]
+fn stop_lets_outstanding_publishes_finish_then_closes() {
+    let mut sim = Sim::new();
+    let a = sim.publish(b"a");
+    sim.accept();
+    sim.p.stop(sim.now);
+    sim.drain();
+    assert!(!sim.p.is_stopped());
+    assert_eq!(
+        sim.p
+            .publish(&Topic::new("t").unwrap(), Bytes::from_static(b"x"), sim.now),
+        Err(CommandError::Closed)
+    );
+    sim.input(response(b"OK"));
+    assert_eq!(sim.results[&a], Ok(()));
+    assert!(sim.p.is_stopped());
+    assert!(matches!(sim.events.last(), Some(ProducerEvent::Stopped)));
+    assert_eq!(sim.closed.len(), 1);
+}
+
+#[test]
+fn commands_queued_between_polls_go_out_as_one_write() {
+    let mut sim = Sim::new();
+    sim.p.connect(sim.now).unwrap();
+    sim.drain();
+    sim.accept();
+    let before = sim.writes.len();
+    let t = Topic::new("t").unwrap();
+    for _ in 0..100 {
+        sim.p
+            .publish(&t, Bytes::from_static(b"x"), sim.now)
+            .unwrap();
+    }
+    sim.drain();
+    assert_eq!(sim.writes.len() - before, 1, "one buffer for 100 PUBs");
+    assert_eq!(
+        sim.writes.last().unwrap().1.len(),
+        100 * b"PUB t\n\0\0\0\x01x".len()
+    );
+}
+
+#[test]
+fn auto_batching_turns_queued_pubs_into_one_mpub_with_a_result_each() {
+    for (batch, expect_mpub) in [(0, false), (64, true)] {
+        let mut sim = Sim::new();
+        sim.p.set_auto_batch(batch);
+        sim.p.connect(sim.now).unwrap();
+        sim.drain();
+        sim.accept();
+        let before = sim.wire().len();
+        let t = Topic::new("t").unwrap();
+        let other = Topic::new("u").unwrap();
+        let mut txs: Vec<TxId> = (0..10)
+            .map(|_| {
+                sim.p
+                    .publish(&t, Bytes::from_static(b"x"), sim.now)
+                    .unwrap()
+            })
+            .collect();
+        txs.push(
+            sim.p
+                .publish(&other, Bytes::from_static(b"y"), sim.now)
+                .unwrap(),
+        );
+        sim.drain();
+        let wire = String::from_utf8_lossy(&sim.wire()[before..]).into_owned();
+        assert_eq!(
+            wire.matches("MPUB t\n").count(),
+            usize::from(expect_mpub),
+            "{wire:?}"
+        );
+        assert_eq!(
+            wire.matches("PUB t\n").count(),
+            if expect_mpub { 1 } else { 10 }
+        );
+        assert_eq!(wire.matches("PUB u\n").count(), 1, "a lone PUB stays a PUB");
+        let responses = if expect_mpub { 2 } else { 11 };
+        for _ in 0..responses {
+            sim.input(response(b"OK"));
+        }
+        assert!(
+            txs.iter().all(|tx| sim.results.get(tx) == Some(&Ok(()))),
+            "batch {batch}"
+        );
+    }
+}
+
+proptest! {
+    /// Every transaction resolves exactly once, and only acknowledged ones resolve Ok.
+    #[test]
+    fn every_publish_resolves_exactly_once(ops in prop::collection::vec(0u8..8, 1..80), batch in prop::sample::select(vec![0usize, 8])) {
+        let mut sim = Sim::new();
+        sim.p.set_auto_batch(batch);
+        let mut issued = Vec::new();
+        let oks = |sim: &Sim| sim.results.values().filter(|r| r.is_ok()).count();
+        for op in ops {
+            let before = oks(&sim);
+            // How many publishes one step may acknowledge: an OK frame answers one PUB or one
+            // batch; nothing else acknowledges anything.
+            let mut may_ack = 0;
+            match op {
+                0..=2 => {
+                    if let Ok(tx) = sim.p.publish(&Topic::new("t").unwrap(), Bytes::from_static(b"x"), sim.now) {
+                        issued.push(tx);
+                    }
+                    sim.drain();
+                }
+                3 if !sim.dialled.is_empty() => {
+                    sim.accept();
+                    may_ack = batch.max(1);
+                }
+                4 if !sim.dialled.is_empty() => {
+                    sim.input(response(b"OK"));
+                    may_ack = batch.max(1);
+                }
+                5 if !sim.dialled.is_empty() => sim.input(error(b"E_PUB_FAILED boom")),
+                6 if !sim.dialled.is_empty() => { let c = sim.conn(); sim.p.handle_eof(c, sim.now); sim.drain(); }
+                7 => { sim.now += Duration::from_secs(70); sim.p.handle_timeout(sim.now); sim.drain(); }
+                _ => {}
+            }
+            prop_assert!(oks(&sim) - before <= may_ack, "op {} acknowledged {} publishes", op, oks(&sim) - before);
+        }
+        sim.p.stop(sim.now);
+        sim.drain();
+        if let Some(&c) = sim.dialled.last() {
+            sim.p.handle_eof(c, sim.now);
+            sim.drain();
+        }
+        prop_assert!(sim.p.is_stopped());
+        for tx in &issued {
+            prop_assert!(sim.results.contains_key(tx), "{:?} never resolved", tx);
+        }
+        prop_assert_eq!(sim.results.len(), issued.len());
+    }
+}
