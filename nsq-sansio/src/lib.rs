@@ -65,6 +65,8 @@ mod action;
 mod config;
 mod connection;
 mod consumer;
+#[cfg(feature = "driver")]
+pub mod driver;
 mod error;
 #[cfg(feature = "__fuzzing")]
 #[doc(hidden)]

@@ -245,6 +245,14 @@ impl ConsumerState {
         self.inner.poll_transmit()
     }
 
+    /// Bytes to write to `conn`'s socket: everything queued for it since the last call. An
+    /// adapter that calls this only when the connection's previous write finished coalesces
+    /// writes with no flush timer.
+    #[must_use]
+    pub fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
+        self.inner.poll_transmit_for(conn)
+    }
+
     /// I/O to carry out.
     #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {

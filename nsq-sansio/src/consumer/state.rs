@@ -369,6 +369,14 @@ impl Consumer {
             .find_map(|(&id, c)| c.state.poll_transmit().map(|b| (id, b)))
     }
 
+    pub(crate) fn poll_transmit_for(&mut self, id: ConnId) -> Option<Bytes> {
+        let conn = self.conns.get_mut(&id).filter(|c| c.connected)?;
+        let bytes = conn.state.poll_transmit();
+        // Encoding may fail inside a transport layer; that surfaces as events.
+        self.process(id);
+        bytes
+    }
+
     pub(crate) fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }

@@ -1,0 +1,562 @@
+//! [`Consumer`]: an async handle on a [`ConsumerState`] run by one engine task.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use futures_channel::{mpsc, oneshot};
+use futures_util::future::{select, Either};
+use futures_util::lock::Mutex as AsyncMutex;
+use futures_util::{FutureExt, Stream, StreamExt};
+use tracing::{debug, warn, Instrument};
+
+use super::io::{spawn_connection, spawn_lookupd, IoEvent, Reports, Writer};
+use super::message::{Answer, Handler, Message};
+use super::{Error, Runtime};
+use crate::{Action, Channel, Config, ConnId, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
+
+type FailedHook = Arc<dyn Fn(&crate::Message) + Send + Sync>;
+
+/// Consumes one topic/channel from every nsqd it is pointed at, directly or through lookupd.
+///
+/// Two ways to consume, both first class: handlers ([`add_handler`](Self::add_handler),
+/// [`add_concurrent_handlers`](Self::add_concurrent_handlers)), or the
+/// [`messages`](Self::messages) stream. Add handlers (or take the stream) before connecting.
+/// Cheap to clone. Dropping the last clone stops the consumer gracefully.
+pub struct Consumer<R: Runtime> {
+    handle: Arc<Handle>,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime> Clone for Consumer<R> {
+    fn clone(&self) -> Self {
+        Self {
+            handle: self.handle.clone(),
+            _runtime: PhantomData,
+        }
+    }
+}
+
+impl<R: Runtime> fmt::Debug for Consumer<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("topic", &self.handle.topic)
+            .field("channel", &self.handle.channel)
+            .finish()
+    }
+}
+
+struct Handle {
+    topic: Topic,
+    channel: Channel,
+    commands: mpsc::UnboundedSender<Command>,
+    messages: Mutex<Option<mpsc::UnboundedReceiver<Message>>>,
+    shared_messages: Mutex<Option<Arc<AsyncMutex<mpsc::UnboundedReceiver<Message>>>>>,
+    failed: Arc<Mutex<Option<FailedHook>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.commands.unbounded_send(Command::Stop(None));
+    }
+}
+
+enum Command {
+    Source(Source, oneshot::Sender<Result<(), Error>>),
+    MaxInFlight(u32),
+    Stats(oneshot::Sender<ConsumerStats>),
+    Stop(Option<oneshot::Sender<()>>),
+    Stopped(oneshot::Sender<()>),
+}
+
+enum Source {
+    Nsqd(String),
+    NoNsqd(String),
+    Lookupd(String),
+    NoLookupd(String),
+}
+
+impl<R: Runtime> Consumer<R> {
+    /// A consumer of `topic`/`channel`. Spawns its engine task; nothing connects until a source
+    /// is added.
+    pub fn new(
+        topic: impl AsRef<str>,
+        channel: impl AsRef<str>,
+        config: Config,
+    ) -> Result<Self, Error> {
+        let topic = Topic::new(topic)?;
+        let channel = Channel::new(channel)?;
+        let (commands, commands_rx) = mpsc::unbounded();
+        let (messages_tx, messages_rx) = mpsc::unbounded();
+        let failed: Arc<Mutex<Option<FailedHook>>> = Arc::new(Mutex::new(None));
+        let state = ConsumerState::new(
+            topic.clone(),
+            channel.clone(),
+            Arc::new(config.clone()),
+            R::now(),
+        );
+        let engine = Engine::<R>::new(state, config, commands_rx, messages_tx, failed.clone());
+        let span = tracing::debug_span!("nsq_consumer", %topic, %channel);
+        R::spawn(engine.run().instrument(span));
+        let handle = Handle {
+            topic,
+            channel,
+            commands,
+            messages: Mutex::new(Some(messages_rx)),
+            shared_messages: Mutex::new(None),
+            failed,
+        };
+        Ok(Self {
+            handle: Arc::new(handle),
+            _runtime: PhantomData,
+        })
+    }
+
+    /// Adds one handler task.
+    pub fn add_handler<H: Handler>(&self, handler: H) {
+        self.add_concurrent_handlers(handler, 1);
+    }
+
+    /// Adds `concurrency` handler tasks sharing `handler`. `Ok` finishes a message; `Err` (or
+    /// a panic) requeues it with backoff, unless the handler disabled auto-response.
+    pub fn add_concurrent_handlers<H: Handler>(&self, handler: H, concurrency: usize) {
+        let Some(queue) = self.shared_queue() else {
+            warn!("handlers added after messages() took the message stream; they get nothing");
+            return;
+        };
+        let handler = Arc::new(handler);
+        for _ in 0..concurrency {
+            let queue = queue.clone();
+            let handler = handler.clone();
+            R::spawn(async move {
+                loop {
+                    let next = queue.lock().await.next().await;
+                    let Some(message) = next else { return };
+                    let keep = message.clone();
+                    let outcome = AssertUnwindSafe(handler.handle(message))
+                        .catch_unwind()
+                        .await;
+                    if !keep.is_auto_response_enabled() {
+                        continue;
+                    }
+                    match outcome {
+                        Ok(Ok(())) => {
+                            keep.finish();
+                        }
+                        Ok(Err(e)) => {
+                            debug!(id = %keep.id(), %e, "handler failed; requeueing");
+                            keep.requeue(None);
+                        }
+                        Err(_) => {
+                            warn!(id = %keep.id(), "handler panicked; requeueing");
+                            keep.requeue(None);
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Called with each message that passed `max_attempts`; such messages are finished without
+    /// reaching a handler.
+    pub fn set_failed_message_hook(&self, hook: impl Fn(&crate::Message) + Send + Sync + 'static) {
+        if let Ok(mut slot) = self.handle.failed.lock() {
+            *slot = Some(Arc::new(hook));
+        }
+    }
+
+    /// The messages as a stream, instead of handlers. The stream ends when the consumer
+    /// stopped. Only the first call gets the messages.
+    pub fn messages(&self) -> Messages {
+        let rx = self
+            .handle
+            .messages
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take());
+        Messages { rx }
+    }
+
+    /// Connects to an nsqd (`host:port`); it is redialled with backoff if it drops.
+    pub async fn connect_to_nsqd(&self, addr: impl Into<String>) -> Result<(), Error> {
+        self.source(Source::Nsqd(addr.into())).await
+    }
+
+    /// Connects to several nsqds.
+    pub async fn connect_to_nsqds<S: Into<String>>(
+        &self,
+        addrs: impl IntoIterator<Item = S>,
+    ) -> Result<(), Error> {
+        for addr in addrs {
+            self.connect_to_nsqd(addr).await?;
+        }
+        Ok(())
+    }
+
+    /// Polls a lookupd (`host:port` or `http://host:port`) and connects to the nsqds it lists.
+    pub async fn connect_to_nsqlookupd(&self, addr: impl Into<String>) -> Result<(), Error> {
+        self.source(Source::Lookupd(addr.into())).await
+    }
+
+    /// Polls several lookupds, in turn.
+    pub async fn connect_to_nsqlookupds<S: Into<String>>(
+        &self,
+        addrs: impl IntoIterator<Item = S>,
+    ) -> Result<(), Error> {
+        for addr in addrs {
+            self.connect_to_nsqlookupd(addr).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection to a direct nsqd and stops redialling it.
+    pub async fn disconnect_from_nsqd(&self, addr: impl Into<String>) -> Result<(), Error> {
+        self.source(Source::NoNsqd(addr.into())).await
+    }
+
+    /// Stops polling a lookupd.
+    pub async fn disconnect_from_nsqlookupd(&self, addr: impl Into<String>) -> Result<(), Error> {
+        self.source(Source::NoLookupd(addr.into())).await
+    }
+
+    /// Changes `max_in_flight`; RDY is redistributed.
+    pub fn change_max_in_flight(&self, max_in_flight: u32) {
+        let _ = self
+            .handle
+            .commands
+            .unbounded_send(Command::MaxInFlight(max_in_flight));
+    }
+
+    /// Counters.
+    pub async fn stats(&self) -> ConsumerStats {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.handle.commands.unbounded_send(Command::Stats(tx));
+        rx.await.unwrap_or_default()
+    }
+
+    /// Graceful stop: RDY 0 and CLS everywhere, in-flight messages answered (at most 30 s),
+    /// connections closed, handlers ended. Resolves once stopped.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .handle
+            .commands
+            .unbounded_send(Command::Stop(Some(tx)))
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
+    /// Resolves once the consumer stopped, without stopping it.
+    pub async fn stopped(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .handle
+            .commands
+            .unbounded_send(Command::Stopped(tx))
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
+    async fn source(&self, source: Source) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.handle
+            .commands
+            .unbounded_send(Command::Source(source, tx))
+            .map_err(|_| Error::Stopped)?;
+        rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    fn shared_queue(&self) -> Option<Arc<AsyncMutex<mpsc::UnboundedReceiver<Message>>>> {
+        let mut shared = self.handle.shared_messages.lock().ok()?;
+        if shared.is_none() {
+            let rx = self.handle.messages.lock().ok()?.take()?;
+            *shared = Some(Arc::new(AsyncMutex::new(rx)));
+        }
+        shared.clone()
+    }
+}
+
+/// The stream of a consumer's messages; ends when the consumer stopped.
+#[derive(Debug)]
+pub struct Messages {
+    rx: Option<mpsc::UnboundedReceiver<Message>>,
+}
+
+impl Stream for Messages {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        match &mut self.rx {
+            Some(rx) => rx.poll_next_unpin(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+enum Input {
+    Command(Command),
+    Io(IoEvent),
+    Answer(Answer),
+    Timeout,
+    Closed,
+}
+
+struct Engine<R: Runtime> {
+    state: ConsumerState,
+    config: Config,
+    commands: mpsc::UnboundedReceiver<Command>,
+    answers_tx: mpsc::UnboundedSender<Answer>,
+    answers: mpsc::UnboundedReceiver<Answer>,
+    reports: Reports,
+    io: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
+    writers: HashMap<ConnId, Writer>,
+    addrs: HashMap<ConnId, Arc<str>>,
+    messages: Option<mpsc::UnboundedSender<Message>>,
+    failed: Arc<Mutex<Option<FailedHook>>>,
+    stop_waiters: Vec<oneshot::Sender<()>>,
+    shutdown: bool,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime> Engine<R> {
+    fn new(
+        state: ConsumerState,
+        config: Config,
+        commands: mpsc::UnboundedReceiver<Command>,
+        messages: mpsc::UnboundedSender<Message>,
+        failed: Arc<Mutex<Option<FailedHook>>>,
+    ) -> Self {
+        let (control, control_rx) = mpsc::unbounded();
+        let (reads, reads_rx) = mpsc::channel(16);
+        let (answers_tx, answers) = mpsc::unbounded();
+        Self {
+            state,
+            config,
+            commands,
+            answers_tx,
+            answers,
+            reports: Reports { control, reads },
+            io: futures_util::stream::select(control_rx, reads_rx),
+            writers: HashMap::new(),
+            addrs: HashMap::new(),
+            messages: Some(messages),
+            failed,
+            stop_waiters: Vec::new(),
+            shutdown: false,
+            _runtime: PhantomData,
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            self.drive();
+            if self.state.is_stopped() {
+                // Ends the handlers and the stream.
+                self.messages = None;
+                for waiter in self.stop_waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
+                if self.shutdown {
+                    return;
+                }
+            }
+            let timer = self.state.poll_timeout();
+            let input = {
+                let shutdown = self.shutdown;
+                let commands = &mut self.commands;
+                let commands = async move {
+                    if shutdown {
+                        futures_util::future::pending().await
+                    } else {
+                        commands.next().await.map_or(Input::Closed, Input::Command)
+                    }
+                };
+                let answers = self
+                    .answers
+                    .next()
+                    .map(|a| a.map_or(Input::Closed, Input::Answer));
+                let io = self.io.next().map(|io| io.map_or(Input::Closed, Input::Io));
+                let sleep = async move {
+                    match timer {
+                        Some(at) => R::sleep_until(at).await,
+                        None => futures_util::future::pending().await,
+                    }
+                };
+                let commands = std::pin::pin!(commands);
+                let first = select(commands, select(answers, io));
+                match select(first, std::pin::pin!(sleep)).await {
+                    Either::Left((Either::Left((input, _)), _)) => input,
+                    Either::Left((
+                        Either::Right((Either::Left((input, _)) | Either::Right((input, _)), _)),
+                        _,
+                    )) => input,
+                    Either::Right(_) => Input::Timeout,
+                }
+            };
+            self.handle(input);
+            // Take whatever else is ready before writing, so FINs leave together.
+            while let Some(input) = self.try_next() {
+                self.handle(input);
+            }
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Input> {
+        if let Some(Some(answer)) = self.answers.next().now_or_never() {
+            return Some(Input::Answer(answer));
+        }
+        if let Some(Some(io)) = self.io.next().now_or_never() {
+            return Some(Input::Io(io));
+        }
+        if !self.shutdown {
+            if let Some(Some(command)) = self.commands.next().now_or_never() {
+                return Some(Input::Command(command));
+            }
+        }
+        None
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now = R::now();
+        match input {
+            Input::Timeout => self.state.handle_timeout(now),
+            Input::Closed => {
+                if !self.shutdown {
+                    self.shutdown = true;
+                    self.state.stop(now);
+                }
+            }
+            Input::Answer(a) => {
+                if let Err(e) = self
+                    .state
+                    .respond(a.conn, &a.id, a.attempts, a.response, now)
+                {
+                    debug!(id = %a.id, %e, "answer refused");
+                }
+            }
+            Input::Command(Command::Source(source, reply)) => {
+                let result = match source {
+                    Source::Nsqd(addr) => self.state.connect_to_nsqd(&addr, now),
+                    Source::NoNsqd(addr) => self.state.disconnect_from_nsqd(&addr, now),
+                    Source::Lookupd(addr) => self.state.connect_to_nsqlookupd(&addr, now),
+                    Source::NoLookupd(addr) => self.state.disconnect_from_nsqlookupd(&addr, now),
+                };
+                let _ = reply.send(result.map_err(Error::from));
+            }
+            Input::Command(Command::MaxInFlight(n)) => self.state.change_max_in_flight(n, now),
+            Input::Command(Command::Stats(reply)) => {
+                let _ = reply.send(self.state.stats());
+            }
+            Input::Command(Command::Stop(reply)) => {
+                if reply.is_none() {
+                    // The last handle is gone.
+                    self.shutdown = true;
+                }
+                self.stop_waiters.extend(reply);
+                self.state.stop(now);
+            }
+            Input::Command(Command::Stopped(reply)) => self.stop_waiters.push(reply),
+            Input::Io(IoEvent::Connected(conn, writer)) => {
+                self.writers.insert(conn, writer);
+                self.state.handle_connected(conn, now);
+            }
+            Input::Io(IoEvent::ConnectFailed(conn, error)) => {
+                self.state.handle_connect_failed(conn, error, now)
+            }
+            Input::Io(IoEvent::Read(conn, bytes)) => self.state.handle_input(conn, now, bytes),
+            Input::Io(IoEvent::Eof(conn)) => self.state.handle_eof(conn, now),
+            Input::Io(IoEvent::Written(conn)) => {
+                if let Some(w) = self.writers.get_mut(&conn) {
+                    w.busy = false;
+                }
+            }
+            Input::Io(IoEvent::Lookupd(query, response)) => {
+                self.state.handle_lookupd_response(query, response, now)
+            }
+        }
+    }
+
+    /// Carries out what the state machine decided.
+    fn drive(&mut self) {
+        loop {
+            let mut progress = false;
+            while let Some(action) = self.state.poll_action() {
+                progress = true;
+                match action {
+                    Action::Connect { conn, addr } => {
+                        self.addrs.insert(conn, addr.as_str().into());
+                        let span = tracing::debug_span!("nsqd", %addr, %conn);
+                        spawn_connection::<R>(
+                            conn,
+                            addr,
+                            self.config.dial_timeout,
+                            self.config.write_timeout,
+                            self.reports.clone(),
+                            span,
+                        );
+                    }
+                    Action::Close { conn } => {
+                        self.writers.remove(&conn);
+                        self.addrs.remove(&conn);
+                    }
+                    Action::QueryLookupd {
+                        query,
+                        addr,
+                        request,
+                    } => spawn_lookupd::<R>(query, addr, request, self.reports.control.clone()),
+                }
+            }
+            for (&conn, writer) in self.writers.iter_mut().filter(|(_, w)| !w.busy) {
+                if let Some(bytes) = self.state.poll_transmit_for(conn) {
+                    progress = true;
+                    writer.send(bytes);
+                }
+            }
+            while let Some(event) = self.state.poll_event() {
+                progress = true;
+                self.on_event(event);
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: ConsumerEvent) {
+        match event {
+            ConsumerEvent::Message { conn, message } => {
+                let nsqd = self.addrs.get(&conn).cloned().unwrap_or_else(|| "".into());
+                let message = Message::new(message, conn, nsqd, self.answers_tx.clone());
+                if let Some(tx) = &self.messages {
+                    // Nobody consumes: the message is requeued when dropped here.
+                    let _ = tx.unbounded_send(message);
+                }
+            }
+            ConsumerEvent::GaveUp { message, .. } => {
+                let hook = self.failed.lock().ok().and_then(|h| h.clone());
+                match hook {
+                    Some(hook) => hook(&message),
+                    None => {
+                        warn!(id = %message.id, attempts = message.attempts, "message gave up after max_attempts")
+                    }
+                }
+            }
+            ConsumerEvent::Connected { conn, addr } => debug!(%conn, %addr, "subscribed"),
+            ConsumerEvent::Disconnected { conn, addr, error } => {
+                debug!(%conn, %addr, %error, "disconnected")
+            }
+            ConsumerEvent::LookupdFailed { addr, error } => {
+                warn!(%addr, %error, "lookupd query failed")
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! [`Message`] handles and the [`Handler`] trait.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_channel::mpsc;
+
+use crate::{ConnId, MessageId, Response};
+
+/// A message delivered to a consumer. Cheap to clone; clones share one response.
+///
+/// Answer it with [`finish`](Self::finish), [`requeue`](Self::requeue),
+/// [`requeue_without_backoff`](Self::requeue_without_backoff), or keep it alive with
+/// [`touch`](Self::touch). Handlers answer automatically (FIN on `Ok`, REQ with backoff on
+/// `Err`) unless [`disable_auto_response`](Self::disable_auto_response) was called.
+///
+/// **A message dropped without an answer is requeued** (with the default delay and without
+/// backoff) when its last clone is dropped, so nothing leaks in flight until its timeout.
+#[derive(Clone)]
+pub struct Message {
+    inner: crate::Message,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    conn: ConnId,
+    id: MessageId,
+    attempts: u16,
+    nsqd: Arc<str>,
+    responses: mpsc::UnboundedSender<Answer>,
+    answered: AtomicBool,
+    auto_response: AtomicBool,
+}
+
+/// A response travelling from a message handle to the consumer engine.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) conn: ConnId,
+    pub(crate) id: MessageId,
+    pub(crate) attempts: u16,
+    pub(crate) response: Response,
+}
+
+impl Message {
+    pub(crate) fn new(
+        inner: crate::Message,
+        conn: ConnId,
+        nsqd: Arc<str>,
+        responses: mpsc::UnboundedSender<Answer>,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            conn,
+            id: inner.id,
+            attempts: inner.attempts,
+            nsqd,
+            responses,
+            answered: AtomicBool::new(false),
+            auto_response: AtomicBool::new(true),
+        });
+        Self { inner, shared }
+    }
+
+    /// The payload.
+    pub fn body(&self) -> &Bytes {
+        &self.inner.body
+    }
+
+    /// The message id.
+    pub fn id(&self) -> MessageId {
+        self.inner.id
+    }
+
+    /// How many times nsqd delivered it, this time included.
+    pub fn attempts(&self) -> u16 {
+        self.inner.attempts
+    }
+
+    /// When nsqd first received it, in nanoseconds since the Unix epoch.
+    pub fn timestamp(&self) -> u64 {
+        self.inner.timestamp
+    }
+
+    /// The nsqd it came from (`host:port`).
+    pub fn nsqd_address(&self) -> &str {
+        &self.shared.nsqd
+    }
+
+    /// Whether it was answered already.
+    pub fn has_responded(&self) -> bool {
+        self.shared.answered.load(Ordering::Acquire)
+    }
+
+    /// FIN: handled. Returns false if it was answered already.
+    pub fn finish(&self) -> bool {
+        self.answer(Response::Finish)
+    }
+
+    /// REQ with backoff: redeliver after `delay` (`None`: the configured default, growing with
+    /// attempts). Returns false if it was answered already.
+    pub fn requeue(&self, delay: Option<Duration>) -> bool {
+        self.answer(Response::Requeue {
+            delay,
+            backoff: true,
+        })
+    }
+
+    /// REQ without backoff. Returns false if it was answered already.
+    pub fn requeue_without_backoff(&self, delay: Option<Duration>) -> bool {
+        self.answer(Response::Requeue {
+            delay,
+            backoff: false,
+        })
+    }
+
+    /// TOUCH: restart its timeout on nsqd. Any number of times before the answer.
+    pub fn touch(&self) {
+        if !self.has_responded() {
+            self.shared.send(Response::Touch);
+        }
+    }
+
+    /// Stops the handler from answering it automatically; the application answers it.
+    pub fn disable_auto_response(&self) {
+        self.shared.auto_response.store(false, Ordering::Release);
+    }
+
+    /// Whether the handler will answer it automatically.
+    pub fn is_auto_response_enabled(&self) -> bool {
+        self.shared.auto_response.load(Ordering::Acquire)
+    }
+
+    /// The message as the core decoded it.
+    pub fn as_inner(&self) -> &crate::Message {
+        &self.inner
+    }
+
+    fn answer(&self, response: Response) -> bool {
+        if self.shared.answered.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.shared.send(response);
+        true
+    }
+}
+
+impl Shared {
+    fn send(&self, response: Response) {
+        let answer = Answer {
+            conn: self.conn,
+            id: self.id,
+            attempts: self.attempts,
+            response,
+        };
+        // The consumer is gone: nsqd requeues the message after its timeout anyway.
+        let _ = self.responses.unbounded_send(answer);
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if !self.answered.load(Ordering::Acquire) {
+            self.send(Response::Requeue {
+                delay: None,
+                backoff: false,
+            });
+        }
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("id", &self.inner.id)
+            .field("attempts", &self.inner.attempts)
+            .field("body_len", &self.inner.body.len())
+            .field("nsqd", &self.shared.nsqd)
+            .finish()
+    }
+}
+
+/// The error a handler returns: anything that converts into a boxed error.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Handles messages. `Ok` finishes the message, `Err` requeues it with backoff (unless the
+/// handler disabled auto-response and answered itself).
+///
+/// Closures `Fn(Message) -> impl Future<Output = Result<(), E>>` implement it.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message.
+    fn handle(&self, message: Message) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// What a handler closure's future may return: `Result<(), E>` with `E` convertible into
+/// [`HandlerError`].
+pub trait HandlerResult {
+    /// Converts into the handler's result.
+    fn into_result(self) -> Result<(), HandlerError>;
+}
+
+impl<E: Into<HandlerError>> HandlerResult for Result<(), E> {
+    fn into_result(self) -> Result<(), HandlerError> {
+        self.map_err(Into::into)
+    }
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future + Send,
+    Fut::Output: HandlerResult,
+{
+    async fn handle(&self, message: Message) -> Result<(), HandlerError> {
+        self(message).await.into_result()
+    }
+}

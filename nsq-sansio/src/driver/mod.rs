@@ -1,0 +1,135 @@
+//! The async layer, written once for every runtime: [`Producer`], [`Consumer`], [`Message`],
+//! [`Handler`], generic over a four-capability [`Runtime`].
+//!
+//! Enabled by the `driver` feature; it depends on no runtime. The runtime crates (`nsq-tokio`,
+//! `nsq-async-std`, `nsq-smol`) implement [`Runtime`] and export these types under the same
+//! names. Each producer or consumer runs one engine task that owns the sans-IO state machine;
+//! per connection a task reads the socket and another writes it; handles talk to the engine over
+//! channels. The engine decides nothing itself: it carries out what the state machine says.
+
+mod consumer;
+mod io;
+mod message;
+mod producer;
+
+use std::future::Future;
+use std::io as stdio;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+pub use consumer::{Consumer, Messages};
+pub use message::{Handler, HandlerError, HandlerResult, Message};
+pub use producer::Producer;
+
+use crate::{CommandError, ConnectionError, ConsumerError, NameError, PublishError};
+
+/// What a runtime crate provides: TCP, a timer, a way to spawn. Everything else is shared.
+pub trait Runtime: Send + Sync + 'static {
+    /// The read half of a TCP connection.
+    type Reader: Send + 'static;
+    /// The write half of a TCP connection.
+    type Writer: Send + 'static;
+
+    /// Connects to `addr` (`host:port`) with TCP_NODELAY set. The driver applies the dial
+    /// timeout around it.
+    fn connect(
+        addr: String,
+    ) -> impl Future<Output = stdio::Result<(Self::Reader, Self::Writer)>> + Send;
+
+    /// Reads what is available into the spare capacity of `buf` (reserved by the caller);
+    /// `Ok(0)` is end of file.
+    fn read(
+        reader: &mut Self::Reader,
+        buf: &mut BytesMut,
+    ) -> impl Future<Output = stdio::Result<usize>> + Send;
+
+    /// Writes all of `data`.
+    fn write_all(
+        writer: &mut Self::Writer,
+        data: &[u8],
+    ) -> impl Future<Output = stdio::Result<()>> + Send;
+
+    /// Shuts down the write direction (TCP FIN).
+    fn shutdown(writer: &mut Self::Writer) -> impl Future<Output = stdio::Result<()>> + Send;
+
+    /// Runs `future` to completion in the background.
+    fn spawn<F: Future<Output = ()> + Send + 'static>(future: F);
+
+    /// Completes at `deadline`.
+    fn sleep_until(deadline: Instant) -> impl Future<Output = ()> + Send;
+
+    /// The runtime's clock.
+    fn now() -> Instant {
+        Instant::now()
+    }
+}
+
+/// Reads into a `BytesMut` through a `futures::io::AsyncRead`, for runtimes built on
+/// futures-io (async-std, smol).
+pub async fn read_buf<R: futures_util::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> stdio::Result<usize> {
+    use futures_util::io::AsyncReadExt;
+    let start = buf.len();
+    buf.resize(buf.capacity().max(start + 1), 0);
+    let result = reader.read(&mut buf[start..]).await;
+    buf.truncate(start + *result.as_ref().unwrap_or(&0));
+    result
+}
+
+/// An error from the async API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A topic or channel name is not valid.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The command was refused before anything was sent.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// nsqd refused a publish, or the connection was lost before it answered.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The consumer refused the call.
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+    /// The connection failed.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    /// The producer or consumer has stopped.
+    #[error("stopped")]
+    Stopped,
+}
+
+impl From<Error> for stdio::Error {
+    fn from(e: Error) -> Self {
+        let kind = match &e {
+            Error::Name(_) | Error::Command(_) => stdio::ErrorKind::InvalidInput,
+            Error::Publish(PublishError::ConnectionLost) | Error::Connection(_) => {
+                stdio::ErrorKind::ConnectionAborted
+            }
+            _ => stdio::ErrorKind::Other,
+        };
+        Self::new(kind, e)
+    }
+}
+
+/// Runs `future` unless `timeout` passes first.
+async fn with_timeout<R: Runtime, T>(
+    timeout: Duration,
+    future: impl Future<Output = stdio::Result<T>>,
+) -> stdio::Result<T> {
+    use futures_util::future::{select, Either};
+    let deadline = crate::connection::deadline(R::now(), timeout);
+    let future = std::pin::pin!(future);
+    let sleep = std::pin::pin!(R::sleep_until(deadline));
+    match select(future, sleep).await {
+        Either::Left((result, _)) => result,
+        Either::Right(((), _)) => Err(stdio::Error::new(
+            stdio::ErrorKind::TimedOut,
+            format!("timed out after {timeout:?}"),
+        )),
+    }
+}

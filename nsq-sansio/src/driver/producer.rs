@@ -1,0 +1,418 @@
+//! [`Producer`]: an async handle on a [`ProducerState`] run by one engine task.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_channel::{mpsc, oneshot};
+use futures_util::future::{select, Either};
+use futures_util::StreamExt;
+use tracing::{debug, Instrument};
+
+use super::io::{spawn_connection, spawn_lookupd, IoEvent, Reports, Writer};
+use super::{Error, Runtime};
+use crate::{Action, Config, ConnId, ProducerEvent, ProducerState, Topic, TxId};
+
+/// Publishes to one nsqd. Cheap to clone; clones share one connection, and concurrent publishes
+/// are pipelined on it (no lock is held across a round trip).
+///
+/// The connection is made at the first publish (or by [`connect`](Self::connect)) and made
+/// again after it is lost. A publish resolves once nsqd acknowledged it, refused it, or the
+/// connection was lost first ([`PublishError::ConnectionLost`]): nothing waits forever.
+/// Dropping the last clone stops the producer after outstanding publishes resolve.
+pub struct Producer<R: Runtime> {
+    handle: Arc<Handle>,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime> Clone for Producer<R> {
+    fn clone(&self) -> Self {
+        Self {
+            handle: self.handle.clone(),
+            _runtime: PhantomData,
+        }
+    }
+}
+
+impl<R: Runtime> fmt::Debug for Producer<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Producer")
+            .field("addr", &self.handle.addr)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct Handle {
+    addr: String,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.commands.unbounded_send(Command::Shutdown);
+    }
+}
+
+enum Command {
+    Publish(Publish, oneshot::Sender<Result<(), Error>>),
+    Connect(oneshot::Sender<Result<(), Error>>),
+    Stop(oneshot::Sender<()>),
+    Shutdown,
+}
+
+enum Publish {
+    One(Topic, Bytes),
+    Many(Topic, Vec<Bytes>),
+    Deferred(Topic, Duration, Bytes),
+}
+
+impl<R: Runtime> Producer<R> {
+    /// A producer for the nsqd at `addr` (`host:port`). Spawns its engine task; connects at the
+    /// first publish.
+    pub fn new(addr: impl Into<String>, config: Config) -> Self {
+        Self::with_auto_batch(addr, config, 0)
+    }
+
+    /// Like [`new`](Self::new), and PUBs to one topic that queue up while a write is in flight
+    /// go out as one MPUB of at most `max_batch` messages. Each caller still gets its own
+    /// result; an MPUB is atomic, so a batch succeeds or fails as a whole.
+    pub fn with_auto_batch(addr: impl Into<String>, config: Config, max_batch: usize) -> Self {
+        let addr = addr.into();
+        let (commands, rx) = mpsc::unbounded();
+        let mut state = ProducerState::new(addr.clone(), Arc::new(config.clone()), R::now());
+        state.set_auto_batch(max_batch);
+        let engine = Engine::<R>::new(state, config, rx);
+        let span = tracing::debug_span!("nsq_producer", nsqd = %addr);
+        R::spawn(engine.run().instrument(span));
+        Self {
+            handle: Arc::new(Handle { addr, commands }),
+            _runtime: PhantomData,
+        }
+    }
+
+    /// Connects now and waits for the handshake, instead of at the first publish.
+    pub async fn connect(&self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Connect(tx))?;
+        rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    /// Checks the connection: connects if needed and waits for the handshake.
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.connect().await
+    }
+
+    /// Publishes one message.
+    pub async fn publish(
+        &self,
+        topic: impl AsRef<str>,
+        body: impl Into<Bytes>,
+    ) -> Result<(), Error> {
+        let topic = Topic::new(topic)?;
+        self.request(Publish::One(topic, body.into())).await
+    }
+
+    /// Publishes several messages atomically (MPUB).
+    pub async fn multi_publish<B: Into<Bytes>>(
+        &self,
+        topic: impl AsRef<str>,
+        bodies: impl IntoIterator<Item = B>,
+    ) -> Result<(), Error> {
+        let topic = Topic::new(topic)?;
+        self.request(Publish::Many(
+            topic,
+            bodies.into_iter().map(Into::into).collect(),
+        ))
+        .await
+    }
+
+    /// Publishes one message that nsqd delivers after `delay` (DPUB).
+    pub async fn deferred_publish(
+        &self,
+        topic: impl AsRef<str>,
+        delay: Duration,
+        body: impl Into<Bytes>,
+    ) -> Result<(), Error> {
+        let topic = Topic::new(topic)?;
+        self.request(Publish::Deferred(topic, delay, body.into()))
+            .await
+    }
+
+    /// Refuses new publishes, waits for outstanding ones to resolve, closes the connection.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Command::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The nsqd address.
+    pub fn addr(&self) -> &str {
+        &self.handle.addr
+    }
+
+    async fn request(&self, publish: Publish) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Publish(publish, tx))?;
+        rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    fn send(&self, command: Command) -> Result<(), Error> {
+        self.handle
+            .commands
+            .unbounded_send(command)
+            .map_err(|_| Error::Stopped)
+    }
+}
+
+enum Input {
+    Command(Command),
+    Io(IoEvent),
+    Timeout,
+    /// Every handle is gone.
+    Closed,
+}
+
+struct Engine<R: Runtime> {
+    state: ProducerState,
+    config: Config,
+    commands: mpsc::UnboundedReceiver<Command>,
+    reports: Reports,
+    io: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
+    writers: HashMap<ConnId, Writer>,
+    pending: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
+    connect_waiters: Vec<oneshot::Sender<Result<(), Error>>>,
+    stop_waiters: Vec<oneshot::Sender<()>>,
+    connected: bool,
+    shutdown: bool,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime> Engine<R> {
+    fn new(
+        state: ProducerState,
+        config: Config,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Self {
+        let (control, control_rx) = mpsc::unbounded();
+        let (reads, reads_rx) = mpsc::channel(16);
+        Self {
+            state,
+            config,
+            commands,
+            reports: Reports { control, reads },
+            io: futures_util::stream::select(control_rx, reads_rx),
+            writers: HashMap::new(),
+            pending: HashMap::new(),
+            connect_waiters: Vec::new(),
+            stop_waiters: Vec::new(),
+            connected: false,
+            shutdown: false,
+            _runtime: PhantomData,
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            self.drive();
+            if self.state.is_stopped() {
+                for waiter in self.stop_waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
+                if self.shutdown {
+                    return;
+                }
+            }
+            let timer = self.state.poll_timeout();
+            let input = {
+                let shutdown = self.shutdown;
+                let commands = &mut self.commands;
+                let commands = async move {
+                    if shutdown {
+                        futures_util::future::pending().await
+                    } else {
+                        commands.next().await.map_or(Input::Closed, Input::Command)
+                    }
+                };
+                let io = self.io.next();
+                let sleep = async move {
+                    match timer {
+                        Some(at) => R::sleep_until(at).await,
+                        None => futures_util::future::pending().await,
+                    }
+                };
+                let commands = std::pin::pin!(commands);
+                let inputs = select(commands, io);
+                match select(inputs, std::pin::pin!(sleep)).await {
+                    Either::Left((Either::Left((input, _)), _)) => input,
+                    Either::Left((Either::Right((io, _)), _)) => {
+                        io.map_or(Input::Closed, Input::Io)
+                    }
+                    Either::Right(_) => Input::Timeout,
+                }
+            };
+            self.handle(input);
+            // Take whatever else is ready before writing, so it leaves in one write.
+            while let Some(input) = self.try_next() {
+                self.handle(input);
+            }
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Input> {
+        use futures_util::FutureExt;
+        if !self.shutdown {
+            if let Some(Some(command)) = self.commands.next().now_or_never() {
+                return Some(Input::Command(command));
+            }
+        }
+        self.io.next().now_or_never().flatten().map(Input::Io)
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now = R::now();
+        match input {
+            Input::Timeout => self.state.handle_timeout(now),
+            Input::Closed | Input::Command(Command::Shutdown) => {
+                self.shutdown = true;
+                self.state.stop(now);
+            }
+            Input::Command(Command::Publish(publish, reply)) => {
+                let queued = match publish {
+                    Publish::One(topic, body) => self.state.publish(&topic, body, now),
+                    Publish::Many(topic, bodies) => self.state.multi_publish(&topic, bodies, now),
+                    Publish::Deferred(topic, delay, body) => {
+                        self.state.deferred_publish(&topic, delay, body, now)
+                    }
+                };
+                match queued {
+                    Ok(tx) => {
+                        self.pending.insert(tx, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Input::Command(Command::Connect(reply)) => {
+                if self.connected {
+                    let _ = reply.send(Ok(()));
+                } else if let Err(e) = self.state.connect(now) {
+                    let _ = reply.send(Err(e.into()));
+                } else {
+                    self.connect_waiters.push(reply);
+                }
+            }
+            Input::Command(Command::Stop(reply)) => {
+                self.stop_waiters.push(reply);
+                self.state.stop(now);
+            }
+            Input::Io(IoEvent::Connected(conn, writer)) => {
+                self.writers.insert(conn, writer);
+                self.state.handle_connected(conn, now);
+            }
+            Input::Io(IoEvent::ConnectFailed(conn, error)) => {
+                self.state.handle_connect_failed(conn, error, now)
+            }
+            Input::Io(IoEvent::Read(conn, bytes)) => self.state.handle_input(conn, now, bytes),
+            Input::Io(IoEvent::Eof(conn)) => self.state.handle_eof(conn, now),
+            Input::Io(IoEvent::Written(conn)) => {
+                if let Some(w) = self.writers.get_mut(&conn) {
+                    w.busy = false;
+                }
+            }
+            Input::Io(IoEvent::Lookupd(..)) => {}
+        }
+    }
+
+    /// Carries out what the state machine decided.
+    fn drive(&mut self) {
+        loop {
+            let mut progress = false;
+            while let Some(action) = self.state.poll_action() {
+                progress = true;
+                match action {
+                    Action::Connect { conn, addr } => {
+                        let span = tracing::debug_span!("nsqd", %addr, %conn);
+                        spawn_connection::<R>(
+                            conn,
+                            addr,
+                            self.config.dial_timeout,
+                            self.config.write_timeout,
+                            self.reports.clone(),
+                            span,
+                        );
+                    }
+                    Action::Close { conn } => {
+                        self.writers.remove(&conn);
+                    }
+                    Action::QueryLookupd {
+                        query,
+                        addr,
+                        request,
+                    } => spawn_lookupd::<R>(query, addr, request, self.reports.control.clone()),
+                }
+            }
+            if !self.writers.values().any(|w| w.busy) {
+                if let Some((conn, bytes)) = self.state.poll_transmit() {
+                    progress = true;
+                    if let Some(w) = self.writers.get_mut(&conn) {
+                        w.send(bytes);
+                    }
+                }
+            }
+            while let Some(event) = self.state.poll_event() {
+                progress = true;
+                self.on_event(event);
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: ProducerEvent) {
+        match event {
+            ProducerEvent::Published { tx, result } => {
+                if let Some(reply) = self.pending.remove(&tx) {
+                    let _ = reply.send(result.map_err(Error::from));
+                }
+            }
+            ProducerEvent::Connected(conn) => {
+                debug!(%conn, "producer connected");
+                self.connected = true;
+                for waiter in self.connect_waiters.drain(..) {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+            ProducerEvent::Disconnected(conn, error) => {
+                debug!(%conn, %error, "producer disconnected");
+                self.connected = false;
+                for waiter in self.connect_waiters.drain(..) {
+                    let _ = waiter.send(Err(Error::Connection(error_copy(&error))));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `ConnectionError` is not `Clone` (it carries rustls errors); waiters get a faithful copy.
+fn error_copy(error: &crate::ConnectionError) -> crate::ConnectionError {
+    use crate::ConnectionError as E;
+    match error {
+        E::LocallyClosed => E::LocallyClosed,
+        E::ServerClosed => E::ServerClosed,
+        E::ReadTimeout => E::ReadTimeout,
+        E::Server(e) => E::Server(e.clone()),
+        E::Frame(e) => E::Frame(e.clone()),
+        E::TlsNotNegotiated => E::TlsNotNegotiated,
+        E::AuthRequired => E::AuthRequired,
+        E::Io(m) => E::Io(m.clone()),
+        other => E::Io(other.to_string()),
+    }
+}
