@@ -31,8 +31,9 @@ pub enum Action {
         /// `host:port` of the nsqd.
         addr: String,
     },
-    /// Write whatever is still pending for `conn`, then close its socket. No more input is
-    /// expected for it.
+    /// Close `conn`'s socket once what is still pending for it is written: call
+    /// `poll_transmit` (or `poll_transmit_for(conn)`) first, it may return the connection's
+    /// last bytes (final FINs, CLS). No more input is expected for it.
     Close {
         /// The connection to close.
         conn: ConnId,

@@ -62,6 +62,8 @@ pub struct ProducerState {
     max_batch: usize,
     events: VecDeque<ProducerEvent>,
     actions: VecDeque<Action>,
+    /// Bytes a connection queued before it closed, still to be written.
+    final_writes: Vec<(ConnId, Bytes)>,
     stopping: bool,
     stopped: bool,
     now: Instant,
@@ -91,6 +93,7 @@ impl ProducerState {
             max_batch: 0,
             events: VecDeque::new(),
             actions: VecDeque::new(),
+            final_writes: Vec::new(),
             stopping: false,
             stopped: false,
             now,
@@ -247,6 +250,9 @@ impl ProducerState {
     /// buffer. Call it again only when the previous write finished, so writes coalesce.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<(ConnId, Bytes)> {
+        if !self.final_writes.is_empty() {
+            return Some(self.final_writes.remove(0));
+        }
         self.flush_batch();
         let link = self.conn.as_mut().filter(|l| l.connected)?;
         let bytes = link.state.poll_transmit()?;
@@ -254,6 +260,14 @@ impl ProducerState {
         // A transport failure while encoding surfaces as an event.
         self.process();
         Some((id, bytes))
+    }
+
+    /// The last bytes of a connection that closed, if any: write them before closing its
+    /// socket on [`Action::Close`].
+    #[must_use]
+    pub fn poll_transmit_for_closed(&mut self, conn: ConnId) -> Option<(ConnId, Bytes)> {
+        let i = self.final_writes.iter().position(|(c, _)| *c == conn)?;
+        Some(self.final_writes.remove(i))
     }
 
     /// I/O to carry out.

@@ -170,7 +170,7 @@ fn consumer_flow_matches_the_capture_byte_for_byte() {
     };
     assert_eq!((again.id, again.attempts), (ids[1], 2));
 
-    conn.touch(&ids[2]).unwrap();
+    conn.touch(&ids[2], now).unwrap();
     conn.finish(&ids[2]).unwrap();
     conn.finish(&ids[1]).unwrap();
     assert_eq!(
@@ -463,7 +463,7 @@ fn unanswered_messages_time_out_of_flight() {
     };
     let id = m.id;
     heartbeat(&mut conn, now + Duration::from_secs(30));
-    conn.touch(&id).unwrap();
+    conn.touch(&id, now + Duration::from_secs(30)).unwrap();
     heartbeat(&mut conn, now + Duration::from_secs(61));
     conn.handle_timeout(now + Duration::from_secs(61));
     assert!(conn.is_in_flight(&id), "TOUCH moved the deadline");
@@ -611,7 +611,7 @@ proptest! {
                 }
                 1 => prop_assert_eq!(conn.finish(&id).is_ok(), model.remove(&id)),
                 2 => prop_assert_eq!(conn.requeue(&id, Duration::from_millis(u64::from(k))).is_ok(), model.remove(&id)),
-                3 => prop_assert_eq!(conn.touch(&id).is_ok(), model.contains(&id)),
+                3 => prop_assert_eq!(conn.touch(&id, now).is_ok(), model.contains(&id)),
                 4 => { conn.ready(u32::from(k)).unwrap(); }
                 _ => {
                     now += Duration::from_secs(u64::from(k) * 10);

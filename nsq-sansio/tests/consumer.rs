@@ -283,14 +283,14 @@ fn backoff_sequence_is_exponential_and_recovers() {
         "RDY 0 everywhere"
     );
 
-    // After 1 s one connection gets RDY 1 as a test.
-    sim.advance_to(t0 + Duration::from_millis(999));
+    // After 2 s (backoff_multiplier × 2^1) one connection gets RDY 1 as a test.
+    sim.advance_to(t0 + Duration::from_millis(1999));
     assert_eq!(sim.consumer.total_rdy(), 0);
-    sim.advance_to(t0 + Duration::from_secs(1));
+    sim.advance_to(t0 + Duration::from_secs(2));
     assert_eq!(sim.consumer.total_rdy(), 1);
     let probe = if sim.last_rdy(a) == 1 { a } else { b };
 
-    // The test message fails: level 2, 2 s.
+    // The test message fails: level 2, 4 s.
     let m = sim.deliver(probe, 1);
     let t1 = sim.now;
     sim.respond(
@@ -302,19 +302,19 @@ fn backoff_sequence_is_exponential_and_recovers() {
         },
     );
     assert_eq!(sim.consumer.total_rdy(), 0);
-    sim.advance_to(t1 + Duration::from_millis(1999));
+    sim.advance_to(t1 + Duration::from_millis(3999));
     assert_eq!(sim.consumer.total_rdy(), 0);
-    sim.advance_to(t1 + Duration::from_secs(2));
+    sim.advance_to(t1 + Duration::from_secs(4));
     assert_eq!(sim.consumer.total_rdy(), 1);
     let probe = if sim.last_rdy(a) == 1 { a } else { b };
 
-    // A success steps down to level 1 (1 s), another leaves backoff and restores RDY.
+    // A success steps down to level 1 (2 s), another leaves backoff and restores RDY.
     let m = sim.deliver(probe, 1);
     let t2 = sim.now;
     sim.respond(probe, &m, Response::Finish);
     assert!(sim.consumer.in_backoff());
     assert_eq!(sim.consumer.total_rdy(), 0);
-    sim.advance_to(t2 + Duration::from_secs(1));
+    sim.advance_to(t2 + Duration::from_secs(2));
     let probe = if sim.last_rdy(a) == 1 { a } else { b };
     let m = sim.deliver(probe, 1);
     sim.respond(probe, &m, Response::Finish);
@@ -345,8 +345,8 @@ fn backoff_is_capped_by_max_backoff_duration() {
         }
         waits.push((sim.now - start).as_secs());
     }
-    // 1, 2, 4, ... doubling until the next step would pass 120 s; then it stays there.
-    assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 64, 64, 64]);
+    // go-nsq's exponential: 2, 4, ... doubling until the next step would pass 120 s.
+    assert_eq!(waits, [2, 4, 8, 16, 32, 64, 64, 64, 64, 64]);
 }
 
 #[test]

@@ -1,1 +1,12 @@
-//! Fake nsqd and nsqlookupd servers and the shared scenario suite.
+//! Fake nsqd and nsqlookupd servers, and the scenario suite every runtime adapter runs.
+//!
+//! The fakes run on plain std threads, so they serve any async runtime; they are built to
+//! nsqd 1.3.0's behaviour and the captured bytes in `nsq-sansio/tests/fixtures/`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod fake_lookupd;
+pub mod fake_nsqd;
+pub mod scenarios;
+
+pub use fake_lookupd::FakeLookupd;
+pub use fake_nsqd::{FakeNsqd, FakeNsqdOptions, FakeStats};

@@ -355,8 +355,9 @@ impl ConnectionState {
         Ok(())
     }
 
-    /// Sends `TOUCH`: nsqd restarts the message's timeout.
-    pub fn touch(&mut self, id: &MessageId) -> Result<(), CommandError> {
+    /// Sends `TOUCH`: nsqd restarts the message's timeout, from `now`.
+    pub fn touch(&mut self, id: &MessageId, now: Instant) -> Result<(), CommandError> {
+        self.advance_clock(now);
         self.check_answerable(id)?;
         let timeout = self.msg_timeout();
         self.in_flight.touch(id, deadline(self.now, timeout));
@@ -792,7 +793,9 @@ impl ConnectionState {
             return;
         }
         debug!(host = %self.host, %err, "fatal error");
-        if let Some(Expect::Publish(id)) = self.expect.front().copied() {
+        // During the handshake the error is the handshake's; held commands were never sent.
+        let sent = matches!(self.phase, Phase::Ready | Phase::Closing);
+        if let (true, Some(Expect::Publish(id))) = (sent, self.expect.front().copied()) {
             self.expect.pop_front();
             self.events.push_back(Event::Published {
                 id,

@@ -135,7 +135,8 @@ pub struct ConsumerStats {
 /// (at most that many messages in flight), so it is not re-sent as messages arrive.
 ///
 /// Backoff: a requeue with backoff raises the level and sets RDY 0 everywhere for
-/// `backoff_duration(level)`; then one connection gets RDY 1 as a test; a success lowers the
+/// `backoff_multiplier × 2^level` (random below that with `full_jitter`), never past
+/// `max_backoff_duration`; then one connection gets RDY 1 as a test; a success lowers the
 /// level, a failure raises it, and level 0 restores the normal RDY. Requeues without backoff
 /// do not move the level.
 #[derive(Debug)]
@@ -297,12 +298,12 @@ impl ConsumerState {
     }
 }
 
-/// go-nsq's backoff strategies: `backoff_multiplier × 2^(level-1)`, or a uniform random
-/// duration up to that with full jitter.
+/// go-nsq's backoff strategies: `backoff_multiplier × 2^level`, or a uniform random duration
+/// below that with full jitter.
 pub(crate) fn backoff_duration(config: &Config, level: u32, rng: &mut Rng) -> Duration {
     let exp = config
         .backoff_multiplier
-        .saturating_mul(1u32 << level.saturating_sub(1).min(31));
+        .saturating_mul(1u32 << level.min(31));
     match config.backoff_strategy {
         BackoffStrategy::Exponential => exp,
         BackoffStrategy::FullJitter => exp.mul_f64(rng.unit()),

@@ -80,6 +80,8 @@ pub(crate) struct Consumer {
     timers: TimerTable<Timer, 5>,
     events: VecDeque<ConsumerEvent>,
     actions: VecDeque<Action>,
+    /// Bytes a connection queued before it closed (its last FINs, CLS), still to be written.
+    final_writes: Vec<(ConnId, Bytes)>,
     stats: ConsumerStats,
     stopping: bool,
     stopped: bool,
@@ -112,6 +114,7 @@ impl Consumer {
             timers,
             events: VecDeque::new(),
             actions: VecDeque::new(),
+            final_writes: Vec::new(),
             stats: ConsumerStats::default(),
             stopping: false,
             stopped: false,
@@ -305,7 +308,7 @@ impl Consumer {
                     Signal::Continue
                 });
             }
-            Response::Touch => conn.state.touch(msg)?,
+            Response::Touch => conn.state.touch(msg, now)?,
         }
         self.process(id);
         Ok(())
@@ -363,6 +366,9 @@ impl Consumer {
     // ---- outputs -----------------------------------------------------------------------------
 
     pub(crate) fn poll_transmit(&mut self) -> Option<(ConnId, Bytes)> {
+        if !self.final_writes.is_empty() {
+            return Some(self.final_writes.remove(0));
+        }
         self.conns
             .iter_mut()
             .filter(|(_, c)| c.connected)
@@ -370,6 +376,9 @@ impl Consumer {
     }
 
     pub(crate) fn poll_transmit_for(&mut self, id: ConnId) -> Option<Bytes> {
+        if let Some(i) = self.final_writes.iter().position(|(c, _)| *c == id) {
+            return Some(self.final_writes.remove(i).1);
+        }
         let conn = self.conns.get_mut(&id).filter(|c| c.connected)?;
         let bytes = conn.state.poll_transmit();
         // Encoding may fail inside a transport layer; that surfaces as events.
@@ -537,9 +546,19 @@ impl Consumer {
     }
 
     fn on_closed(&mut self, id: ConnId, error: ConnectionError) {
-        let Some(conn) = self.conns.remove(&id) else {
+        let Some(mut conn) = self.conns.remove(&id) else {
             return;
         };
+        if conn.connected {
+            // What the connection queued last (FINs, CLS) goes out before the socket closes.
+            let mut last = BytesMut::new();
+            while let Some(bytes) = conn.state.poll_transmit() {
+                last.extend_from_slice(&bytes);
+            }
+            if !last.is_empty() {
+                self.final_writes.push((id, last.freeze()));
+            }
+        }
         self.total_rdy -= u64::from(conn.rdy);
         info!(conn = %id, addr = %conn.addr, %error, left = self.conns.len(), "connection closed");
         self.actions.push_back(Action::Close { conn: id });

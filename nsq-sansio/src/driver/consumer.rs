@@ -318,6 +318,8 @@ struct Engine<R: Runtime> {
     reports: Reports,
     io: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
     writers: HashMap<ConnId, Writer>,
+    /// Connections closed by the core whose writer is still flushing.
+    flushing: std::collections::HashSet<ConnId>,
     addrs: HashMap<ConnId, Arc<str>>,
     messages: Option<mpsc::UnboundedSender<Message>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
@@ -346,6 +348,7 @@ impl<R: Runtime> Engine<R> {
             reports: Reports { control, reads },
             io: futures_util::stream::select(control_rx, reads_rx),
             writers: HashMap::new(),
+            flushing: std::collections::HashSet::new(),
             addrs: HashMap::new(),
             messages: Some(messages),
             failed,
@@ -358,7 +361,7 @@ impl<R: Runtime> Engine<R> {
     async fn run(mut self) {
         loop {
             self.drive();
-            if self.state.is_stopped() {
+            if self.state.is_stopped() && self.flushing.is_empty() {
                 // Ends the handlers and the stream.
                 self.messages = None;
                 for waiter in self.stop_waiters.drain(..) {
@@ -473,6 +476,9 @@ impl<R: Runtime> Engine<R> {
             }
             Input::Io(IoEvent::Read(conn, bytes)) => self.state.handle_input(conn, now, bytes),
             Input::Io(IoEvent::Eof(conn)) => self.state.handle_eof(conn, now),
+            Input::Io(IoEvent::WriterDone(conn)) => {
+                self.flushing.remove(&conn);
+            }
             Input::Io(IoEvent::Written(conn)) => {
                 if let Some(w) = self.writers.get_mut(&conn) {
                     w.busy = false;
@@ -504,7 +510,13 @@ impl<R: Runtime> Engine<R> {
                         );
                     }
                     Action::Close { conn } => {
-                        self.writers.remove(&conn);
+                        // The connection's last bytes go out before the writer closes.
+                        if let Some(mut writer) = self.writers.remove(&conn) {
+                            self.flushing.insert(conn);
+                            if let Some(bytes) = self.state.poll_transmit_for(conn) {
+                                writer.send(bytes);
+                            }
+                        }
                         self.addrs.remove(&conn);
                     }
                     Action::QueryLookupd {

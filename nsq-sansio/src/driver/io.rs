@@ -16,6 +16,8 @@ use crate::{ConnId, QueryId};
 const READ_CHUNK: usize = 64 * 1024;
 /// The largest lookupd response read.
 const MAX_LOOKUPD_RESPONSE: usize = 4 * 1024 * 1024;
+/// How long a closed connection waits for nsqd's EOF after half-closing.
+const LINGER: Duration = Duration::from_secs(5);
 /// How long one lookupd query may take, connect to last byte.
 const LOOKUPD_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -27,6 +29,8 @@ pub(crate) enum IoEvent {
     Read(ConnId, BytesMut),
     Eof(ConnId),
     Written(ConnId),
+    /// The writer wrote everything it was given and shut the socket down.
+    WriterDone(ConnId),
     Lookupd(QueryId, Result<Bytes, String>),
 }
 
@@ -107,6 +111,7 @@ pub(crate) fn spawn_connection<R: Runtime>(
                     }
                 }
                 let _ = R::shutdown(&mut writer).await;
+                let _ = control.unbounded_send(IoEvent::WriterDone(conn));
             }
             .instrument(tracing::Span::current()),
         );
@@ -117,9 +122,25 @@ pub(crate) fn spawn_connection<R: Runtime>(
             let n = {
                 let read = std::pin::pin!(R::read(&mut reader, &mut buf));
                 match select(read, &mut stop_rx).await {
-                    Either::Left((result, _)) => result,
-                    Either::Right(_) => return,
+                    Either::Left((result, _)) => Some(result),
+                    Either::Right(_) => None,
                 }
+            };
+            let Some(n) = n else {
+                // The core closed the connection and the writer half-closes it: read on until
+                // nsqd's EOF, so the socket is not torn down (RST) with data unread, which
+                // would make the kernel discard our last writes.
+                let drain = async {
+                    loop {
+                        buf.clear();
+                        buf.reserve(READ_CHUNK);
+                        if R::read(&mut reader, &mut buf).await? == 0 {
+                            return Ok(());
+                        }
+                    }
+                };
+                let _ = with_timeout::<R, ()>(LINGER, drain).await;
+                return;
             };
             let event = match n {
                 Ok(0) => IoEvent::Eof(conn),

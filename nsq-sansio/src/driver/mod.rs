@@ -22,7 +22,7 @@ pub use consumer::{Consumer, Messages};
 pub use message::{Handler, HandlerError, HandlerResult, Message};
 pub use producer::Producer;
 
-use crate::{CommandError, ConnectionError, ConsumerError, NameError, PublishError};
+use crate::{CommandError, ConfigError, ConnectionError, ConsumerError, NameError, PublishError};
 
 /// What a runtime crate provides: TCP, a timer, a way to spawn. Everything else is shared.
 pub trait Runtime: Send + Sync + 'static {
@@ -86,6 +86,9 @@ pub enum Error {
     /// A topic or channel name is not valid.
     #[error(transparent)]
     Name(#[from] NameError),
+    /// The configuration is not valid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The command was refused before anything was sent.
     #[error(transparent)]
     Command(#[from] CommandError),
@@ -106,7 +109,7 @@ pub enum Error {
 impl From<Error> for stdio::Error {
     fn from(e: Error) -> Self {
         let kind = match &e {
-            Error::Name(_) | Error::Command(_) => stdio::ErrorKind::InvalidInput,
+            Error::Name(_) | Error::Config(_) | Error::Command(_) => stdio::ErrorKind::InvalidInput,
             Error::Publish(PublishError::ConnectionLost) | Error::Connection(_) => {
                 stdio::ErrorKind::ConnectionAborted
             }

@@ -184,6 +184,8 @@ struct Engine<R: Runtime> {
     reports: Reports,
     io: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
     writers: HashMap<ConnId, Writer>,
+    /// Connections closed by the core whose writer is still flushing.
+    flushing: std::collections::HashSet<ConnId>,
     pending: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
     connect_waiters: Vec<oneshot::Sender<Result<(), Error>>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
@@ -207,6 +209,7 @@ impl<R: Runtime> Engine<R> {
             reports: Reports { control, reads },
             io: futures_util::stream::select(control_rx, reads_rx),
             writers: HashMap::new(),
+            flushing: std::collections::HashSet::new(),
             pending: HashMap::new(),
             connect_waiters: Vec::new(),
             stop_waiters: Vec::new(),
@@ -219,7 +222,7 @@ impl<R: Runtime> Engine<R> {
     async fn run(mut self) {
         loop {
             self.drive();
-            if self.state.is_stopped() {
+            if self.state.is_stopped() && self.flushing.is_empty() {
                 for waiter in self.stop_waiters.drain(..) {
                     let _ = waiter.send(());
                 }
@@ -320,6 +323,9 @@ impl<R: Runtime> Engine<R> {
             }
             Input::Io(IoEvent::Read(conn, bytes)) => self.state.handle_input(conn, now, bytes),
             Input::Io(IoEvent::Eof(conn)) => self.state.handle_eof(conn, now),
+            Input::Io(IoEvent::WriterDone(conn)) => {
+                self.flushing.remove(&conn);
+            }
             Input::Io(IoEvent::Written(conn)) => {
                 if let Some(w) = self.writers.get_mut(&conn) {
                     w.busy = false;
@@ -348,7 +354,13 @@ impl<R: Runtime> Engine<R> {
                         );
                     }
                     Action::Close { conn } => {
-                        self.writers.remove(&conn);
+                        // The connection's last bytes go out before the writer closes.
+                        if let Some(mut writer) = self.writers.remove(&conn) {
+                            self.flushing.insert(conn);
+                            if let Some((_, bytes)) = self.state.poll_transmit_for_closed(conn) {
+                                writer.send(bytes);
+                            }
+                        }
                     }
                     Action::QueryLookupd {
                         query,

@@ -82,7 +82,7 @@ pub fn connection(negotiated: Negotiated, ops: Vec<Op>) {
             }),
             Op::Touch(i) => {
                 let before = conn.in_flight();
-                answer(&mut conn, &seen, i, |c, id| c.touch(id));
+                answer(&mut conn, &seen, i, |c, id| c.touch(id, now));
                 assert_eq!(conn.in_flight(), before);
             }
             Op::Close => conn.close(now),

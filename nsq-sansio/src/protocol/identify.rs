@@ -20,12 +20,12 @@ pub(crate) struct IdentifyRequest<'a> {
     deflate: bool,
     deflate_level: u8,
     sample_rate: u8,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output_buffer_size: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output_buffer_timeout: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    msg_timeout: Option<u64>,
+    /// Bytes; `-1` disables nsqd's output buffering.
+    output_buffer_size: i64,
+    /// Milliseconds; `-1` disables the flush timeout.
+    output_buffer_timeout: i64,
+    /// Milliseconds; `0` keeps nsqd's default.
+    msg_timeout: u64,
 }
 
 impl<'a> IdentifyRequest<'a> {
@@ -43,11 +43,11 @@ impl<'a> IdentifyRequest<'a> {
             sample_rate: config.sample_rate,
             output_buffer_size: config
                 .output_buffer_size
-                .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
-            output_buffer_timeout: config.output_buffer_timeout.map(millis_i64),
+                .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+            output_buffer_timeout: config.output_buffer_timeout.map_or(-1, millis_i64),
             msg_timeout: config
                 .msg_timeout
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 

@@ -1,0 +1,586 @@
+//! The scenario suite, written once, generic over the runtime. Each adapter's test file runs
+//! every scenario through [`scenario_tests!`](crate::scenario_tests) with its own runtime.
+//!
+//! Scenarios assert on outcomes and their order, never on durations; waits are bounded only to
+//! turn a hang into a failure.
+
+use std::future::Future;
+use std::io::Read;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use nsq_sansio::driver::{Consumer, Error, Message, Producer, Runtime};
+use nsq_sansio::{Config, ConnectionError, ErrorCode, PublishError};
+
+use crate::{FakeLookupd, FakeNsqd, FakeNsqdOptions};
+
+/// How long any one wait may take before the scenario fails.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Runs a scenario on a fresh thread and fails it if it takes longer than a minute.
+pub fn run_guarded<F: FnOnce() + Send + 'static>(name: &str, body: F) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            body();
+            let _ = tx.send(());
+        })
+        .expect("spawn scenario thread");
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => {
+            let _ = handle.join();
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("scenario {name} hung"),
+    }
+}
+
+/// Instantiates every scenario as a `#[test]` for one runtime: `$rt` implements
+/// [`Runtime`], `$block_on` runs a future to completion on it.
+#[macro_export]
+macro_rules! scenario_tests {
+    ($rt:ty, $block_on:path) => {
+        $crate::scenario_tests!(@each $rt, $block_on,
+            publish_and_consume,
+            multi_and_deferred_publish,
+            lookupd_discovers_nsqds,
+            nsqd_restart_loses_nothing,
+            outstanding_publishes_fail_when_the_server_dies,
+            handler_errors_requeue_and_back_off,
+            max_attempts_gives_up,
+            touch_keeps_a_message,
+            dropped_message_is_requeued,
+            garbage_from_the_server_is_a_clean_error,
+            producer_survives_a_huge_frame_length,
+            graceful_stop_waits_for_in_flight_messages,
+            auth_good_and_bad,
+            stream_consumer,
+        );
+    };
+    (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::scenarios::run_guarded(stringify!($name), || {
+                    $block_on($crate::scenarios::$name::<$rt>())
+                });
+            }
+        )*
+    };
+}
+
+/// Waits until `check` holds, polling on the runtime's timer.
+pub async fn wait_for<R: Runtime>(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
+        R::sleep_until(R::now() + Duration::from_millis(10)).await;
+    }
+}
+
+async fn sleep<R: Runtime>(d: Duration) {
+    R::sleep_until(R::now() + d).await;
+}
+
+fn config(f: impl FnOnce(&mut Config)) -> Config {
+    let mut c = Config::new();
+    f(&mut c);
+    c
+}
+
+/// Bodies a handler saw.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl Seen {
+    fn push(&self, body: &[u8]) {
+        self.0.lock().unwrap().push(body.to_vec());
+    }
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn sorted(&self) -> Vec<Vec<u8>> {
+        let mut v = self.0.lock().unwrap().clone();
+        v.sort();
+        v
+    }
+}
+
+fn recording_handler(
+    seen: &Seen,
+) -> impl Fn(Message) -> std::future::Ready<Result<(), std::io::Error>> {
+    let seen = seen.clone();
+    move |m: Message| {
+        seen.push(m.body());
+        std::future::ready(Ok(()))
+    }
+}
+
+/// PUB round trip: every message published is consumed and finished exactly once.
+pub async fn publish_and_consume<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let producer = Producer::<R>::new(nsqd.addr(), Config::new());
+    for i in 0..20 {
+        producer.publish("scen", format!("m{i:02}")).await.unwrap();
+    }
+    let consumer = Consumer::<R>::new(
+        "scen",
+        "ch",
+        config(|c| {
+            c.max_in_flight(5);
+        }),
+    )
+    .unwrap();
+    let seen = Seen::default();
+    consumer.add_concurrent_handlers(recording_handler(&seen), 3);
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("20 finished", || nsqd.stats().finished == 20).await;
+    let expected: Vec<Vec<u8>> = (0..20).map(|i| format!("m{i:02}").into_bytes()).collect();
+    assert_eq!(seen.sorted(), expected);
+    consumer.stop().await;
+    producer.stop().await;
+    assert_eq!(nsqd.stats().published["scen"], 20);
+}
+
+/// MPUB and DPUB round trip.
+pub async fn multi_and_deferred_publish<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let producer = Producer::<R>::new(nsqd.addr(), Config::new());
+    producer
+        .multi_publish("batch", ["a", "b", "c"])
+        .await
+        .unwrap();
+    producer
+        .deferred_publish("batch", Duration::from_millis(300), "later")
+        .await
+        .unwrap();
+    let consumer = Consumer::<R>::new(
+        "batch",
+        "ch",
+        config(|c| {
+            c.max_in_flight(10);
+        }),
+    )
+    .unwrap();
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("4 finished", || nsqd.stats().finished == 4).await;
+    assert_eq!(
+        seen.sorted(),
+        [
+            b"a".to_vec(),
+            b"b".to_vec(),
+            b"c".to_vec(),
+            b"later".to_vec()
+        ]
+    );
+    // Local refusals come back as errors and send nothing.
+    assert!(matches!(
+        producer.multi_publish("batch", Vec::<Vec<u8>>::new()).await,
+        Err(Error::Command(_))
+    ));
+    assert!(matches!(
+        producer.publish("bad!topic", "x").await,
+        Err(Error::Name(_))
+    ));
+    consumer.stop().await;
+}
+
+/// Lookupd finds two nsqds, then a third that appears later.
+pub async fn lookupd_discovers_nsqds<R: Runtime>() {
+    let nsqds: Vec<FakeNsqd> = (0..3).map(|_| FakeNsqd::start_default().unwrap()).collect();
+    let lookupd = FakeLookupd::start().unwrap();
+    for n in &nsqds[..2] {
+        lookupd.register("disc", &n.addr());
+        n.publish("disc", n.addr().as_bytes());
+    }
+    let consumer = Consumer::<R>::new(
+        "disc",
+        "ch",
+        config(|c| {
+            c.max_in_flight(10)
+                .lookupd_poll_interval(Duration::from_millis(200))
+                .unwrap();
+        }),
+    )
+    .unwrap();
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer
+        .connect_to_nsqlookupd(lookupd.addr())
+        .await
+        .unwrap();
+    wait_for::<R>("both first nsqds", || seen.len() == 2).await;
+    lookupd.register("disc", &nsqds[2].addr());
+    nsqds[2].publish("disc", nsqds[2].addr().as_bytes());
+    wait_for::<R>("the later nsqd", || seen.len() == 3).await;
+    let mut expected: Vec<Vec<u8>> = nsqds.iter().map(|n| n.addr().into_bytes()).collect();
+    expected.sort();
+    assert_eq!(seen.sorted(), expected);
+    assert_eq!(consumer.stats().await.connections, 3);
+    consumer.stop().await;
+}
+
+/// nsqd drops every connection mid-stream: the consumer reconnects; nothing is lost
+/// (duplicates allowed).
+pub async fn nsqd_restart_loses_nothing<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    for i in 0..30 {
+        nsqd.publish("restart", format!("{i}").as_bytes());
+    }
+    let consumer = Consumer::<R>::new(
+        "restart",
+        "ch",
+        config(|c| {
+            c.max_in_flight(2);
+        }),
+    )
+    .unwrap();
+    let seen = Seen::default();
+    let slow = seen.clone();
+    consumer.add_handler(move |m: Message| {
+        slow.push(m.body());
+        async move {
+            sleep::<R>(Duration::from_millis(5)).await;
+            Ok::<_, std::io::Error>(())
+        }
+    });
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("some progress", || nsqd.stats().finished >= 5).await;
+    nsqd.kill_all();
+    wait_for::<R>("a reconnect", || nsqd.stats().connections >= 2).await;
+    wait_for::<R>("every message finished", || {
+        nsqd.depth("restart", "ch") == 0
+    })
+    .await;
+    let mut distinct = seen.sorted();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 30);
+    consumer.stop().await;
+}
+
+/// A server that accepts, reads and never answers, then dies: every outstanding publish
+/// resolves with an error.
+pub async fn outstanding_publishes_fail_when_the_server_dies<R: Runtime>() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let got = Arc::new(AtomicUsize::new(0));
+    let got2 = got.clone();
+    std::thread::spawn(move || {
+        if let Ok((mut sock, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            sock.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            while let Ok(n) = sock.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got2.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    });
+    let producer = Producer::<R>::new(addr, Config::new());
+    let publishes: Vec<_> = (0..5)
+        .map(|i| {
+            let p = producer.clone();
+            async move { p.publish("dead", format!("{i}")).await }
+        })
+        .collect();
+    let results = futures_util::future::join_all(publishes).await;
+    assert!(
+        got.load(Ordering::Relaxed) > 0,
+        "the client wrote its handshake"
+    );
+    for r in results {
+        assert!(r.is_err(), "{r:?}");
+    }
+    // Nothing listens any more: a new publish fails fast with a connection error.
+    assert!(producer.publish("dead", "x").await.is_err());
+}
+
+/// A failing handler requeues with backoff; the message comes back and succeeds.
+pub async fn handler_errors_requeue_and_back_off<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    nsqd.publish("backoff", b"flaky");
+    let consumer = Consumer::<R>::new(
+        "backoff",
+        "ch",
+        config(|c| {
+            c.default_requeue_delay(Duration::ZERO).unwrap();
+            c.backoff_multiplier(Duration::from_millis(50)).unwrap();
+        }),
+    )
+    .unwrap();
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let a = attempts.clone();
+    consumer.add_handler(move |m: Message| {
+        a.lock().unwrap().push(m.attempts());
+        let fail = m.attempts() < 3;
+        async move {
+            if fail {
+                Err(std::io::Error::other("not yet"))
+            } else {
+                Ok(())
+            }
+        }
+    });
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("finished", || nsqd.stats().finished == 1).await;
+    assert_eq!(*attempts.lock().unwrap(), [1, 2, 3]);
+    assert_eq!(nsqd.stats().requeued, 2);
+    consumer.stop().await;
+}
+
+/// Past max_attempts a message is finished without the handler and given to the hook.
+pub async fn max_attempts_gives_up<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    nsqd.publish("attempts", b"poison");
+    let consumer = Consumer::<R>::new(
+        "attempts",
+        "ch",
+        config(|c| {
+            c.max_attempts(2);
+            c.default_requeue_delay(Duration::ZERO).unwrap();
+            c.backoff_multiplier(Duration::from_millis(10)).unwrap();
+        }),
+    )
+    .unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let (h, f) = (handled.clone(), failed.clone());
+    consumer.set_failed_message_hook(move |m| {
+        assert_eq!(&m.body[..], b"poison");
+        f.fetch_add(1, Ordering::SeqCst);
+    });
+    consumer.add_handler(move |_m: Message| {
+        h.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Err::<(), _>(std::io::Error::other("always")))
+    });
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("the hook", || failed.load(Ordering::SeqCst) == 1).await;
+    wait_for::<R>("the FIN", || nsqd.stats().finished == 1).await;
+    assert_eq!(handled.load(Ordering::SeqCst), 2);
+    consumer.stop().await;
+}
+
+/// TOUCH keeps a slow message in flight past its timeout.
+pub async fn touch_keeps_a_message<R: Runtime>() {
+    let nsqd = FakeNsqd::start(FakeNsqdOptions {
+        msg_timeout: Duration::from_millis(400),
+        ..Default::default()
+    })
+    .unwrap();
+    nsqd.publish("touch", b"slow");
+    let consumer = Consumer::<R>::new("touch", "ch", Config::new()).unwrap();
+    consumer.add_handler(|m: Message| async move {
+        for _ in 0..4 {
+            sleep::<R>(Duration::from_millis(200)).await;
+            m.touch();
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("finished", || nsqd.stats().finished == 1).await;
+    let stats = nsqd.stats();
+    assert!(stats.touched >= 3, "{stats:?}");
+    assert_eq!(stats.delivered, 1, "never timed out and redelivered");
+    consumer.stop().await;
+}
+
+/// A message dropped without an answer is requeued at once.
+pub async fn dropped_message_is_requeued<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    nsqd.publish("drop", b"x");
+    let consumer = Consumer::<R>::new(
+        "drop",
+        "ch",
+        config(|c| {
+            c.default_requeue_delay(Duration::ZERO).unwrap();
+        }),
+    )
+    .unwrap();
+    let mut messages = consumer.messages();
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    let first = messages.next().await.unwrap();
+    assert_eq!(first.attempts(), 1);
+    drop(first);
+    let again = messages.next().await.unwrap();
+    assert_eq!(again.attempts(), 2);
+    assert!(again.finish());
+    wait_for::<R>("finished", || nsqd.stats().finished == 1).await;
+    assert_eq!(nsqd.stats().requeued, 1);
+    consumer.stop().await;
+}
+
+/// Garbage, a huge frame length and a truncated frame end the connection with an error, not a
+/// panic or a hang; a direct nsqd is redialled.
+pub async fn garbage_from_the_server_is_a_clean_error<R: Runtime>() {
+    for bytes in [
+        &b"\x00\x00\x00\x06\x00\x00\x00\x09garbage"[..],
+        b"\x7f\xff\xff\xff\x00\x00\x00\x02",
+        b"\x00\x00\x00\x40\x00\x00\x00\x02trunc",
+    ] {
+        let nsqd = FakeNsqd::start_default().unwrap();
+        let consumer = Consumer::<R>::new("garbage", "ch", Config::new()).unwrap();
+        let seen = Seen::default();
+        consumer.add_handler(recording_handler(&seen));
+        consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+        wait_for::<R>("subscribed", || nsqd.clients() == 1).await;
+        nsqd.inject(bytes);
+        if bytes.len() < 20 && bytes[3] != 0x06 {
+            // A truncated frame needs the socket closed to show.
+            sleep::<R>(Duration::from_millis(100)).await;
+            nsqd.kill_all();
+        }
+        wait_for::<R>("a reconnect", || nsqd.stats().connections >= 2).await;
+        nsqd.publish("garbage", b"after");
+        wait_for::<R>("delivery after reconnect", || seen.len() == 1).await;
+        consumer.stop().await;
+    }
+}
+
+/// A huge frame length from nsqd fails the producer's publish cleanly; the next one reconnects.
+pub async fn producer_survives_a_huge_frame_length<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let producer = Producer::<R>::new(nsqd.addr(), Config::new());
+    producer.connect().await.unwrap();
+    nsqd.inject(b"\x7f\xff\xff\xff\x00\x00\x00\x00");
+    wait_for::<R>("the connection to drop", || nsqd.clients() == 0).await;
+    // The failed connection is noticed; the next publishes reconnect.
+    let mut ok = false;
+    for _ in 0..5 {
+        if producer.publish("huge", "x").await.is_ok() {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok);
+    assert_eq!(nsqd.stats().published["huge"], 1);
+}
+
+/// stop() waits for messages being handled, then closes.
+pub async fn graceful_stop_waits_for_in_flight_messages<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    for i in 0..3 {
+        nsqd.publish("stop", format!("{i}").as_bytes());
+    }
+    let consumer = Consumer::<R>::new(
+        "stop",
+        "ch",
+        config(|c| {
+            c.max_in_flight(3);
+        }),
+    )
+    .unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (s, d) = (started.clone(), done.clone());
+    consumer.add_concurrent_handlers(
+        move |_m: Message| {
+            s.fetch_add(1, Ordering::SeqCst);
+            let d = d.clone();
+            async move {
+                sleep::<R>(Duration::from_millis(300)).await;
+                d.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        },
+        3,
+    );
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("3 handlers running", || started.load(Ordering::SeqCst) == 3).await;
+    consumer.stop().await;
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        3,
+        "stop waited for the handlers"
+    );
+    // FIN has no reply: the fake counts them as it reads them.
+    wait_for::<R>("3 FINs", || nsqd.stats().finished == 3).await;
+    assert_eq!(nsqd.stats().requeued, 0);
+    wait_for::<R>("the connection closed", || nsqd.clients() == 0).await;
+    assert!(matches!(
+        consumer.connect_to_nsqd(nsqd.addr()).await,
+        Err(Error::Consumer(_) | Error::Stopped)
+    ));
+}
+
+/// AUTH with a good secret works; a wrong secret is a typed fatal error.
+pub async fn auth_good_and_bad<R: Runtime>() {
+    let options = FakeNsqdOptions {
+        auth_secrets: [("good-secret".to_owned(), "fixture-user".to_owned())].into(),
+        ..Default::default()
+    };
+    let nsqd = FakeNsqd::start(options).unwrap();
+    let good = Producer::<R>::new(
+        nsqd.addr(),
+        config(|c| {
+            c.auth_secret("good-secret");
+        }),
+    );
+    good.publish("authed", "x").await.unwrap();
+    let bad = Producer::<R>::new(
+        nsqd.addr(),
+        config(|c| {
+            c.auth_secret("wrong");
+        }),
+    );
+    match bad.publish("authed", "x").await {
+        Err(Error::Publish(PublishError::ConnectionLost)) | Err(Error::Connection(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    match bad.connect().await {
+        Err(Error::Connection(ConnectionError::Server(e))) => {
+            assert_eq!(e.code, ErrorCode::AuthFailed)
+        }
+        other => panic!("{other:?}"),
+    }
+    let none = Producer::<R>::new(nsqd.addr(), Config::new());
+    assert!(matches!(
+        none.connect().await,
+        Err(Error::Connection(ConnectionError::AuthRequired))
+    ));
+    assert_eq!(nsqd.stats().published["authed"], 1);
+}
+
+/// The Stream way of consuming, with explicit answers.
+pub async fn stream_consumer<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    for i in 0..5 {
+        nsqd.publish("stream", format!("{i}").as_bytes());
+    }
+    let consumer = Consumer::<R>::new(
+        "stream",
+        "ch",
+        config(|c| {
+            c.max_in_flight(2);
+        }),
+    )
+    .unwrap();
+    let messages = consumer.messages();
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    let bodies: Vec<Vec<u8>> = messages
+        .take(5)
+        .map(|m| {
+            assert!(m.finish());
+            m.body().to_vec()
+        })
+        .collect()
+        .await;
+    assert_eq!(bodies.len(), 5);
+    wait_for::<R>("finished", || nsqd.stats().finished == 5).await;
+    consumer.stop().await;
+}
+
+/// Keeps `Future` in scope for the macro's users.
+#[doc(hidden)]
+pub fn _assert_future<F: Future>(_: &F) {}
