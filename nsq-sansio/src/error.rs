@@ -38,7 +38,7 @@ pub enum ConnectionError {
     #[error("TLS was required by the configuration but nsqd did not negotiate it")]
     TlsNotNegotiated,
     /// The socket could not be connected, or failed (reported by the adapter).
-    #[error("I/O: {0}")]
+    #[error("{0}")]
     Io(String),
     /// nsqd requires AUTH but no `auth_secret` is configured.
     #[error("nsqd requires AUTH but no auth_secret is configured")]

@@ -11,6 +11,8 @@ mod consumer;
 mod io;
 mod message;
 mod producer;
+#[cfg(feature = "tools")]
+pub mod tools;
 
 use std::future::Future;
 use std::io as stdio;

@@ -1,0 +1,391 @@
+//! The command-line tools every runtime crate ships as examples (`to_nsq`, `nsq_tail`,
+//! `bench`), defined once. Each runtime's example is a `main` that starts its runtime and calls
+//! one of these with its [`Runtime`]. Flag names follow nsq's own tools.
+
+use std::io::BufRead;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use futures_channel::mpsc;
+use futures_util::StreamExt;
+
+use super::{Consumer, Error, Message, Producer, Runtime};
+use crate::Config;
+
+/// Publishes each line of stdin to a topic on every given nsqd (nsq's `to_nsq`).
+#[derive(Debug, Parser)]
+#[command(name = "to_nsq", about = "Publish each line of stdin to an NSQ topic")]
+pub struct ToNsqArgs {
+    /// Topic to publish to.
+    #[arg(long)]
+    pub topic: String,
+    /// nsqd TCP address (repeatable).
+    #[arg(long = "nsqd-tcp-address", required = true)]
+    pub nsqd_tcp_address: Vec<String>,
+    /// go-nsq option as KEY,VALUE (repeatable), e.g. snappy,true or tls_v1,true.
+    #[arg(long = "producer-opt")]
+    pub producer_opt: Vec<String>,
+    /// Messages per second (0: as fast as acknowledged).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Message delimiter (one character).
+    #[arg(long, default_value = "\n")]
+    pub delimiter: String,
+}
+
+/// Prints the messages of a topic (nsq's `nsq_tail`).
+#[derive(Debug, Parser)]
+#[command(name = "nsq_tail", about = "Print the messages of an NSQ topic")]
+pub struct NsqTailArgs {
+    /// Topic to read.
+    #[arg(long)]
+    pub topic: String,
+    /// Channel to read from (default: an ephemeral one).
+    #[arg(long, default_value = "tail#ephemeral")]
+    pub channel: String,
+    /// nsqd TCP address (repeatable).
+    #[arg(long = "nsqd-tcp-address")]
+    pub nsqd_tcp_address: Vec<String>,
+    /// nsqlookupd HTTP address (repeatable).
+    #[arg(long = "lookupd-http-address")]
+    pub lookupd_http_address: Vec<String>,
+    /// Exit after this many messages (0: never).
+    #[arg(short = 'n', long = "total-messages", default_value_t = 0)]
+    pub total_messages: u64,
+    /// Messages in flight.
+    #[arg(long = "max-in-flight", default_value_t = 200)]
+    pub max_in_flight: u32,
+    /// go-nsq option as KEY,VALUE (repeatable).
+    #[arg(long = "consumer-opt")]
+    pub consumer_opt: Vec<String>,
+}
+
+/// Measures publish or consume throughput against one nsqd.
+#[derive(Debug, Parser)]
+#[command(name = "bench", about = "Measure NSQ publish or consume throughput")]
+pub struct BenchArgs {
+    /// pub, mpub or sub.
+    #[arg(long, default_value = "pub")]
+    pub mode: String,
+    /// nsqd TCP address.
+    #[arg(long = "nsqd-tcp-address", default_value = "127.0.0.1:4150")]
+    pub nsqd_tcp_address: String,
+    /// Topic.
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Channel (sub).
+    #[arg(long, default_value = "bench")]
+    pub channel: String,
+    /// Messages.
+    #[arg(long, default_value_t = 100_000)]
+    pub n: u64,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+    /// Un-acknowledged PUBs at most (pub).
+    #[arg(long, default_value_t = 200)]
+    pub outstanding: usize,
+    /// Messages per MPUB (mpub).
+    #[arg(long, default_value_t = 200)]
+    pub batch: usize,
+    /// Un-acknowledged MPUBs at most (mpub).
+    #[arg(long = "outstanding-batches", default_value_t = 1)]
+    pub outstanding_batches: usize,
+    /// max_in_flight (sub).
+    #[arg(long = "max-in-flight", default_value_t = 2500)]
+    pub max_in_flight: u32,
+    /// Concurrent handlers (sub).
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Merge queued PUBs into MPUBs of at most this many (pub; 0: off).
+    #[arg(long = "auto-batch", default_value_t = 0)]
+    pub auto_batch: usize,
+}
+
+/// Runs `to_nsq` with the process arguments; exits 0 only once every line is acknowledged.
+pub async fn to_nsq<R: Runtime>() -> ExitCode {
+    report("to_nsq", run_to_nsq::<R>(ToNsqArgs::parse()).await)
+}
+
+/// Runs `nsq_tail` with the process arguments.
+pub async fn nsq_tail<R: Runtime>() -> ExitCode {
+    report("nsq_tail", run_nsq_tail::<R>(NsqTailArgs::parse()).await)
+}
+
+/// Runs `bench` with the process arguments; prints one `RESULT client=<client> ...` line.
+pub async fn bench<R: Runtime>(client: &str) -> ExitCode {
+    match run_bench::<R>(BenchArgs::parse()).await {
+        Ok(result) => {
+            println!("RESULT client={client} {result}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => report("bench", Err(e)),
+    }
+}
+
+fn report(tool: &str, result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{tool}: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Applies `KEY,VALUE` options by their go-nsq names.
+pub fn config_from_opts(opts: &[String]) -> Result<Config, String> {
+    let mut config = Config::new();
+    for opt in opts {
+        let (key, value) = opt
+            .split_once(',')
+            .ok_or_else(|| format!("option {opt:?} is not KEY,VALUE"))?;
+        config.set(key, value).map_err(|e| e.to_string())?;
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// Reads stdin on a thread of its own (stdin is blocking everywhere) and hands records over.
+fn stdin_records(delimiter: u8) -> mpsc::Receiver<std::io::Result<Vec<u8>>> {
+    let (mut tx, rx) = mpsc::channel(1024);
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        let mut lock = stdin.lock();
+        loop {
+            let mut record = Vec::new();
+            match lock.read_until(delimiter, &mut record) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if record.last() == Some(&delimiter) {
+                        record.pop();
+                    }
+                    if !send_blocking(&mut tx, Ok(record)) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    send_blocking(&mut tx, Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Sends from a plain thread, waiting while the channel is full; false once the receiver is
+/// gone.
+fn send_blocking<T>(tx: &mut mpsc::Sender<T>, mut item: T) -> bool {
+    loop {
+        match tx.try_send(item) {
+            Ok(()) => return true,
+            Err(e) if e.is_full() => {
+                item = e.into_inner();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+async fn run_to_nsq<R: Runtime>(args: ToNsqArgs) -> Result<(), String> {
+    let config = config_from_opts(&args.producer_opt)?;
+    let delimiter = match args.delimiter.as_bytes() {
+        [d] => *d,
+        _ => return Err("--delimiter must be one byte".into()),
+    };
+    let topic = crate::Topic::new(&args.topic).map_err(|e| e.to_string())?;
+    let producers: Vec<Producer<R>> = args
+        .nsqd_tcp_address
+        .iter()
+        .map(|a| Producer::new(a.clone(), config.clone()))
+        .collect();
+    // Fail fast, with the nsqd's own words, when one cannot be reached.
+    for producer in &producers {
+        producer.connect().await.map_err(|e| e.to_string())?;
+    }
+    let interval = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
+    let mut next = R::now();
+    let mut records = stdin_records(delimiter);
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    while let Some(record) = records.next().await {
+        let record = Bytes::from(record.map_err(|e| format!("stdin: {e}"))?);
+        if record.is_empty() {
+            continue;
+        }
+        if let Some(interval) = interval {
+            R::sleep_until(next).await;
+            next += interval;
+        }
+        for producer in &producers {
+            let (producer, topic, record) = (producer.clone(), topic.clone(), record.clone());
+            pending.push(async move {
+                producer
+                    .publish(topic.as_str(), record)
+                    .await
+                    .map_err(|e| format!("{}: {e}", producer.addr()))
+            });
+        }
+        // Keep a bounded number of publishes in flight.
+        while pending.len() >= 1024 {
+            if let Some(result) = pending.next().await {
+                result?;
+            }
+        }
+    }
+    while let Some(result) = pending.next().await {
+        result?;
+    }
+    for producer in &producers {
+        producer.stop().await;
+    }
+    Ok(())
+}
+
+async fn run_nsq_tail<R: Runtime>(args: NsqTailArgs) -> Result<(), String> {
+    use std::io::Write;
+    if args.nsqd_tcp_address.is_empty() && args.lookupd_http_address.is_empty() {
+        return Err("--nsqd-tcp-address or --lookupd-http-address required".into());
+    }
+    let mut config = config_from_opts(&args.consumer_opt)?;
+    config.max_in_flight(args.max_in_flight);
+    let consumer =
+        Consumer::<R>::new(&args.topic, &args.channel, config).map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages();
+    for addr in &args.nsqd_tcp_address {
+        consumer
+            .connect_to_nsqd(addr.clone())
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+    }
+    for addr in &args.lookupd_http_address {
+        consumer
+            .connect_to_nsqlookupd(addr.clone())
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+    }
+    let stdout = std::io::stdout();
+    let mut count = 0;
+    while let Some(message) = messages.next().await {
+        {
+            let mut out = stdout.lock();
+            out.write_all(message.body())
+                .and_then(|()| out.write_all(b"\n"))
+                .map_err(|e| e.to_string())?;
+        }
+        message.finish();
+        count += 1;
+        if args.total_messages > 0 && count >= args.total_messages {
+            break;
+        }
+    }
+    let _ = stdout.lock().flush();
+    consumer.stop().await;
+    Ok(())
+}
+
+async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
+    let started = Instant::now();
+    let body = Bytes::from(vec![b'a'; args.size.max(1)]);
+    let n = args.n;
+    let config = Config::new();
+    let (secs, startup) = match args.mode.as_str() {
+        "pub" => {
+            let producer = Producer::<R>::with_auto_batch(
+                args.nsqd_tcp_address.clone(),
+                config,
+                args.auto_batch,
+            );
+            producer.connect().await.map_err(|e| e.to_string())?;
+            let startup = started.elapsed();
+            let clock = Instant::now();
+            let mut pending = futures_util::stream::FuturesUnordered::new();
+            for _ in 0..n {
+                if pending.len() >= args.outstanding.max(1) {
+                    if let Some(r) = pending.next().await {
+                        let r: Result<(), Error> = r;
+                        r.map_err(|e| e.to_string())?;
+                    }
+                }
+                let (p, b, t) = (producer.clone(), body.clone(), args.topic.clone());
+                pending.push(async move { p.publish(t, b).await });
+            }
+            while let Some(r) = pending.next().await {
+                r.map_err(|e| e.to_string())?;
+            }
+            let secs = clock.elapsed();
+            producer.stop().await;
+            (secs, startup)
+        }
+        "mpub" => {
+            let producer = Producer::<R>::new(args.nsqd_tcp_address.clone(), config);
+            producer.connect().await.map_err(|e| e.to_string())?;
+            let startup = started.elapsed();
+            let batch: Vec<Bytes> = vec![body.clone(); args.batch.max(1)];
+            let batches = n.div_ceil(args.batch.max(1) as u64);
+            let clock = Instant::now();
+            let mut pending = futures_util::stream::FuturesUnordered::new();
+            for _ in 0..batches {
+                if pending.len() >= args.outstanding_batches.max(1) {
+                    if let Some(r) = pending.next().await {
+                        let r: Result<(), Error> = r;
+                        r.map_err(|e| e.to_string())?;
+                    }
+                }
+                let (p, b, t) = (producer.clone(), batch.clone(), args.topic.clone());
+                pending.push(async move { p.multi_publish(t, b).await });
+            }
+            while let Some(r) = pending.next().await {
+                r.map_err(|e| e.to_string())?;
+            }
+            let secs = clock.elapsed();
+            producer.stop().await;
+            (secs, startup)
+        }
+        "sub" => {
+            let mut config = config;
+            config.max_in_flight(args.max_in_flight);
+            let consumer = Consumer::<R>::new(&args.topic, &args.channel, config)
+                .map_err(|e| e.to_string())?;
+            let (done_tx, mut done_rx) = mpsc::unbounded::<Instant>();
+            let first = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+            let handled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let (f, h) = (first.clone(), handled.clone());
+            consumer.add_concurrent_handlers(
+                move |_m: Message| {
+                    if let Ok(mut first) = f.lock() {
+                        first.get_or_insert_with(Instant::now);
+                    }
+                    if h.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == n {
+                        let _ = done_tx.unbounded_send(Instant::now());
+                    }
+                    std::future::ready(Ok::<(), std::io::Error>(()))
+                },
+                args.concurrency.max(1),
+            );
+            consumer
+                .connect_to_nsqd(args.nsqd_tcp_address.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let end = done_rx.next().await.ok_or("consumer ended early")?;
+            let start = first.lock().ok().and_then(|f| *f).unwrap_or(end);
+            consumer.stop().await;
+            let startup = start.saturating_duration_since(started);
+            (end.saturating_duration_since(start), startup)
+        }
+        other => return Err(format!("unknown --mode {other:?} (pub, mpub or sub)")),
+    };
+    let secs_f = secs.as_secs_f64().max(1e-9);
+    Ok(format!(
+        "mode={} msgs={n} bytes={} secs={:.3} msgs_per_sec={:.0} startup_secs={:.3} total_secs={:.3}",
+        args.mode,
+        args.size,
+        secs_f,
+        n as f64 / secs_f,
+        startup.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    ))
+}
