@@ -85,6 +85,10 @@ pub use connection::{
 };
 pub use consumer::{ConsumerError, ConsumerEvent, ConsumerState, ConsumerStats, Response};
 pub use error::{CommandError, ConnectionError, PublishError};
+pub use lookupd::{
+    parse_response as parse_lookup_response, Lookup, LookupProducer, LookupdAddress, LookupdError,
+    MAX_LOOKUPD_RESPONSE,
+};
 pub use producer::{ProducerEvent, ProducerState, TxId};
 pub use protocol::command::Command;
 pub use protocol::frame::{

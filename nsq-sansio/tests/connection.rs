@@ -480,7 +480,8 @@ fn unanswered_messages_time_out_of_flight() {
 #[test]
 fn garbage_huge_and_unexpected_frames_close_with_typed_errors() {
     let now = Instant::now();
-    let cases: [(&[u8], fn(&ConnectionError) -> bool); 4] = [
+    type Check = fn(&ConnectionError) -> bool;
+    let cases: [(&[u8], Check); 4] = [
         (b"\xff\xff\xff\xff\0\0\0\0", |e| {
             matches!(e, ConnectionError::Frame(_))
         }),

@@ -12,6 +12,7 @@ use crate::action::{Action, ConnId, QueryId};
 use crate::config::BackoffStrategy;
 use crate::connection::deadline;
 use crate::error::{CommandError, ConnectionError};
+use crate::lookupd::LookupdAddress;
 use crate::{Channel, Config, Message, MessageId, Topic};
 
 use state::Consumer;
@@ -313,10 +314,11 @@ pub(crate) fn backoff_duration(config: &Config, level: u32, rng: &mut Rng) -> Du
 /// The lookupds of a consumer and their polling schedule.
 #[derive(Debug)]
 pub(crate) struct Lookupd {
-    addrs: Vec<String>,
+    addrs: Vec<LookupdAddress>,
     next: usize,
     next_query: u64,
-    pending: Vec<(QueryId, usize)>,
+    /// Queries under way and the lookupd each went to.
+    pending: Vec<(QueryId, LookupdAddress)>,
     first_poll: Option<Instant>,
 }
 
@@ -337,21 +339,16 @@ impl Lookupd {
 }
 
 impl Consumer {
-    fn connect_to_nsqlookupd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
-        let _ = now;
+    fn connect_to_nsqlookupd(&mut self, addr: &str, _now: Instant) -> Result<(), ConsumerError> {
         if self.is_stopping() {
             return Err(ConsumerError::Stopped);
         }
-        let normalized =
-            crate::lookupd::normalize_addr(addr).map_err(|e| ConsumerError::BadAddress {
-                addr: addr.to_owned(),
-                reason: e.to_string(),
-            })?;
-        if self.lookupd.addrs.contains(&normalized) {
+        let parsed = parse_lookupd(addr)?;
+        if self.lookupd.addrs.contains(&parsed) {
             return Err(ConsumerError::AlreadyConnected(addr.to_owned()));
         }
         let first = self.lookupd.addrs.is_empty();
-        self.lookupd.addrs.push(normalized);
+        self.lookupd.addrs.push(parsed);
         if first {
             // The first lookupd is queried at once; polling (with jitter) follows.
             self.poll_lookupd_now();
@@ -364,12 +361,8 @@ impl Consumer {
         addr: &str,
         _now: Instant,
     ) -> Result<(), ConsumerError> {
-        let normalized =
-            crate::lookupd::normalize_addr(addr).map_err(|e| ConsumerError::BadAddress {
-                addr: addr.to_owned(),
-                reason: e.to_string(),
-            })?;
-        let Some(i) = self.lookupd.addrs.iter().position(|a| *a == normalized) else {
+        let parsed = parse_lookupd(addr)?;
+        let Some(i) = self.lookupd.addrs.iter().position(|a| *a == parsed) else {
             return Err(ConsumerError::NotConnected(addr.to_owned()));
         };
         self.lookupd.addrs.remove(i);
@@ -384,6 +377,7 @@ impl Consumer {
         self.poll_lookupd();
     }
 
+    /// Queries the next lookupd in turn and schedules the next poll.
     fn poll_lookupd(&mut self) {
         if self.is_stopping() || self.lookupd.addrs.is_empty() {
             return self.set_lookupd_timer(None);
@@ -393,20 +387,13 @@ impl Consumer {
         let addr = self.lookupd.addrs[index].clone();
         let query = QueryId(self.lookupd.next_query);
         self.lookupd.next_query += 1;
-        match crate::lookupd::request(&addr, self.topic_name()) {
-            Ok((host_port, request)) => {
-                self.lookupd.pending.push((query, index));
-                self.push_action(Action::QueryLookupd {
-                    query,
-                    addr: host_port,
-                    request,
-                });
-            }
-            Err(e) => self.push_event(ConsumerEvent::LookupdFailed {
-                addr,
-                error: e.to_string(),
-            }),
-        }
+        let request = addr.request(self.topic_name(), &self.config().user_agent);
+        self.push_action(Action::QueryLookupd {
+            query,
+            addr: addr.host_port().to_owned(),
+            request,
+        });
+        self.lookupd.pending.push((query, addr));
         let interval = self.config().lookupd_poll_interval;
         let now = self.now();
         let at = match self.lookupd.first_poll {
@@ -427,30 +414,38 @@ impl Consumer {
         &mut self,
         query: QueryId,
         response: Result<Bytes, String>,
-        now: Instant,
+        _now: Instant,
     ) {
-        let _ = now;
         let Some(pos) = self.lookupd.pending.iter().position(|(q, _)| *q == query) else {
             return;
         };
-        let (_, index) = self.lookupd.pending.swap_remove(pos);
-        let addr = self.lookupd.addrs.get(index).cloned().unwrap_or_default();
+        let (_, addr) = self.lookupd.pending.swap_remove(pos);
         if self.is_stopping() {
             return;
         }
-        let parsed =
-            response.and_then(|bytes| crate::lookupd::parse(&bytes).map_err(|e| e.to_string()));
+        let parsed = response
+            .and_then(|bytes| crate::lookupd::parse_response(&bytes).map_err(|e| e.to_string()));
         match parsed {
-            Ok(producers) => {
-                debug!(lookupd = %addr, producers = producers.len(), "lookupd answered");
-                for producer in producers {
-                    self.discovered(&producer);
+            Ok(lookup) => {
+                debug!(lookupd = %addr, producers = lookup.producers.len(), "lookupd answered");
+                for producer in &lookup.producers {
+                    self.discovered(&producer.tcp_address());
                 }
             }
             Err(error) => {
                 warn!(lookupd = %addr, %error, "lookupd query failed");
-                self.push_event(ConsumerEvent::LookupdFailed { addr, error });
+                self.push_event(ConsumerEvent::LookupdFailed {
+                    addr: addr.to_string(),
+                    error,
+                });
             }
         }
     }
+}
+
+fn parse_lookupd(addr: &str) -> Result<LookupdAddress, ConsumerError> {
+    LookupdAddress::parse(addr).map_err(|e| ConsumerError::BadAddress {
+        addr: addr.to_owned(),
+        reason: e.to_string(),
+    })
 }

@@ -90,6 +90,8 @@ impl<R: Runtime> Consumer<R> {
     ) -> Result<Self, Error> {
         let topic = Topic::new(topic)?;
         let channel = Channel::new(channel)?;
+        config.validate()?;
+        let config = super::with_identity(config);
         let (commands, commands_rx) = mpsc::unbounded();
         let (messages_tx, messages_rx) = mpsc::unbounded();
         let failed: Arc<Mutex<Option<FailedHook>>> = Arc::new(Mutex::new(None));

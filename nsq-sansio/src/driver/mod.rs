@@ -121,6 +121,28 @@ impl From<Error> for stdio::Error {
     }
 }
 
+/// Fills `client_id` and `hostname` from the machine's host name when unset, as go-nsq does
+/// (the core itself reads nothing from the OS).
+pub(crate) fn with_identity(mut config: crate::Config) -> crate::Config {
+    if config.hostname.is_empty() {
+        let name = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        config.hostname = name;
+    }
+    if config.client_id.is_empty() {
+        config.client_id = config
+            .hostname
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+    }
+    config
+}
+
 /// Runs `future` unless `timeout` passes first.
 async fn with_timeout<R: Runtime, T>(
     timeout: Duration,

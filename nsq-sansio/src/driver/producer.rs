@@ -21,7 +21,8 @@ use crate::{Action, Config, ConnId, ProducerEvent, ProducerState, Topic, TxId};
 ///
 /// The connection is made at the first publish (or by [`connect`](Self::connect)) and made
 /// again after it is lost. A publish resolves once nsqd acknowledged it, refused it, or the
-/// connection was lost first ([`PublishError::ConnectionLost`]): nothing waits forever.
+/// connection was lost first ([`PublishError::ConnectionLost`](crate::PublishError::ConnectionLost)):
+/// nothing waits forever.
 /// Dropping the last clone stops the producer after outstanding publishes resolve.
 pub struct Producer<R: Runtime> {
     handle: Arc<Handle>,
@@ -82,6 +83,7 @@ impl<R: Runtime> Producer<R> {
     /// result; an MPUB is atomic, so a batch succeeds or fails as a whole.
     pub fn with_auto_batch(addr: impl Into<String>, config: Config, max_batch: usize) -> Self {
         let addr = addr.into();
+        let config = super::with_identity(config);
         let (commands, rx) = mpsc::unbounded();
         let mut state = ProducerState::new(addr.clone(), Arc::new(config.clone()), R::now());
         state.set_auto_batch(max_batch);

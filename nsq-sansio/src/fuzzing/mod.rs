@@ -4,3 +4,4 @@
 pub mod connection;
 pub mod consumer;
 pub mod identify;
+pub mod lookupd;

@@ -1,0 +1,6 @@
+//! nsq's `to_nsq`, on async-std: see `nsq_sansio::driver::tools` for the flags.
+
+#[async_std::main]
+async fn main() -> std::process::ExitCode {
+    nsq_sansio::driver::tools::to_nsq::<nsq_async_std::AsyncStd>().await
+}
