@@ -2,6 +2,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod connection;
+pub mod config;
 pub mod consumer;
 pub mod identify;
 pub mod lookupd;
