@@ -529,6 +529,20 @@ fn a_truncated_frame_then_eof_is_a_clean_error() {
 }
 
 #[test]
+fn a_heartbeat_before_the_identify_answer_is_answered() {
+    // Found by the identify fuzz target: only the harness was wrong, but keep the case.
+    let now = Instant::now();
+    let mut conn = ConnectionState::new(config(), "127.0.0.1", now);
+    let _ = drain(&mut conn);
+    let (out, events) = feed(&mut conn, now, &response(b"_heartbeat_"));
+    assert_eq!(out, b"NOP\n");
+    assert!(events.is_empty());
+    assert_eq!(conn.phase(), Phase::Identifying);
+    let (_, events) = feed(&mut conn, now, &ok_frame());
+    assert!(matches!(events[..], [Event::Ready(None)]));
+}
+
+#[test]
 fn tls_required_but_not_negotiated_is_refused() {
     let cap = Capture::load("identify_plain");
     let now = Instant::now();
