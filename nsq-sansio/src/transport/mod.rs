@@ -1,12 +1,15 @@
 //! The byte-stream layers between the socket and the NSQ framing:
 //! socket ⇄ \[TLS\] ⇄ \[snappy | deflate\] ⇄ frames.
 //!
-//! Each layer is switched on in place when the handshake reaches its upgrade point. Bytes that were
-//! already read past that point are handed to the new layer, so nothing is lost or decoded twice.
+//! Each layer is switched on in place when the handshake reaches its upgrade point. Bytes that
+//! were already read past that point are handed to the new layer, so nothing is lost or decoded
+//! twice, whatever the read chunking.
 
 pub(crate) mod deflate;
 pub(crate) mod snappy;
 pub(crate) mod tls;
+
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
@@ -19,7 +22,7 @@ pub enum TransportError {
     /// TLS failed: handshake, certificate verification, a bad record or an alert.
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
-    /// The TLS client configuration could not be built (CA file, certificate, key).
+    /// The TLS client configuration could not be built (CA file, certificate, key, name).
     #[error("TLS setup: {0}")]
     TlsSetup(String),
     /// The snappy stream is corrupt (bad chunk, bad CRC, missing stream identifier).
@@ -28,16 +31,29 @@ pub enum TransportError {
     /// The deflate stream is corrupt.
     #[error("deflate: {0}")]
     Deflate(String),
-    /// Decompression would produce more than the buffer limit allows.
-    #[error("decompressed data exceeds the limit of {0} bytes")]
-    Overflow(usize),
+}
+
+#[derive(Debug, Default)]
+enum Codec {
+    #[default]
+    None,
+    Snappy(snappy::Decoder, snappy::Encoder),
+    Deflate(deflate::Decoder, deflate::Encoder),
 }
 
 /// The layer stack of one connection.
 #[derive(Debug, Default)]
 pub(crate) struct Transport {
-    /// Plaintext queued by the framing layer, not yet handed out.
+    tls: Option<tls::Tls>,
+    codec: Codec,
+    /// Bytes out of TLS (or off the socket) that the decompressor has not taken yet.
+    mid: BytesMut,
+    /// Compressed bytes on their way into TLS.
+    scratch: BytesMut,
+    /// Bytes to write to the socket.
     out: BytesMut,
+    /// The decompressor stopped at the limit with input left.
+    pending: bool,
 }
 
 impl Transport {
@@ -46,67 +62,161 @@ impl Transport {
         Self::default()
     }
 
-    /// Feeds bytes read from the socket; appends the plaintext NSQ bytes they yield to `plain`.
+    /// Feeds bytes read from the socket; appends the plaintext NSQ bytes they yield to `plain`,
+    /// decompressing at most until `plain` holds `limit` bytes (no decompression bomb). What is
+    /// left waits inside; see [`has_pending`](Self::has_pending).
     pub(crate) fn recv(
         &mut self,
         wire: BytesMut,
         plain: &mut BytesMut,
-        _limit: usize,
+        limit: usize,
     ) -> Result<(), TransportError> {
-        if plain.is_empty() {
-            *plain = wire;
-        } else {
-            plain.unsplit(wire);
+        match (&mut self.tls, &self.codec) {
+            // The hot path: no copy.
+            (None, Codec::None) => {
+                if plain.is_empty() {
+                    *plain = wire;
+                } else {
+                    plain.unsplit(wire);
+                }
+                return Ok(());
+            }
+            (Some(tls), _) => {
+                tls.recv(&wire, &mut self.mid)?;
+                // Handshake replies are written at the next poll_transmit.
+                tls.flush(&mut self.out);
+            }
+            (None, _) => self.mid.extend_from_slice(&wire),
         }
-        Ok(())
+        self.decompress(plain, limit)
     }
 
-    /// Queues plaintext NSQ bytes for sending.
-    pub(crate) fn send(&mut self, plain: &mut BytesMut) -> Result<(), TransportError> {
-        self.out.unsplit(plain.split());
-        Ok(())
-    }
-
+    /// Whether input is buffered that `recv(BytesMut::new(), plain, limit)` could still turn
+    /// into plaintext once `plain` has room.
     pub(crate) fn has_pending(&self) -> bool {
-        false
+        self.pending
     }
 
-    pub(crate) fn start_tls(
-        &mut self,
-        _config: std::sync::Arc<rustls::ClientConfig>,
-        _name: rustls_pki_types::ServerName<'static>,
-        _leftover: BytesMut,
-        _plain: &mut BytesMut,
-        _limit: usize,
-    ) -> Result<(), TransportError> {
-        Err(TransportError::TlsSetup("not built yet".into()))
+    /// Takes every byte out of `plain` (leaving it empty) and queues its wire form.
+    pub(crate) fn send(&mut self, plain: &mut BytesMut) -> Result<(), TransportError> {
+        if self.tls.is_none() && matches!(self.codec, Codec::None) {
+            if self.out.is_empty() {
+                self.out = plain.split();
+            } else {
+                self.out.unsplit(plain.split());
+            }
+            return Ok(());
+        }
+        let data = plain.split();
+        let compressed = match &mut self.codec {
+            Codec::None => data,
+            Codec::Snappy(_, enc) => {
+                enc.encode(&data, &mut self.scratch)?;
+                self.scratch.split()
+            }
+            Codec::Deflate(_, enc) => {
+                enc.encode(&data, &mut self.scratch)?;
+                self.scratch.split()
+            }
+        };
+        self.seal(&compressed)
     }
-
-    pub(crate) fn start_snappy(
-        &mut self,
-        _l: BytesMut,
-        _p: &mut BytesMut,
-        _limit: usize,
-    ) -> Result<(), TransportError> {
-        Err(TransportError::Snappy("not built yet".into()))
-    }
-
-    pub(crate) fn start_deflate(
-        &mut self,
-        _lvl: u32,
-        _l: BytesMut,
-        _p: &mut BytesMut,
-        _limit: usize,
-    ) -> Result<(), TransportError> {
-        Err(TransportError::Deflate("not built yet".into()))
-    }
-
-    pub(crate) fn close(&mut self) {}
 
     /// The bytes to write to the socket next, if any.
     pub(crate) fn poll_transmit(&mut self) -> Option<Bytes> {
+        if let Some(tls) = &mut self.tls {
+            tls.flush(&mut self.out);
+        }
         // Take the buffer instead of splitting it: an empty view left behind would keep the
         // allocation shared, and the next write could not reclaim it once the caller drops this.
         (!self.out.is_empty()).then(|| std::mem::take(&mut self.out).freeze())
+    }
+
+    /// Starts TLS. `leftover` holds socket bytes already read past the IDENTIFY answer: they
+    /// are the server's first TLS records.
+    pub(crate) fn start_tls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+        leftover: BytesMut,
+        plain: &mut BytesMut,
+        limit: usize,
+    ) -> Result<(), TransportError> {
+        let mut tls = tls::Tls::new(config, name)?;
+        tls.flush(&mut self.out);
+        self.tls = Some(tls);
+        if leftover.is_empty() {
+            Ok(())
+        } else {
+            self.recv(leftover, plain, limit)
+        }
+    }
+
+    /// Starts snappy. `leftover` holds bytes already decoded past the upgrade point (after the
+    /// TLS `OK`, or the IDENTIFY answer): they are the start of nsqd's snappy stream.
+    pub(crate) fn start_snappy(
+        &mut self,
+        leftover: BytesMut,
+        plain: &mut BytesMut,
+        limit: usize,
+    ) -> Result<(), TransportError> {
+        let mut encoder = snappy::Encoder::default();
+        encoder.start(&mut self.scratch);
+        let identifier = self.scratch.split();
+        self.codec = Codec::Snappy(snappy::Decoder::default(), encoder);
+        self.seal(&identifier)?;
+        self.mid.unsplit(leftover);
+        self.decompress(plain, limit)
+    }
+
+    /// Starts deflate at `level`; `leftover` as for [`start_snappy`](Self::start_snappy).
+    pub(crate) fn start_deflate(
+        &mut self,
+        level: u32,
+        leftover: BytesMut,
+        plain: &mut BytesMut,
+        limit: usize,
+    ) -> Result<(), TransportError> {
+        self.codec = Codec::Deflate(deflate::Decoder::default(), deflate::Encoder::new(level));
+        self.mid.unsplit(leftover);
+        self.decompress(plain, limit)
+    }
+
+    /// Whether a TLS handshake is under way.
+    pub(crate) fn is_handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(tls::Tls::is_handshaking)
+    }
+
+    /// Queues TLS close_notify, if TLS is on.
+    pub(crate) fn close(&mut self) {
+        if let Some(tls) = &mut self.tls {
+            tls.close();
+            tls.flush(&mut self.out);
+        }
+    }
+
+    /// Decompresses `mid` into `plain` (or moves it, with no compression).
+    fn decompress(&mut self, plain: &mut BytesMut, limit: usize) -> Result<(), TransportError> {
+        self.pending = match &mut self.codec {
+            Codec::None => {
+                plain.unsplit(self.mid.split());
+                false
+            }
+            Codec::Snappy(dec, _) => dec.decode(&mut self.mid, plain, limit)?,
+            Codec::Deflate(dec, _) => dec.decode(&mut self.mid, plain, limit)?,
+        };
+        Ok(())
+    }
+
+    /// Encrypts (or just queues) bytes for the socket.
+    fn seal(&mut self, data: &[u8]) -> Result<(), TransportError> {
+        match &mut self.tls {
+            Some(tls) => {
+                tls.send(data)?;
+                tls.flush(&mut self.out);
+            }
+            None => self.out.extend_from_slice(data),
+        }
+        Ok(())
     }
 }
