@@ -6,3 +6,4 @@ pub mod connection;
 pub mod consumer;
 pub mod identify;
 pub mod lookupd;
+pub mod transport;
