@@ -39,10 +39,7 @@ fn run(addr: &str, topic: &str, count: usize) -> Result<(), String> {
     let mut driver = Driver::connect(addr, config.clone())?;
     for i in 0..count {
         let body = format!("message {i}").into_bytes().into();
-        driver
-            .conn
-            .publish(&topic, body)
-            .map_err(|e| e.to_string())?;
+        driver.conn.publish(&topic, body).map_err(|e| e.to_string())?;
     }
     let mut acked = 0;
     driver.run(|conn, event| match event {
@@ -61,10 +58,7 @@ fn run(addr: &str, topic: &str, count: usize) -> Result<(), String> {
     // 2. Consume: SUB, RDY, print and FIN each message, CLS after `count`.
     let mut driver = Driver::connect(addr, config)?;
     let channel = Channel::new("blocking").map_err(|e| e.to_string())?;
-    driver
-        .conn
-        .subscribe(&topic, &channel)
-        .map_err(|e| e.to_string())?;
+    driver.conn.subscribe(&topic, &channel).map_err(|e| e.to_string())?;
     let mut received = 0;
     driver.run(|conn, event| {
         match event {
@@ -93,14 +87,10 @@ struct Driver {
 
 impl Driver {
     fn connect(addr: &str, config: Arc<Config>) -> Result<Self, String> {
-        let sock = TcpStream::connect(addr)
-            .map_err(|e| format!("cannot connect to nsqd at {addr}: {e}"))?;
+        let sock = TcpStream::connect(addr).map_err(|e| format!("cannot connect to nsqd at {addr}: {e}"))?;
         sock.set_nodelay(true).map_err(|e| e.to_string())?;
         let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-        Ok(Self {
-            sock,
-            conn: ConnectionState::new(config, host, Instant::now()),
-        })
+        Ok(Self { sock, conn: ConnectionState::new(config, host, Instant::now()) })
     }
 
     /// Runs the connection until it closes, handing each event to `on_event`.
@@ -119,11 +109,7 @@ impl Driver {
             let mut handled = false;
             while let Some(event) = self.conn.poll_event() {
                 if let Event::Closed(reason) = event {
-                    return if reason.is_local_close() {
-                        Ok(())
-                    } else {
-                        Err(reason.to_string())
-                    };
+                    return if reason.is_local_close() { Ok(()) } else { Err(reason.to_string()) };
                 }
                 on_event(&mut self.conn, event)?;
                 handled = true;
@@ -132,16 +118,9 @@ impl Driver {
                 continue;
             }
             // 4. Block on the socket until data arrives or the core's next deadline.
-            let wait = self
-                .conn
-                .poll_timeout()
-                .map(|t| t.saturating_duration_since(Instant::now()));
-            let wait = wait
-                .unwrap_or(Duration::from_secs(1))
-                .max(Duration::from_millis(1));
-            self.sock
-                .set_read_timeout(Some(wait))
-                .map_err(|e| e.to_string())?;
+            let wait = self.conn.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()));
+            let wait = wait.unwrap_or(Duration::from_secs(1)).max(Duration::from_millis(1));
+            self.sock.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
             buf.reserve(16 * 1024);
             let start = buf.len();
             buf.resize(buf.capacity(), 0);

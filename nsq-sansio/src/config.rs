@@ -183,24 +183,12 @@ impl Config {
             "read_timeout" => return self.read_timeout(duration("read_timeout", v)?),
             "write_timeout" => return self.write_timeout(duration("write_timeout", v)?),
             "local_addr" => {
-                self.local_addr = if v.is_empty() {
-                    None
-                } else {
-                    Some(parse("local_addr", v, "ip:port")?)
-                }
+                self.local_addr = if v.is_empty() { None } else { Some(parse("local_addr", v, "ip:port")?) }
             }
-            "lookupd_poll_interval" => {
-                return self.lookupd_poll_interval(duration("lookupd_poll_interval", v)?)
-            }
-            "lookupd_poll_jitter" => {
-                return self.lookupd_poll_jitter(parse("lookupd_poll_jitter", v, "a number")?)
-            }
-            "max_requeue_delay" => {
-                return self.max_requeue_delay(duration("max_requeue_delay", v)?)
-            }
-            "default_requeue_delay" => {
-                return self.default_requeue_delay(duration("default_requeue_delay", v)?)
-            }
+            "lookupd_poll_interval" => return self.lookupd_poll_interval(duration("lookupd_poll_interval", v)?),
+            "lookupd_poll_jitter" => return self.lookupd_poll_jitter(parse("lookupd_poll_jitter", v, "a number")?),
+            "max_requeue_delay" => return self.max_requeue_delay(duration("max_requeue_delay", v)?),
+            "default_requeue_delay" => return self.default_requeue_delay(duration("default_requeue_delay", v)?),
             "backoff_strategy" => {
                 self.backoff_strategy = match v {
                     "exponential" | "" => BackoffStrategy::Exponential,
@@ -208,16 +196,10 @@ impl Config {
                     _ => return Err(invalid("backoff_strategy", v, "exponential or full_jitter")),
                 }
             }
-            "max_backoff_duration" => {
-                return self.max_backoff_duration(duration("max_backoff_duration", v)?)
-            }
-            "backoff_multiplier" => {
-                return self.backoff_multiplier(duration("backoff_multiplier", v)?)
-            }
+            "max_backoff_duration" => return self.max_backoff_duration(duration("max_backoff_duration", v)?),
+            "backoff_multiplier" => return self.backoff_multiplier(duration("backoff_multiplier", v)?),
             "max_attempts" => self.max_attempts = int("max_attempts", v, "0..=65535")?,
-            "low_rdy_idle_timeout" => {
-                return self.low_rdy_idle_timeout(duration("low_rdy_idle_timeout", v)?)
-            }
+            "low_rdy_idle_timeout" => return self.low_rdy_idle_timeout(duration("low_rdy_idle_timeout", v)?),
             "low_rdy_timeout" => return self.low_rdy_timeout(duration("low_rdy_timeout", v)?),
             "rdy_redistribute_interval" => {
                 return self.rdy_redistribute_interval(duration("rdy_redistribute_interval", v)?)
@@ -226,11 +208,8 @@ impl Config {
             "hostname" => self.hostname = value.to_owned(),
             "user_agent" => self.user_agent = value.to_owned(),
             "heartbeat_interval" => {
-                self.heartbeat_interval = if v.starts_with('-') {
-                    None
-                } else {
-                    Some(duration("heartbeat_interval", v)?)
-                }
+                self.heartbeat_interval =
+                    if v.starts_with('-') { None } else { Some(duration("heartbeat_interval", v)?) }
             }
             "sample_rate" => return self.sample_rate(int("sample_rate", v, "0..=99")?),
             "tls_v1" => self.tls.enabled = boolean("tls_v1", v)?,
@@ -272,11 +251,8 @@ impl Config {
                 self.output_buffer_size = u64::try_from(n).ok();
             }
             "output_buffer_timeout" => {
-                self.output_buffer_timeout = if v.starts_with('-') {
-                    None
-                } else {
-                    Some(duration("output_buffer_timeout", v)?)
-                }
+                self.output_buffer_timeout =
+                    if v.starts_with('-') { None } else { Some(duration("output_buffer_timeout", v)?) }
             }
             "max_in_flight" => self.max_in_flight = int("max_in_flight", v, "0..=4294967295")?,
             "msg_timeout" => {
@@ -284,9 +260,7 @@ impl Config {
                 self.msg_timeout = (!d.is_zero()).then_some(d);
             }
             "auth_secret" => self.auth_secret = (!value.is_empty()).then(|| value.to_owned()),
-            "max_frame_size" => {
-                return self.max_frame_size(int("max_frame_size", v, "1024..=4294967295")?)
-            }
+            "max_frame_size" => return self.max_frame_size(int("max_frame_size", v, "1024..=4294967295")?),
             "rng_seed" => self.rng_seed = int("rng_seed", v, "0..=18446744073709551615")?,
             _ => return Err(ConfigError::UnknownOption(option)),
         }
@@ -298,9 +272,7 @@ impl Config {
     /// needs its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.snappy && self.deflate {
-            return Err(ConfigError::Conflict(
-                "snappy and deflate cannot both be enabled".into(),
-            ));
+            return Err(ConfigError::Conflict("snappy and deflate cannot both be enabled".into()));
         }
         if let Some(hb) = self.heartbeat_interval {
             if hb > self.read_timeout {
@@ -311,9 +283,7 @@ impl Config {
             }
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            return Err(ConfigError::Conflict(
-                "tls_cert and tls_key must be set together".into(),
-            ));
+            return Err(ConfigError::Conflict("tls_cert and tls_key must be set together".into()));
         }
         Ok(())
     }
@@ -435,11 +405,7 @@ impl Config {
     /// default 0, 0..=99).
     pub fn sample_rate(&mut self, value: u8) -> Result<&mut Self, ConfigError> {
         if value > 99 {
-            return Err(ConfigError::OutOfRange {
-                option: "sample_rate",
-                value: value.to_string(),
-                range: "0..=99",
-            });
+            return Err(ConfigError::OutOfRange { option: "sample_rate", value: value.to_string(), range: "0..=99" });
         }
         self.sample_rate = value;
         Ok(self)
@@ -461,11 +427,7 @@ impl Config {
     /// Deflate level (`deflate_level`, default 6, 1..=9).
     pub fn deflate_level(&mut self, value: u8) -> Result<&mut Self, ConfigError> {
         if !(1..=9).contains(&value) {
-            return Err(ConfigError::OutOfRange {
-                option: "deflate_level",
-                value: value.to_string(),
-                range: "1..=9",
-            });
+            return Err(ConfigError::OutOfRange { option: "deflate_level", value: value.to_string(), range: "1..=9" });
         }
         self.deflate_level = value;
         Ok(self)
@@ -532,34 +494,18 @@ impl Config {
 }
 
 fn invalid(option: &'static str, value: &str, expected: &'static str) -> ConfigError {
-    ConfigError::InvalidValue {
-        option,
-        value: value.to_owned(),
-        expected,
-    }
+    ConfigError::InvalidValue { option, value: value.to_owned(), expected }
 }
 
-fn parse<T: std::str::FromStr>(
-    option: &'static str,
-    value: &str,
-    expected: &'static str,
-) -> Result<T, ConfigError> {
+fn parse<T: std::str::FromStr>(option: &'static str, value: &str, expected: &'static str) -> Result<T, ConfigError> {
     value.parse().map_err(|_| invalid(option, value, expected))
 }
 
 /// An integer option: a value that parses as an integer but not as `T` is out of range.
-fn int<T: std::str::FromStr>(
-    option: &'static str,
-    value: &str,
-    range: &'static str,
-) -> Result<T, ConfigError> {
+fn int<T: std::str::FromStr>(option: &'static str, value: &str, range: &'static str) -> Result<T, ConfigError> {
     value.parse().map_err(|_| {
         if value.parse::<i128>().is_ok() {
-            ConfigError::OutOfRange {
-                option,
-                value: value.to_owned(),
-                range,
-            }
+            ConfigError::OutOfRange { option, value: value.to_owned(), range }
         } else {
             invalid(option, value, "an integer")
         }
@@ -582,11 +528,7 @@ fn in_range(
     range: &'static str,
 ) -> Result<Duration, ConfigError> {
     if value < lo || value > hi {
-        return Err(ConfigError::OutOfRange {
-            option,
-            value: format!("{value:?}"),
-            range,
-        });
+        return Err(ConfigError::OutOfRange { option, value: format!("{value:?}"), range });
     }
     Ok(value)
 }
@@ -607,14 +549,10 @@ fn duration(option: &'static str, value: &str) -> Result<Duration, ConfigError> 
     }
     let mut total = 0f64;
     while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(err)?;
+        let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
         let number: f64 = rest[..number_len].parse().map_err(|_| err())?;
         rest = &rest[number_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let scale = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" | "μs" => 1e-6,
@@ -684,10 +622,8 @@ mod tests {
         ];
         for &(option, lo, below, hi, above) in rows {
             let mut c = Config::new();
-            c.set(option, lo)
-                .unwrap_or_else(|e| panic!("{option}={lo}: {e}"));
-            c.set(option, hi)
-                .unwrap_or_else(|e| panic!("{option}={hi}: {e}"));
+            c.set(option, lo).unwrap_or_else(|e| panic!("{option}={lo}: {e}"));
+            c.set(option, hi).unwrap_or_else(|e| panic!("{option}={hi}: {e}"));
             for bad in [below, above] {
                 let err = c.set(option, bad).unwrap_err();
                 assert!(
@@ -698,10 +634,7 @@ mod tests {
             }
         }
         let err = Config::new().set("read_timeout", "10m").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "read_timeout = 600s is out of range 100ms..=5m"
-        );
+        assert_eq!(err.to_string(), "read_timeout = 600s is out of range 100ms..=5m");
     }
 
     #[test]
@@ -717,37 +650,19 @@ mod tests {
         assert_eq!(c.msg_timeout, Some(1500 * MS));
         c.set("dial_timeout", "2500").unwrap();
         assert_eq!(c.dial_timeout, 2500 * MS);
-        c.set("snappy", "true")
-            .unwrap()
-            .set("deflate", "0")
-            .unwrap();
+        c.set("snappy", "true").unwrap().set("deflate", "0").unwrap();
         assert!(c.snappy && !c.deflate);
         c.set("backoff_strategy", "full_jitter").unwrap();
         assert_eq!(c.backoff_strategy, BackoffStrategy::FullJitter);
         c.set("tls_root_ca_file", "/ca.pem").unwrap();
         assert!(c.tls.enabled);
         c.set("tls_min_version", "tls1.3").unwrap();
-        assert!(matches!(
-            c.set("tls_min_version", "tls1.0"),
-            Err(ConfigError::OutOfRange { .. })
-        ));
+        assert!(matches!(c.set("tls_min_version", "tls1.0"), Err(ConfigError::OutOfRange { .. })));
         c.set("auth_secret", "xyz").unwrap();
         assert_eq!(c.auth_secret.as_deref(), Some("xyz"));
-        assert_eq!(
-            c.set("nope", "1").unwrap_err(),
-            ConfigError::UnknownOption("nope".into())
-        );
-        assert!(matches!(
-            c.set("snappy", "yes"),
-            Err(ConfigError::InvalidValue {
-                option: "snappy",
-                ..
-            })
-        ));
-        assert!(matches!(
-            c.set("read_timeout", "5 parsecs"),
-            Err(ConfigError::InvalidValue { .. })
-        ));
+        assert_eq!(c.set("nope", "1").unwrap_err(), ConfigError::UnknownOption("nope".into()));
+        assert!(matches!(c.set("snappy", "yes"), Err(ConfigError::InvalidValue { option: "snappy", .. })));
+        assert!(matches!(c.set("read_timeout", "5 parsecs"), Err(ConfigError::InvalidValue { .. })));
         for bad in ["", "1x", "ms", "1.2.3s", "-5s"] {
             assert!(duration("d", bad).is_err(), "{bad:?}");
         }
@@ -756,18 +671,11 @@ mod tests {
     #[test]
     fn combinations_are_checked() {
         let mut c = Config::new();
-        c.set("snappy", "true")
-            .unwrap()
-            .set("deflate", "true")
-            .unwrap();
+        c.set("snappy", "true").unwrap().set("deflate", "true").unwrap();
         assert!(matches!(c.validate(), Err(ConfigError::Conflict(_))));
         let mut c = Config::new();
         c.set("heartbeat_interval", "2m").unwrap();
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("heartbeat_interval"));
+        assert!(c.validate().unwrap_err().to_string().contains("heartbeat_interval"));
         let mut c = Config::new();
         c.set("tls_cert", "/c.pem").unwrap();
         assert!(c.validate().is_err());

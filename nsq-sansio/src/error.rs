@@ -9,7 +9,7 @@ use crate::transport::TransportError;
 use crate::MessageId;
 
 /// Why a connection ended.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectionError {
     /// The application closed the connection (after a graceful drain, or at once).

@@ -80,20 +80,19 @@ mod transport;
 pub use action::{Action, ConnId, QueryId};
 pub use config::{BackoffStrategy, Config, ConfigError, DEFAULT_MAX_FRAME_SIZE};
 pub use connection::{
-    AuthResponse, ConnectionState, ConnectionStats, Event, Phase, PublishId, DEFAULT_MAX_DEFER,
-    DEFAULT_MAX_MSG_SIZE, DEFAULT_MAX_RDY_COUNT,
+    AuthResponse, ConnectionState, ConnectionStats, Event, Phase, PublishId, DEFAULT_MAX_DEFER, DEFAULT_MAX_MSG_SIZE,
+    DEFAULT_MAX_RDY_COUNT,
 };
 pub use consumer::{ConsumerError, ConsumerEvent, ConsumerState, ConsumerStats, Response};
 pub use error::{CommandError, ConnectionError, PublishError};
 pub use lookupd::{
-    parse_response as parse_lookup_response, Lookup, LookupProducer, LookupdAddress, LookupdError,
-    MAX_LOOKUPD_RESPONSE,
+    parse_response as parse_lookup_response, Lookup, LookupProducer, LookupdAddress, LookupdError, MAX_LOOKUPD_RESPONSE,
 };
 pub use producer::{ProducerEvent, ProducerState, TxId};
 pub use protocol::command::Command;
 pub use protocol::frame::{
-    decode, ErrorCode, Frame, FrameError, ServerError, CLOSE_WAIT, FRAME_HEADER_LEN,
-    FRAME_TYPE_ERROR, FRAME_TYPE_MESSAGE, FRAME_TYPE_RESPONSE, HEARTBEAT, OK,
+    decode, ErrorCode, Frame, FrameError, ServerError, CLOSE_WAIT, FRAME_HEADER_LEN, FRAME_TYPE_ERROR,
+    FRAME_TYPE_MESSAGE, FRAME_TYPE_RESPONSE, HEARTBEAT, OK,
 };
 pub use protocol::identify::IdentifyResponse;
 pub use protocol::message::Message;

@@ -58,16 +58,11 @@ impl LookupdAddress {
     /// Parses `host:port` or `http://host:port[/path]` as go-nsq does (`/lookup` is appended
     /// to an empty path). `https://` is refused: the lookupd transport is plain TCP.
     pub fn parse(addr: &str) -> Result<Self, LookupdError> {
-        let bad = |reason| LookupdError::Address {
-            addr: addr.to_owned(),
-            reason,
-        };
+        let bad = |reason| LookupdError::Address { addr: addr.to_owned(), reason };
         let rest = if let Some(rest) = addr.strip_prefix("http://") {
             rest
         } else if addr.starts_with("https://") {
-            return Err(bad(
-                "https is not supported; use the lookupd's http address",
-            ));
+            return Err(bad("https is not supported; use the lookupd's http address"));
         } else if addr.contains("://") {
             return Err(bad("only http:// is supported"));
         } else {
@@ -87,16 +82,10 @@ impl LookupdAddress {
             "" => "/lookup".to_owned(),
             p => p.to_owned(),
         };
-        if path
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-        {
+        if path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
             return Err(bad("the path holds white space"));
         }
-        Ok(Self {
-            host_port: host_port.to_owned(),
-            path,
-        })
+        Ok(Self { host_port: host_port.to_owned(), path })
     }
 
     /// `host:port` to connect to.
@@ -193,9 +182,7 @@ pub fn parse_response(response: &[u8]) -> Result<Lookup, LookupdError> {
     let body = if header("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
         dechunk(rest)?
     } else if let Some(len) = header("content-length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| LookupdError::Http(format!("bad Content-Length {len:?}")))?;
+        let len: usize = len.parse().map_err(|_| LookupdError::Http(format!("bad Content-Length {len:?}")))?;
         rest.get(..len).ok_or(LookupdError::Truncated)?.to_vec()
     } else {
         rest.to_vec()
@@ -211,25 +198,16 @@ pub fn parse_response(response: &[u8]) -> Result<Lookup, LookupdError> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Shape {
-        Envelope {
-            status_code: u16,
-            data: Option<Lookup>,
-        },
+        Envelope { status_code: u16, data: Option<Lookup> },
         Current(Lookup),
     }
     match serde_json::from_slice::<Shape>(&body).map_err(|e| LookupdError::Json(e.to_string()))? {
         Shape::Current(lookup) => Ok(lookup),
-        Shape::Envelope {
-            status_code: 200,
-            data,
-        } => Ok(data.unwrap_or_default()),
-        Shape::Envelope {
-            status_code: 404, ..
-        } => Ok(Lookup::default()),
-        Shape::Envelope { status_code, .. } => Err(LookupdError::Status {
-            status: status_code,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        }),
+        Shape::Envelope { status_code: 200, data } => Ok(data.unwrap_or_default()),
+        Shape::Envelope { status_code: 404, .. } => Ok(Lookup::default()),
+        Shape::Envelope { status_code, .. } => {
+            Err(LookupdError::Status { status: status_code, body: String::from_utf8_lossy(&body).into_owned() })
+        }
     }
 }
 
@@ -237,10 +215,7 @@ pub fn parse_response(response: &[u8]) -> Result<Lookup, LookupdError> {
 fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, LookupdError> {
     let mut body = Vec::new();
     loop {
-        let line_end = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or(LookupdError::Truncated)?;
+        let line_end = rest.windows(2).position(|w| w == b"\r\n").ok_or(LookupdError::Truncated)?;
         let size_text = String::from_utf8_lossy(&rest[..line_end]);
         let size_text = size_text.split(';').next().unwrap_or("").trim();
         let size = usize::from_str_radix(size_text, 16)
@@ -264,10 +239,7 @@ mod tests {
     use super::*;
 
     fn fixture() -> serde_json::Value {
-        let path = format!(
-            "{}/tests/fixtures/nsqd-1.3.0/lookupd.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/tests/fixtures/nsqd-1.3.0/lookupd.json", env!("CARGO_MANIFEST_DIR"));
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
@@ -277,10 +249,7 @@ mod tests {
         let mut found = 0;
         for exchange in cap["exchanges"].as_array().unwrap() {
             let request = exchange["request"].as_str().unwrap_or("");
-            let Some(raw) = exchange["response_raw"]
-                .as_str()
-                .or_else(|| exchange["response"].as_str())
-            else {
+            let Some(raw) = exchange["response_raw"].as_str().or_else(|| exchange["response"].as_str()) else {
                 continue;
             };
             let result = parse_response(raw.as_bytes());
@@ -296,10 +265,7 @@ mod tests {
                 assert_eq!(result.unwrap(), Lookup::default());
                 found += 1;
             } else if raw.starts_with("HTTP/1.1 400") {
-                assert!(
-                    matches!(result, Err(LookupdError::Status { status: 400, .. })),
-                    "{result:?}"
-                );
+                assert!(matches!(result, Err(LookupdError::Status { status: 400, .. })), "{result:?}");
                 found += 1;
             }
         }
@@ -309,42 +275,30 @@ mod tests {
     #[test]
     fn accepts_the_old_envelope_and_chunked_bodies() {
         let body = r#"{"status_code":200,"status_txt":"OK","data":{"channels":["c"],"producers":[{"broadcast_address":"::1","tcp_port":4150}]}}"#;
-        let raw = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
+        let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         let lookup = parse_response(raw.as_bytes()).unwrap();
         assert_eq!(lookup.channels, ["c"]);
         assert_eq!(lookup.producers[0].tcp_address(), "[::1]:4150");
 
-        let json =
-            r#"{"channels":[],"producers":[{"broadcast_address":"h","tcp_port":1,"extra":true}]}"#;
+        let json = r#"{"channels":[],"producers":[{"broadcast_address":"h","tcp_port":1,"extra":true}]}"#;
         let (a, b) = json.split_at(20);
-        let raw = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x};ext\r\n{b}\r\n0\r\n\r\n", a.len(), b.len());
-        assert_eq!(
-            parse_response(raw.as_bytes()).unwrap().producers[0].tcp_address(),
-            "h:1"
+        let raw = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x};ext\r\n{b}\r\n0\r\n\r\n",
+            a.len(),
+            b.len()
         );
+        assert_eq!(parse_response(raw.as_bytes()).unwrap().producers[0].tcp_address(), "h:1");
     }
 
     #[test]
     fn refuses_garbage_truncation_and_errors() {
-        assert!(matches!(
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Le"),
-            Err(LookupdError::Truncated)
-        ));
+        assert!(matches!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Le"), Err(LookupdError::Truncated)));
         assert!(matches!(
             parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"),
             Err(LookupdError::Truncated)
         ));
-        assert!(matches!(
-            parse_response(b"SSH-2.0-OpenSSH\r\n\r\n"),
-            Err(LookupdError::Http(_))
-        ));
-        assert!(matches!(
-            parse_response(b"HTTP/1.1 200 OK\r\n\r\nnot json"),
-            Err(LookupdError::Json(_))
-        ));
+        assert!(matches!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n"), Err(LookupdError::Http(_))));
+        assert!(matches!(parse_response(b"HTTP/1.1 200 OK\r\n\r\nnot json"), Err(LookupdError::Json(_))));
         assert!(matches!(
             parse_response(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}"),
             Err(LookupdError::Status { status: 500, .. })
@@ -363,21 +317,11 @@ mod tests {
         assert_eq!(a.host_port(), "127.0.0.1:4161");
         let topic = Topic::new("t#ephemeral").unwrap();
         let req = a.request(&topic, "nsq-rs/0.1");
-        assert!(req
-            .starts_with(b"GET /lookup?topic=t%23ephemeral HTTP/1.1\r\nHost: 127.0.0.1:4161\r\n"));
-        assert!(std::str::from_utf8(&req)
-            .unwrap()
-            .contains("Accept: application/vnd.nsq; version=1.0\r\n"));
+        assert!(req.starts_with(b"GET /lookup?topic=t%23ephemeral HTTP/1.1\r\nHost: 127.0.0.1:4161\r\n"));
+        assert!(std::str::from_utf8(&req).unwrap().contains("Accept: application/vnd.nsq; version=1.0\r\n"));
         let b = LookupdAddress::parse("http://lookupd:4161/prefix/lookup/").unwrap();
         assert_eq!(b.to_string(), "http://lookupd:4161/prefix/lookup");
-        for bad in [
-            "https://x:1",
-            "x",
-            "x:port",
-            ":1",
-            "ftp://x:1",
-            "http://x:1/a b",
-        ] {
+        for bad in ["https://x:1", "x", "x:port", ":1", "ftp://x:1", "http://x:1/a b"] {
             assert!(LookupdAddress::parse(bad).is_err(), "{bad}");
         }
     }

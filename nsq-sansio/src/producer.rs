@@ -115,12 +115,7 @@ impl ProducerState {
     }
 
     /// Queues a PUB. Arguments are checked before anything is queued.
-    pub fn publish(
-        &mut self,
-        topic: &Topic,
-        body: Bytes,
-        now: Instant,
-    ) -> Result<TxId, CommandError> {
+    pub fn publish(&mut self, topic: &Topic, body: Bytes, now: Instant) -> Result<TxId, CommandError> {
         self.advance(now);
         self.check_running()?;
         check_body(&body)?;
@@ -138,12 +133,7 @@ impl ProducerState {
     }
 
     /// Queues an MPUB: all messages stored atomically, one result.
-    pub fn multi_publish(
-        &mut self,
-        topic: &Topic,
-        bodies: Vec<Bytes>,
-        now: Instant,
-    ) -> Result<TxId, CommandError> {
+    pub fn multi_publish(&mut self, topic: &Topic, bodies: Vec<Bytes>, now: Instant) -> Result<TxId, CommandError> {
         self.advance(now);
         self.check_running()?;
         if bodies.is_empty() {
@@ -295,11 +285,7 @@ impl ProducerState {
 
     /// Publishes not yet resolved.
     pub fn outstanding(&self) -> usize {
-        self.batch.len()
-            + self
-                .conn
-                .as_ref()
-                .map_or(0, |l| l.txs.iter().map(|(_, t)| t.len()).sum())
+        self.batch.len() + self.conn.as_ref().map_or(0, |l| l.txs.iter().map(|(_, t)| t.len()).sum())
     }
 
     fn advance(&mut self, now: Instant) {
@@ -329,16 +315,8 @@ impl ProducerState {
                 self.next_conn += 1;
                 let host = crate::consumer::host_of(&self.addr);
                 let state = ConnectionState::new(self.config.clone(), host, self.now);
-                self.actions.push_back(Action::Connect {
-                    conn: id,
-                    addr: self.addr.clone(),
-                });
-                Link {
-                    id,
-                    state,
-                    connected: false,
-                    txs: VecDeque::new(),
-                }
+                self.actions.push_back(Action::Connect { conn: id, addr: self.addr.clone() });
+                Link { id, state, connected: false, txs: VecDeque::new() }
             }
         };
         self.conn.insert(link)
@@ -353,11 +331,7 @@ impl ProducerState {
         let max = self.max_batch.max(1);
         let mut rest = &batch[..];
         while let Some((topic, _, _)) = rest.first() {
-            let run = rest
-                .iter()
-                .take(max)
-                .take_while(|(t, _, _)| t == topic)
-                .count();
+            let run = rest.iter().take(max).take_while(|(t, _, _)| t == topic).count();
             let (group, tail) = rest.split_at(run);
             rest = tail;
             let txs: Vec<TxId> = group.iter().map(|(_, tx, _)| *tx).collect();
@@ -372,10 +346,8 @@ impl ProducerState {
                 Ok(id) => link.txs.push_back((id, txs)),
                 Err(e) => {
                     for tx in txs {
-                        self.events.push_back(ProducerEvent::Published {
-                            tx,
-                            result: Err(PublishError::Command(e.clone())),
-                        });
+                        self.events
+                            .push_back(ProducerEvent::Published { tx, result: Err(PublishError::Command(e.clone())) });
                     }
                 }
             }
@@ -399,10 +371,7 @@ impl ProducerState {
                     };
                     if let Some((_, txs)) = link.txs.remove(pos) {
                         for tx in txs {
-                            self.events.push_back(ProducerEvent::Published {
-                                tx,
-                                result: result.clone(),
-                            });
+                            self.events.push_back(ProducerEvent::Published { tx, result: result.clone() });
                         }
                     }
                 }
@@ -413,15 +382,12 @@ impl ProducerState {
                     // took) is lost with it.
                     for (_, txs) in link.txs.drain(..) {
                         for tx in txs {
-                            self.events.push_back(ProducerEvent::Published {
-                                tx,
-                                result: Err(PublishError::ConnectionLost),
-                            });
+                            self.events
+                                .push_back(ProducerEvent::Published { tx, result: Err(PublishError::ConnectionLost) });
                         }
                     }
                     self.actions.push_back(Action::Close { conn: link.id });
-                    self.events
-                        .push_back(ProducerEvent::Disconnected(link.id, reason));
+                    self.events.push_back(ProducerEvent::Disconnected(link.id, reason));
                     self.conn = None;
                     if self.stopping {
                         self.finish_stop();

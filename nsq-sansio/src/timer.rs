@@ -11,10 +11,7 @@ pub(crate) struct TimerTable<K: Copy + Into<usize>, const N: usize> {
 
 impl<K: Copy + Into<usize>, const N: usize> Default for TimerTable<K, N> {
     fn default() -> Self {
-        Self {
-            slots: [None; N],
-            _kind: std::marker::PhantomData,
-        }
+        Self { slots: [None; N], _kind: std::marker::PhantomData }
     }
 }
 

@@ -37,12 +37,7 @@ fn frames(n: usize, round: usize) -> BytesMut {
     for i in 0..n {
         let mut id = [b'0'; 16];
         id[..8].copy_from_slice(format!("{round:04}{i:04}").as_bytes());
-        let msg = Message {
-            id: MessageId(id),
-            timestamp: 1,
-            attempts: 1,
-            body: Bytes::from(vec![b'x'; 200]),
-        };
+        let msg = Message { id: MessageId(id), timestamp: 1, attempts: 1, body: Bytes::from(vec![b'x'; 200]) };
         Frame::Message(msg).encode(&mut buf);
     }
     buf
@@ -69,8 +64,7 @@ fn no_allocation_per_message_when_consuming_and_finishing() {
     let mut config = Config::new();
     config.set("max_in_flight", "2500").unwrap();
     let mut conn = ConnectionState::new(Arc::new(config), "127.0.0.1", now);
-    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap())
-        .unwrap();
+    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap()).unwrap();
     let mut ok = BytesMut::new();
     Frame::Response(Bytes::from_static(b"OK")).encode(&mut ok);
     conn.handle_input(now, ok.clone());

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nsq_sansio::{
-    Channel, CommandError, Config, ConnectionError, ConnectionState, ErrorCode, Event, Frame,
-    Message, MessageId, Phase, PublishError, Topic,
+    Channel, CommandError, Config, ConnectionError, ConnectionState, ErrorCode, Event, Frame, Message, MessageId,
+    Phase, PublishError, Topic,
 };
 use proptest::prelude::*;
 use serde_json::Value;
@@ -16,10 +16,7 @@ struct Capture(Value);
 
 impl Capture {
     fn load(name: &str) -> Self {
-        let path = format!(
-            "{}/tests/fixtures/nsqd-1.3.0/{name}.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/tests/fixtures/nsqd-1.3.0/{name}.json", env!("CARGO_MANIFEST_DIR"));
         Self(serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap())
     }
 
@@ -36,9 +33,7 @@ impl Capture {
 
     fn conn_index(&self, name: &str) -> u64 {
         let conns = self.0["connections"].as_array().unwrap();
-        conns.iter().find(|c| c["name"] == name).unwrap()["conn"]
-            .as_u64()
-            .unwrap()
+        conns.iter().find(|c| c["name"] == name).unwrap()["conn"].as_u64().unwrap()
     }
 }
 
@@ -104,8 +99,7 @@ fn subscribed(now: Instant, rdy: u32) -> ConnectionState {
     let mut conn = ConnectionState::new(config(), "127.0.0.1", now);
     let _ = drain(&mut conn);
     feed(&mut conn, now, &ok_frame());
-    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap())
-        .unwrap();
+    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap()).unwrap();
     let (_, events) = feed(&mut conn, now, &ok_frame());
     assert!(matches!(events[..], [Event::Subscribed]), "{events:?}");
     conn.ready(rdy).unwrap();
@@ -125,18 +119,12 @@ fn consumer_flow_matches_the_capture_byte_for_byte() {
     assert!(hello.starts_with(b"  V2IDENTIFY\n"));
     let (out, events) = feed(&mut conn, now, &s2c[0]);
     assert!(out.is_empty());
-    let Some(Event::Ready(Some(negotiated))) = events.first() else {
-        panic!("{events:?}")
-    };
+    let Some(Event::Ready(Some(negotiated))) = events.first() else { panic!("{events:?}") };
     assert_eq!(negotiated.max_rdy_count, 2500);
     assert_eq!(negotiated.msg_timeout, 60_000);
     assert_eq!(conn.msg_timeout(), Duration::from_secs(60));
 
-    conn.subscribe(
-        &Topic::new("fixture_sub").unwrap(),
-        &Channel::new("fixture_ch").unwrap(),
-    )
-    .unwrap();
+    conn.subscribe(&Topic::new("fixture_sub").unwrap(), &Channel::new("fixture_ch").unwrap()).unwrap();
     assert_eq!(drain(&mut conn).0, c2s[2]);
     let (_, events) = feed(&mut conn, now, &s2c[1]);
     assert!(matches!(events[..], [Event::Subscribed]));
@@ -146,9 +134,7 @@ fn consumer_flow_matches_the_capture_byte_for_byte() {
     let mut ids = Vec::new();
     for (step, len) in s2c[2..5].iter().zip([1usize, 27, 65536]) {
         let (_, events) = feed(&mut conn, now, step);
-        let [Event::Message(m)] = &events[..] else {
-            panic!("{events:?}")
-        };
+        let [Event::Message(m)] = &events[..] else { panic!("{events:?}") };
         assert_eq!(m.body.len(), len);
         assert_eq!(m.attempts, 1);
         ids.push(m.id);
@@ -158,25 +144,17 @@ fn consumer_flow_matches_the_capture_byte_for_byte() {
 
     conn.finish(&ids[0]).unwrap();
     conn.requeue(&ids[1], Duration::ZERO).unwrap();
-    assert_eq!(
-        drain(&mut conn).0,
-        [c2s[4].clone(), c2s[5].clone()].concat()
-    );
+    assert_eq!(drain(&mut conn).0, [c2s[4].clone(), c2s[5].clone()].concat());
     assert_eq!(conn.finish(&ids[0]), Err(CommandError::NotInFlight(ids[0])));
 
     let (_, events) = feed(&mut conn, now, &s2c[5]);
-    let [Event::Message(again)] = &events[..] else {
-        panic!("{events:?}")
-    };
+    let [Event::Message(again)] = &events[..] else { panic!("{events:?}") };
     assert_eq!((again.id, again.attempts), (ids[1], 2));
 
     conn.touch(&ids[2], now).unwrap();
     conn.finish(&ids[2]).unwrap();
     conn.finish(&ids[1]).unwrap();
-    assert_eq!(
-        drain(&mut conn).0,
-        [c2s[6].clone(), c2s[7].clone(), c2s[8].clone()].concat()
-    );
+    assert_eq!(drain(&mut conn).0, [c2s[6].clone(), c2s[7].clone(), c2s[8].clone()].concat());
 
     let (out, events) = feed(&mut conn, now, &s2c[6]);
     assert_eq!(out, c2s[9], "heartbeat answered with NOP");
@@ -188,24 +166,12 @@ fn consumer_flow_matches_the_capture_byte_for_byte() {
     assert_eq!(drain(&mut conn).0, c2s[11]);
     assert_eq!(conn.phase(), Phase::Closing);
     let (_, events) = feed(&mut conn, now, &s2c[8]);
-    assert!(
-        matches!(
-            events[..],
-            [
-                Event::CloseWait,
-                Event::Closed(ConnectionError::LocallyClosed)
-            ]
-        ),
-        "{events:?}"
-    );
+    assert!(matches!(events[..], [Event::CloseWait, Event::Closed(ConnectionError::LocallyClosed)]), "{events:?}");
     assert!(conn.is_closed());
     // Heartbeats keep coming after CLOSE_WAIT; a closed connection ignores them.
     let (out, events) = feed(&mut conn, now, &s2c[9]);
     assert!(out.is_empty() && events.is_empty());
-    assert_eq!(
-        conn.subscribe(&Topic::new("x").unwrap(), &Channel::new("y").unwrap()),
-        Err(CommandError::Closed)
-    );
+    assert_eq!(conn.subscribe(&Topic::new("x").unwrap(), &Channel::new("y").unwrap()), Err(CommandError::Closed));
 }
 
 #[test]
@@ -213,9 +179,7 @@ fn close_waits_for_in_flight_messages() {
     let now = Instant::now();
     let mut conn = subscribed(now, 10);
     let (_, events) = feed(&mut conn, now, &msg_frame(1, b"a"));
-    let [Event::Message(m)] = &events[..] else {
-        panic!()
-    };
+    let [Event::Message(m)] = &events[..] else { panic!() };
     conn.close(now);
     let (_, events) = feed(&mut conn, now, b"\0\0\0\x0e\0\0\0\0CLOSE_WAIT");
     assert!(matches!(events[..], [Event::CloseWait]));
@@ -223,10 +187,7 @@ fn close_waits_for_in_flight_messages() {
     conn.finish(&m.id).unwrap();
     let (out, events) = drain(&mut conn);
     assert_eq!(out, format!("FIN {}\n", m.id).into_bytes());
-    assert!(matches!(
-        events[..],
-        [Event::Closed(ConnectionError::LocallyClosed)]
-    ));
+    assert!(matches!(events[..], [Event::Closed(ConnectionError::LocallyClosed)]));
 }
 
 #[test]
@@ -241,12 +202,7 @@ fn close_drain_is_bounded_by_the_message_timeout() {
     assert_eq!(at, now + Duration::from_secs(60));
     conn.handle_timeout(at);
     let (_, events) = drain(&mut conn);
-    assert!(
-        events
-            .iter()
-            .any(|e| matches!(e, Event::Closed(ConnectionError::LocallyClosed))),
-        "{events:?}"
-    );
+    assert!(events.iter().any(|e| matches!(e, Event::Closed(ConnectionError::LocallyClosed))), "{events:?}");
 }
 
 #[test]
@@ -261,20 +217,14 @@ fn auth_flows_from_the_capture() {
     let good = cap.conn_index("auth_ok");
     let (s2c, c2s) = (cap.steps(good, "s2c"), cap.steps(good, "c2s"));
     let mut conn = ConnectionState::new(cfg.clone(), "127.0.0.1", now);
-    conn.subscribe(
-        &Topic::new("fixture_auth").unwrap(),
-        &Channel::new("fixture_ch").unwrap(),
-    )
-    .unwrap();
+    conn.subscribe(&Topic::new("fixture_auth").unwrap(), &Channel::new("fixture_ch").unwrap()).unwrap();
     let _ = drain(&mut conn);
     let (out, events) = feed(&mut conn, now, &s2c[0]);
     assert_eq!(out, c2s[2], "AUTH and nothing else");
     assert!(events.is_empty());
     assert_eq!(conn.phase(), Phase::Authenticating);
     let (out, events) = feed(&mut conn, now, &s2c[1]);
-    let [Event::Authenticated(auth), Event::Ready(_)] = &events[..] else {
-        panic!("{events:?}")
-    };
+    let [Event::Authenticated(auth), Event::Ready(_)] = &events[..] else { panic!("{events:?}") };
     assert_eq!(auth.identity, "fixture-user");
     assert_eq!(out, c2s[3], "the held SUB goes out after AUTH");
 
@@ -284,25 +234,16 @@ fn auth_flows_from_the_capture() {
     let mut conn = ConnectionState::new(cfg.clone(), "127.0.0.1", now);
     feed(&mut conn, now, &s2c[0]);
     let (_, events) = feed(&mut conn, now, &s2c[1]);
-    let [Event::Closed(ConnectionError::Server(err))] = &events[..] else {
-        panic!("{events:?}")
-    };
+    let [Event::Closed(ConnectionError::Server(err))] = &events[..] else { panic!("{events:?}") };
     assert_eq!(err.code, ErrorCode::AuthFailed);
 
     // nsqd requires AUTH and no secret is configured: fail before sending anything it would refuse.
     let mut conn = ConnectionState::new(config(), "127.0.0.1", now);
-    conn.subscribe(
-        &Topic::new("fixture_auth").unwrap(),
-        &Channel::new("fixture_ch").unwrap(),
-    )
-    .unwrap();
+    conn.subscribe(&Topic::new("fixture_auth").unwrap(), &Channel::new("fixture_ch").unwrap()).unwrap();
     let _ = drain(&mut conn);
     let (out, events) = feed(&mut conn, now, &s2c[0]);
     assert!(out.is_empty(), "no SUB sent: {out:?}");
-    assert!(
-        matches!(events[..], [Event::Closed(ConnectionError::AuthRequired)]),
-        "{events:?}"
-    );
+    assert!(matches!(events[..], [Event::Closed(ConnectionError::AuthRequired)]), "{events:?}");
 }
 
 #[test]
@@ -328,9 +269,7 @@ fn every_captured_error_is_surfaced_and_fatal_ones_close() {
             assert_eq!(err, &expected);
             assert!(conn.is_closed());
         } else {
-            let [Event::ServerError(err)] = &events[..] else {
-                panic!("{}: {events:?}", c["name"])
-            };
+            let [Event::ServerError(err)] = &events[..] else { panic!("{}: {events:?}", c["name"]) };
             assert_eq!(err, &expected);
             assert!(!conn.is_closed());
         }
@@ -347,9 +286,7 @@ fn publishes_are_matched_in_order_and_fail_on_connection_loss() {
     feed(&mut conn, now, &ok_frame());
     let _ = drain(&mut conn);
     let topic = Topic::new("fixture_pub").unwrap();
-    let a = conn
-        .publish(&topic, Bytes::from_static(b"hello pub"))
-        .unwrap();
+    let a = conn.publish(&topic, Bytes::from_static(b"hello pub")).unwrap();
     assert_eq!(drain(&mut conn).0, c2s[1]);
     let b = conn.publish(&topic, Bytes::from_static(b"x")).unwrap();
     let c = conn.publish(&topic, Bytes::from_static(b"y")).unwrap();
@@ -357,19 +294,10 @@ fn publishes_are_matched_in_order_and_fail_on_connection_loss() {
     let (_, events) = feed(&mut conn, now, &s2c[0]);
     assert!(matches!(events[..], [Event::Published { id, result: Ok(()) }] if id == a));
     // A fatal error fails its own publish and every later one.
-    let (_, events) = feed(
-        &mut conn,
-        now,
-        &error_frame(b"E_BAD_MESSAGE PUB message too big 2048 > 1024"),
-    );
+    let (_, events) = feed(&mut conn, now, &error_frame(b"E_BAD_MESSAGE PUB message too big 2048 > 1024"));
     match &events[..] {
-        [Event::Published {
-            id: i1,
-            result: Err(PublishError::Server(e)),
-        }, Event::Published {
-            id: i2,
-            result: Err(PublishError::ConnectionLost),
-        }, Event::Closed(ConnectionError::Server(_))] => {
+        [Event::Published { id: i1, result: Err(PublishError::Server(e)) }, Event::Published { id: i2, result: Err(PublishError::ConnectionLost) }, Event::Closed(ConnectionError::Server(_))] =>
+        {
             assert_eq!((*i1, *i2), (b, c));
             assert_eq!(e.code, ErrorCode::BadMessage);
         }
@@ -385,21 +313,11 @@ fn publish_arguments_are_checked_before_anything_is_written() {
     let t = Topic::new("t").unwrap();
     assert_eq!(conn.publish(&t, Bytes::new()), Err(CommandError::EmptyBody));
     assert_eq!(conn.multi_publish(&t, &[]), Err(CommandError::EmptyBatch));
-    assert_eq!(
-        conn.multi_publish(&t, &[Bytes::from_static(b"a"), Bytes::new()]),
-        Err(CommandError::EmptyBody)
-    );
+    assert_eq!(conn.multi_publish(&t, &[Bytes::from_static(b"a"), Bytes::new()]), Err(CommandError::EmptyBody));
     let big = Bytes::from(vec![b'x'; nsq_sansio::DEFAULT_MAX_MSG_SIZE + 1]);
+    assert!(matches!(conn.publish(&t, big), Err(CommandError::BodyTooLarge { .. })));
     assert!(matches!(
-        conn.publish(&t, big),
-        Err(CommandError::BodyTooLarge { .. })
-    ));
-    assert!(matches!(
-        conn.deferred_publish(
-            &t,
-            Duration::from_millis(3_600_001),
-            Bytes::from_static(b"a")
-        ),
+        conn.deferred_publish(&t, Duration::from_millis(3_600_001), Bytes::from_static(b"a")),
         Err(CommandError::DelayOutOfRange { .. })
     ));
     assert_eq!(drain(&mut conn).0, b"", "nothing queued");
@@ -410,9 +328,7 @@ fn publish_arguments_are_checked_before_anything_is_written() {
 fn eof_fails_outstanding_publishes() {
     let now = Instant::now();
     let mut conn = ConnectionState::new(config(), "127.0.0.1", now);
-    let id = conn
-        .publish(&Topic::new("t").unwrap(), Bytes::from_static(b"a"))
-        .unwrap();
+    let id = conn.publish(&Topic::new("t").unwrap(), Bytes::from_static(b"a")).unwrap();
     conn.handle_eof(now);
     let (_, events) = drain(&mut conn);
     assert!(matches!(
@@ -425,10 +341,7 @@ fn eof_fails_outstanding_publishes() {
 fn rdy_is_clamped_and_needs_a_subscription() {
     let now = Instant::now();
     let mut conn = ConnectionState::new(config(), "127.0.0.1", now);
-    assert!(matches!(
-        conn.ready(1),
-        Err(CommandError::InvalidState { command: "RDY", .. })
-    ));
+    assert!(matches!(conn.ready(1), Err(CommandError::InvalidState { command: "RDY", .. })));
     let mut conn = subscribed(now, 1);
     assert_eq!(conn.ready(10_000).unwrap(), 2500);
     assert_eq!(drain(&mut conn).0, b"RDY 2500\n");
@@ -446,10 +359,7 @@ fn silence_past_the_read_timeout_closes() {
     assert!(!conn.is_closed(), "early timeout does nothing");
     conn.handle_timeout(at);
     let (_, events) = drain(&mut conn);
-    assert!(matches!(
-        events[..],
-        [Event::Closed(ConnectionError::ReadTimeout)]
-    ));
+    assert!(matches!(events[..], [Event::Closed(ConnectionError::ReadTimeout)]));
     assert_eq!(conn.poll_timeout(), None);
 }
 
@@ -458,9 +368,7 @@ fn unanswered_messages_time_out_of_flight() {
     let now = Instant::now();
     let mut conn = subscribed(now, 2);
     let (_, events) = feed(&mut conn, now, &msg_frame(1, b"a"));
-    let [Event::Message(m)] = &events[..] else {
-        panic!()
-    };
+    let [Event::Message(m)] = &events[..] else { panic!() };
     let id = m.id;
     heartbeat(&mut conn, now + Duration::from_secs(30));
     conn.touch(&id, now + Duration::from_secs(30)).unwrap();
@@ -470,10 +378,7 @@ fn unanswered_messages_time_out_of_flight() {
     heartbeat(&mut conn, now + Duration::from_secs(90));
     conn.handle_timeout(now + Duration::from_secs(90));
     let (_, events) = drain(&mut conn);
-    assert!(
-        matches!(events[..], [Event::MessageTimedOut(t)] if t == id),
-        "{events:?}"
-    );
+    assert!(matches!(events[..], [Event::MessageTimedOut(t)] if t == id), "{events:?}");
     assert_eq!(conn.finish(&id), Err(CommandError::NotInFlight(id)));
 }
 
@@ -482,35 +387,22 @@ fn garbage_huge_and_unexpected_frames_close_with_typed_errors() {
     let now = Instant::now();
     type Check = fn(&ConnectionError) -> bool;
     let cases: [(&[u8], Check); 4] = [
-        (b"\xff\xff\xff\xff\0\0\0\0", |e| {
-            matches!(e, ConnectionError::Frame(_))
-        }),
-        (b"\0\0\0\x02\0\0", |e| {
-            matches!(e, ConnectionError::Frame(_))
-        }),
-        (b"\0\0\0\x05\0\0\0\x07x", |e| {
-            matches!(e, ConnectionError::Frame(_))
-        }),
-        (b"\0\0\0\x06\0\0\0\0OK", |e| {
-            matches!(e, ConnectionError::Protocol(_))
-        }),
+        (b"\xff\xff\xff\xff\0\0\0\0", |e| matches!(e, ConnectionError::Frame(_))),
+        (b"\0\0\0\x02\0\0", |e| matches!(e, ConnectionError::Frame(_))),
+        (b"\0\0\0\x05\0\0\0\x07x", |e| matches!(e, ConnectionError::Frame(_))),
+        (b"\0\0\0\x06\0\0\0\0OK", |e| matches!(e, ConnectionError::Protocol(_))),
     ];
     for (bytes, check) in cases {
         let mut conn = subscribed(now, 1);
         let (_, events) = feed(&mut conn, now, bytes);
-        let [Event::Closed(err)] = &events[..] else {
-            panic!("{events:?}")
-        };
+        let [Event::Closed(err)] = &events[..] else { panic!("{events:?}") };
         assert!(check(err), "{err:?}");
     }
     // A message before SUB is a protocol violation too.
     let mut conn = ConnectionState::new(config(), "127.0.0.1", now);
     feed(&mut conn, now, &ok_frame());
     let (_, events) = feed(&mut conn, now, &msg_frame(1, b"a"));
-    assert!(matches!(
-        events[..],
-        [Event::Closed(ConnectionError::Protocol(_))]
-    ));
+    assert!(matches!(events[..], [Event::Closed(ConnectionError::Protocol(_))]));
 }
 
 #[test]
@@ -522,10 +414,7 @@ fn a_truncated_frame_then_eof_is_a_clean_error() {
     assert!(events.is_empty());
     conn.handle_eof(now);
     let (_, events) = drain(&mut conn);
-    assert!(matches!(
-        events[..],
-        [Event::Closed(ConnectionError::ServerClosed)]
-    ));
+    assert!(matches!(events[..], [Event::Closed(ConnectionError::ServerClosed)]));
 }
 
 #[test]
@@ -551,13 +440,7 @@ fn tls_required_but_not_negotiated_is_refused() {
     let mut conn = ConnectionState::new(Arc::new(cfg), "127.0.0.1", now);
     let _ = drain(&mut conn);
     let (_, events) = feed(&mut conn, now, &cap.steps(0, "s2c")[0]);
-    assert!(
-        matches!(
-            events[..],
-            [Event::Closed(ConnectionError::TlsNotNegotiated)]
-        ),
-        "{events:?}"
-    );
+    assert!(matches!(events[..], [Event::Closed(ConnectionError::TlsNotNegotiated)]), "{events:?}");
 }
 
 /// A server stream: IDENTIFY answer, SUB OK, then `n` messages mixed with heartbeats and a
@@ -572,9 +455,7 @@ fn server_stream(n: u8) -> Vec<u8> {
             stream.extend(response(b"_heartbeat_"));
         }
         if i % 4 == 1 {
-            stream.extend(error_frame(
-                b"E_FIN_FAILED FIN 0123456789abcdef failed ID not in flight",
-            ));
+            stream.extend(error_frame(b"E_FIN_FAILED FIN 0123456789abcdef failed ID not in flight"));
         }
     }
     stream
@@ -583,8 +464,7 @@ fn server_stream(n: u8) -> Vec<u8> {
 fn run_chunked(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Vec<String>) {
     let now = Instant::now();
     let mut conn = ConnectionState::new(config(), "127.0.0.1", now);
-    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap())
-        .unwrap();
+    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap()).unwrap();
     let (mut out, _) = drain(&mut conn);
     let mut events = Vec::new();
     let mut at = 0;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nsq_sansio::{
-    Action, Channel, Config, ConnId, ConnectionError, ConsumerError, ConsumerEvent, ConsumerState,
-    Frame, Message, MessageId, QueryId, Response, Topic,
+    Action, Channel, Config, ConnId, ConnectionError, ConsumerError, ConsumerEvent, ConsumerState, Frame, Message,
+    MessageId, QueryId, Response, Topic,
 };
 use proptest::prelude::*;
 
@@ -42,12 +42,7 @@ impl Sim {
         let mut config = Config::new();
         cfg(&mut config);
         let now = Instant::now();
-        let consumer = ConsumerState::new(
-            Topic::new("t").unwrap(),
-            Channel::new("c").unwrap(),
-            Arc::new(config),
-            now,
-        );
+        let consumer = ConsumerState::new(Topic::new("t").unwrap(), Channel::new("c").unwrap(), Arc::new(config), now);
         Self {
             consumer,
             now,
@@ -68,11 +63,7 @@ impl Sim {
                     self.dialled.insert(conn, addr);
                 }
                 Action::Close { conn } => self.closed.push(conn),
-                Action::QueryLookupd {
-                    query,
-                    addr,
-                    request,
-                } => {
+                Action::QueryLookupd { query, addr, request } => {
                     assert!(request.starts_with(b"GET /lookup?topic=t "), "{request:?}");
                     self.queries.push((query, addr));
                 }
@@ -80,10 +71,7 @@ impl Sim {
             }
         }
         while let Some((conn, bytes)) = self.consumer.poll_transmit() {
-            self.written
-                .entry(conn)
-                .or_default()
-                .extend_from_slice(&bytes);
+            self.written.entry(conn).or_default().extend_from_slice(&bytes);
         }
         while let Some(e) = self.consumer.poll_event() {
             self.events.push(e);
@@ -101,13 +89,7 @@ impl Sim {
     fn connect(&mut self, addr: &str) -> ConnId {
         self.consumer.connect_to_nsqd(addr, self.now).unwrap();
         self.drain();
-        let conn = *self
-            .dialled
-            .iter()
-            .rev()
-            .find(|(_, a)| *a == addr)
-            .unwrap()
-            .0;
+        let conn = *self.dialled.iter().rev().find(|(_, a)| *a == addr).unwrap().0;
         self.accept(conn);
         conn
     }
@@ -121,20 +103,13 @@ impl Sim {
         self.next_msg += 1;
         let mut id = [b'0'; 16];
         id[..8].copy_from_slice(format!("{:08}", self.next_msg).as_bytes());
-        let msg = Message {
-            id: MessageId(id),
-            timestamp: 1,
-            attempts,
-            body: Bytes::from_static(b"body"),
-        };
+        let msg = Message { id: MessageId(id), timestamp: 1, attempts, body: Bytes::from_static(b"body") };
         self.input(conn, frame(Frame::Message(msg.clone())));
         msg
     }
 
     fn respond(&mut self, conn: ConnId, msg: &Message, response: Response) {
-        self.consumer
-            .respond(conn, &msg.id, msg.attempts, response, self.now)
-            .unwrap();
+        self.consumer.respond(conn, &msg.id, msg.attempts, response, self.now).unwrap();
         self.drain();
     }
 
@@ -149,10 +124,7 @@ impl Sim {
         self.now = self.now.max(at);
         let live: Vec<ConnId> = self.live();
         for conn in live {
-            self.input(
-                conn,
-                frame(Frame::Response(Bytes::from_static(b"_heartbeat_"))),
-            );
+            self.input(conn, frame(Frame::Response(Bytes::from_static(b"_heartbeat_"))));
         }
     }
 
@@ -162,21 +134,13 @@ impl Sim {
     }
 
     fn live(&self) -> Vec<ConnId> {
-        self.dialled
-            .keys()
-            .filter(|c| !self.closed.contains(c))
-            .copied()
-            .collect()
+        self.dialled.keys().filter(|c| !self.closed.contains(c)).copied().collect()
     }
 
     /// Every `RDY n` a connection wrote, in order.
     fn rdys(&self, conn: ConnId) -> Vec<u32> {
-        let text = String::from_utf8_lossy(self.written.get(&conn).map_or(&[][..], |w| &w[..]))
-            .into_owned();
-        text.split('\n')
-            .filter_map(|l| l.strip_prefix("RDY "))
-            .map(|n| n.parse().unwrap())
-            .collect()
+        let text = String::from_utf8_lossy(self.written.get(&conn).map_or(&[][..], |w| &w[..])).into_owned();
+        text.split('\n').filter_map(|l| l.strip_prefix("RDY ")).map(|n| n.parse().unwrap()).collect()
     }
 
     fn last_rdy(&self, conn: ConnId) -> u32 {
@@ -184,16 +148,11 @@ impl Sim {
     }
 
     fn wrote(&self, conn: ConnId, line: &str) -> bool {
-        self.written
-            .get(&conn)
-            .is_some_and(|w| String::from_utf8_lossy(w).contains(line))
+        self.written.get(&conn).is_some_and(|w| String::from_utf8_lossy(w).contains(line))
     }
 
     fn messages(&self) -> usize {
-        self.events
-            .iter()
-            .filter(|e| matches!(e, ConsumerEvent::Message { .. }))
-            .count()
+        self.events.iter().filter(|e| matches!(e, ConsumerEvent::Message { .. })).count()
     }
 
     fn elapsed(&self) -> Duration {
@@ -220,10 +179,7 @@ fn subscribes_then_sends_its_rdy_share() {
         sim.consumer.connect_to_nsqd("127.0.0.1:4150", sim.now),
         Err(ConsumerError::AlreadyConnected("127.0.0.1:4150".into()))
     );
-    assert!(matches!(
-        sim.consumer.connect_to_nsqd("nope", sim.now),
-        Err(ConsumerError::BadAddress { .. })
-    ));
+    assert!(matches!(sim.consumer.connect_to_nsqd("nope", sim.now), Err(ConsumerError::BadAddress { .. })));
 }
 
 #[test]
@@ -231,14 +187,8 @@ fn more_connections_than_max_in_flight_rotate_rdy() {
     let mut sim = Sim::new(|c| {
         c.set("max_in_flight", "1").unwrap();
     });
-    let conns: Vec<ConnId> = (1..=3)
-        .map(|i| sim.connect(&format!("127.0.0.{i}:4150")))
-        .collect();
-    assert_eq!(
-        sim.consumer.total_rdy(),
-        1,
-        "never more RDY than max_in_flight"
-    );
+    let conns: Vec<ConnId> = (1..=3).map(|i| sim.connect(&format!("127.0.0.{i}:4150"))).collect();
+    assert_eq!(sim.consumer.total_rdy(), 1, "never more RDY than max_in_flight");
     let holder = *conns.iter().find(|&&c| sim.last_rdy(c) == 1).unwrap();
     // The holder goes idle: after low_rdy_idle_timeout a redistribution moves RDY around.
     let mut holders = HashSet::from([holder]);
@@ -249,10 +199,7 @@ fn more_connections_than_max_in_flight_rotate_rdy() {
             holders.insert(c);
         }
     }
-    assert!(
-        holders.len() >= 2,
-        "RDY rotated among connections: {holders:?}"
-    );
+    assert!(holders.len() >= 2, "RDY rotated among connections: {holders:?}");
 }
 
 #[test]
@@ -264,24 +211,10 @@ fn backoff_sequence_is_exponential_and_recovers() {
     let b = sim.connect("127.0.0.2:4150");
     let m = sim.deliver(a, 1);
     let t0 = sim.now;
-    sim.respond(
-        a,
-        &m,
-        Response::Requeue {
-            delay: None,
-            backoff: true,
-        },
-    );
-    assert!(
-        sim.wrote(a, &format!("REQ {} 90000\n", m.id)),
-        "default delay × attempts"
-    );
+    sim.respond(a, &m, Response::Requeue { delay: None, backoff: true });
+    assert!(sim.wrote(a, &format!("REQ {} 90000\n", m.id)), "default delay × attempts");
     assert!(sim.consumer.in_backoff());
-    assert_eq!(
-        (sim.last_rdy(a), sim.last_rdy(b)),
-        (0, 0),
-        "RDY 0 everywhere"
-    );
+    assert_eq!((sim.last_rdy(a), sim.last_rdy(b)), (0, 0), "RDY 0 everywhere");
 
     // After 2 s (backoff_multiplier × 2^1) one connection gets RDY 1 as a test.
     sim.advance_to(t0 + Duration::from_millis(1999));
@@ -293,14 +226,7 @@ fn backoff_sequence_is_exponential_and_recovers() {
     // The test message fails: level 2, 4 s.
     let m = sim.deliver(probe, 1);
     let t1 = sim.now;
-    sim.respond(
-        probe,
-        &m,
-        Response::Requeue {
-            delay: Some(Duration::ZERO),
-            backoff: true,
-        },
-    );
+    sim.respond(probe, &m, Response::Requeue { delay: Some(Duration::ZERO), backoff: true });
     assert_eq!(sim.consumer.total_rdy(), 0);
     sim.advance_to(t1 + Duration::from_millis(3999));
     assert_eq!(sim.consumer.total_rdy(), 0);
@@ -332,14 +258,7 @@ fn backoff_is_capped_by_max_backoff_duration() {
     for _ in 0..10 {
         let m = sim.deliver(a, 1);
         let start = sim.now;
-        sim.respond(
-            a,
-            &m,
-            Response::Requeue {
-                delay: Some(Duration::ZERO),
-                backoff: true,
-            },
-        );
+        sim.respond(a, &m, Response::Requeue { delay: Some(Duration::ZERO), backoff: true });
         while sim.last_rdy(a) == 0 {
             sim.advance(Duration::from_millis(500));
         }
@@ -356,30 +275,13 @@ fn requeue_without_backoff_does_not_back_off() {
     });
     let a = sim.connect("127.0.0.1:4150");
     let m = sim.deliver(a, 3);
-    sim.respond(
-        a,
-        &m,
-        Response::Requeue {
-            delay: None,
-            backoff: false,
-        },
-    );
+    sim.respond(a, &m, Response::Requeue { delay: None, backoff: false });
     assert!(!sim.consumer.in_backoff());
     assert_eq!(sim.last_rdy(a), 1);
     assert!(sim.wrote(a, &format!("REQ {} 270000\n", m.id)));
     let m = sim.deliver(a, 50);
-    sim.respond(
-        a,
-        &m,
-        Response::Requeue {
-            delay: None,
-            backoff: false,
-        },
-    );
-    assert!(
-        sim.wrote(a, &format!("REQ {} 900000\n", m.id)),
-        "capped at max_requeue_delay"
-    );
+    sim.respond(a, &m, Response::Requeue { delay: None, backoff: false });
+    assert!(sim.wrote(a, &format!("REQ {} 900000\n", m.id)), "capped at max_requeue_delay");
 }
 
 #[test]
@@ -391,10 +293,7 @@ fn messages_past_max_attempts_are_finished_and_handed_to_the_failed_hook() {
     assert!(sim.wrote(a, &format!("FIN {}\n", bad.id)));
     assert!(!sim.wrote(a, &format!("FIN {}\n", ok.id)));
     assert_eq!(sim.messages(), 1);
-    assert!(sim
-        .events
-        .iter()
-        .any(|e| matches!(e, ConsumerEvent::GaveUp { message, .. } if message.id == bad.id)));
+    assert!(sim.events.iter().any(|e| matches!(e, ConsumerEvent::GaveUp { message, .. } if message.id == bad.id)));
     assert_eq!(sim.consumer.stats().messages_received, 2);
 }
 
@@ -404,14 +303,8 @@ fn a_message_is_answered_at_most_once() {
     let a = sim.connect("127.0.0.1:4150");
     let m = sim.deliver(a, 1);
     sim.respond(a, &m, Response::Finish);
-    assert!(sim
-        .consumer
-        .respond(a, &m.id, 1, Response::Finish, sim.now)
-        .is_err());
-    assert!(sim
-        .consumer
-        .respond(a, &m.id, 1, Response::Touch, sim.now)
-        .is_err());
+    assert!(sim.consumer.respond(a, &m.id, 1, Response::Finish, sim.now).is_err());
+    assert!(sim.consumer.respond(a, &m.id, 1, Response::Touch, sim.now).is_err());
 }
 
 #[test]
@@ -426,18 +319,12 @@ fn stop_drains_in_flight_messages_then_closes() {
     let written = String::from_utf8_lossy(&sim.written[&a]).into_owned();
     assert!(written.ends_with("RDY 0\nCLS\n"), "{written:?}");
     sim.input(a, frame(Frame::Response(Bytes::from_static(b"CLOSE_WAIT"))));
-    assert!(
-        !sim.consumer.is_stopped(),
-        "waits for the in-flight message"
-    );
+    assert!(!sim.consumer.is_stopped(), "waits for the in-flight message");
     sim.respond(a, &m, Response::Finish);
     assert!(sim.consumer.is_stopped());
     assert_eq!(sim.closed, [a]);
     assert!(matches!(sim.events.last(), Some(ConsumerEvent::Stopped)));
-    assert!(matches!(
-        sim.consumer.connect_to_nsqd("127.0.0.9:1", sim.now),
-        Err(ConsumerError::Stopped)
-    ));
+    assert!(matches!(sim.consumer.connect_to_nsqd("127.0.0.9:1", sim.now), Err(ConsumerError::Stopped)));
 }
 
 #[test]
@@ -474,19 +361,13 @@ fn a_dropped_direct_nsqd_is_redialled_with_backoff() {
         assert_ne!(conn, last, "a new ConnId for every dial");
         last = conn;
         dial_times.push(sim.elapsed());
-        sim.consumer
-            .handle_connect_failed(conn, "refused".into(), sim.now);
+        sim.consumer.handle_connect_failed(conn, "refused".into(), sim.now);
         sim.drain();
     }
-    let secs: Vec<u64> = dial_times
-        .windows(2)
-        .map(|w| (w[1] - w[0]).as_secs_f64().round() as u64)
-        .collect();
+    let secs: Vec<u64> = dial_times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64().round() as u64).collect();
     assert_eq!(secs, [2, 4]);
     // Removing the address stops the redials.
-    sim.consumer
-        .disconnect_from_nsqd("127.0.0.1:4150", sim.now)
-        .unwrap();
+    sim.consumer.disconnect_from_nsqd("127.0.0.1:4150", sim.now).unwrap();
     let dialled = sim.dialled.len();
     sim.advance(Duration::from_secs(120));
     assert_eq!(sim.dialled.len(), dialled);
@@ -502,24 +383,21 @@ fn lookup_response(producers: &[(&str, u16)]) -> Bytes {
         })
         .collect();
     let body = format!(r#"{{"channels":["c"],"producers":[{}]}}"#, list.join(","));
-    Bytes::from(format!("HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}", body.len()))
+    Bytes::from(format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))
 }
 
 #[test]
 fn lookupd_discovers_producers_and_polls_on_an_interval() {
     let mut sim = Sim::new(|_| {});
-    sim.consumer
-        .connect_to_nsqlookupd("127.0.0.1:4161", sim.now)
-        .unwrap();
+    sim.consumer.connect_to_nsqlookupd("127.0.0.1:4161", sim.now).unwrap();
     sim.drain();
     assert_eq!(sim.queries.len(), 1, "first query at once");
     let (q, addr) = sim.queries[0].clone();
     assert_eq!(addr, "127.0.0.1:4161");
-    sim.consumer.handle_lookupd_response(
-        q,
-        Ok(lookup_response(&[("10.0.0.1", 4150), ("10.0.0.2", 4150)])),
-        sim.now,
-    );
+    sim.consumer.handle_lookupd_response(q, Ok(lookup_response(&[("10.0.0.1", 4150), ("10.0.0.2", 4150)])), sim.now);
     sim.drain();
     let addrs: Vec<&String> = sim.dialled.values().collect();
     assert_eq!(addrs, ["10.0.0.1:4150", "10.0.0.2:4150"]);
@@ -533,17 +411,10 @@ fn lookupd_discovers_producers_and_polls_on_an_interval() {
         sim.advance(Duration::from_secs(1));
     }
     let waited = sim.now - t0;
-    assert!(
-        waited >= Duration::from_secs(60) && waited <= Duration::from_secs(79),
-        "{waited:?}"
-    );
+    assert!(waited >= Duration::from_secs(60) && waited <= Duration::from_secs(79), "{waited:?}");
     // Known producers are not dialled twice; a new one is.
     let (q, _) = sim.queries[1].clone();
-    sim.consumer.handle_lookupd_response(
-        q,
-        Ok(lookup_response(&[("10.0.0.2", 4150), ("10.0.0.3", 4150)])),
-        sim.now,
-    );
+    sim.consumer.handle_lookupd_response(q, Ok(lookup_response(&[("10.0.0.2", 4150), ("10.0.0.3", 4150)])), sim.now);
     sim.drain();
     assert_eq!(sim.dialled.len(), 3);
     // A lookupd-discovered nsqd that drops is not redialled by itself: lookupd is asked again.
@@ -551,8 +422,7 @@ fn lookupd_discovers_producers_and_polls_on_an_interval() {
     sim.drain();
     assert_eq!(sim.queries.len(), 3);
     let (q, _) = sim.queries[2].clone();
-    sim.consumer
-        .handle_lookupd_response(q, Ok(lookup_response(&[("10.0.0.2", 4150)])), sim.now);
+    sim.consumer.handle_lookupd_response(q, Ok(lookup_response(&[("10.0.0.2", 4150)])), sim.now);
     sim.drain();
     assert_eq!(sim.dialled.len(), 3, "10.0.0.1 is no longer listed");
     // Errors are reported and retried at the next poll.
@@ -562,15 +432,10 @@ fn lookupd_discovers_producers_and_polls_on_an_interval() {
     }
     assert!(sim.now - t1 <= Duration::from_secs(61));
     let (q, _) = sim.queries[3].clone();
-    sim.consumer
-        .handle_lookupd_response(q, Err("connection refused".into()), sim.now);
-    sim.consumer
-        .handle_lookupd_response(QueryId(999), Ok(Bytes::new()), sim.now);
+    sim.consumer.handle_lookupd_response(q, Err("connection refused".into()), sim.now);
+    sim.consumer.handle_lookupd_response(QueryId(999), Ok(Bytes::new()), sim.now);
     sim.drain();
-    assert!(sim
-        .events
-        .iter()
-        .any(|e| matches!(e, ConsumerEvent::LookupdFailed { .. })));
+    assert!(sim.events.iter().any(|e| matches!(e, ConsumerEvent::LookupdFailed { .. })));
 }
 
 #[test]

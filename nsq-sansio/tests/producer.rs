@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nsq_sansio::{
-    Action, CommandError, Config, ConnId, ConnectionError, Frame, ProducerEvent, ProducerState,
-    PublishError, ServerError, Topic, TxId,
+    Action, CommandError, Config, ConnId, ConnectionError, Frame, ProducerEvent, ProducerState, PublishError,
+    ServerError, Topic, TxId,
 };
 use proptest::prelude::*;
 
@@ -64,10 +64,7 @@ impl Sim {
         }
         while let Some(e) = self.p.poll_event() {
             if let ProducerEvent::Published { tx, result } = &e {
-                assert!(
-                    self.results.insert(*tx, result.clone()).is_none(),
-                    "{tx:?} resolved twice"
-                );
+                assert!(self.results.insert(*tx, result.clone()).is_none(), "{tx:?} resolved twice");
             }
             self.events.push(e);
         }
@@ -92,14 +89,7 @@ impl Sim {
     }
 
     fn publish(&mut self, body: &'static [u8]) -> TxId {
-        let tx = self
-            .p
-            .publish(
-                &Topic::new("fixture_pub").unwrap(),
-                Bytes::from_static(body),
-                self.now,
-            )
-            .unwrap();
+        let tx = self.p.publish(&Topic::new("fixture_pub").unwrap(), Bytes::from_static(body), self.now).unwrap();
         self.drain();
         tx
     }
@@ -115,27 +105,16 @@ fn connects_lazily_and_publishes_after_the_handshake() {
     assert!(sim.dialled.is_empty());
     let tx = sim.publish(b"hello pub");
     assert_eq!(sim.dialled.len(), 1, "the first publish dials");
-    assert!(
-        sim.writes.is_empty(),
-        "nothing written before the socket connects"
-    );
+    assert!(sim.writes.is_empty(), "nothing written before the socket connects");
     sim.p.handle_connected(sim.conn(), sim.now);
     sim.drain();
     assert!(sim.wire().starts_with(b"  V2IDENTIFY\n"));
-    assert!(
-        !sim.wire().ends_with(b"hello pub"),
-        "the PUB waits for the IDENTIFY answer"
-    );
+    assert!(!sim.wire().ends_with(b"hello pub"), "the PUB waits for the IDENTIFY answer");
     sim.input(response(b"OK"));
-    assert!(sim
-        .wire()
-        .ends_with(b"PUB fixture_pub\n\0\0\0\x09hello pub"));
+    assert!(sim.wire().ends_with(b"PUB fixture_pub\n\0\0\0\x09hello pub"));
     sim.input(response(b"OK"));
     assert_eq!(sim.results[&tx], Ok(()));
-    assert!(sim
-        .events
-        .iter()
-        .any(|e| matches!(e, ProducerEvent::Connected(_))));
+    assert!(sim.events.iter().any(|e| matches!(e, ProducerEvent::Connected(_))));
 }
 
 #[test]
@@ -144,17 +123,12 @@ fn responses_match_in_order_and_an_error_fails_its_own_publish_and_the_rest() {
     sim.p.connect(sim.now).unwrap();
     sim.drain();
     sim.accept();
-    let txs: Vec<TxId> = [&b"a"[..], b"b", b"c", b"d"]
-        .iter()
-        .map(|b| sim.publish(b))
-        .collect();
+    let txs: Vec<TxId> = [&b"a"[..], b"b", b"c", b"d"].iter().map(|b| sim.publish(b)).collect();
     sim.input(response(b"OK"));
     assert_eq!(sim.results.len(), 1);
     sim.input(error(b"E_BAD_MESSAGE PUB message too big 2048 > 1024"));
     assert_eq!(sim.results[&txs[0]], Ok(()));
-    assert!(
-        matches!(&sim.results[&txs[1]], Err(PublishError::Server(e)) if e.message.contains("too big"))
-    );
+    assert!(matches!(&sim.results[&txs[1]], Err(PublishError::Server(e)) if e.message.contains("too big")));
     assert_eq!(sim.results[&txs[2]], Err(PublishError::ConnectionLost));
     assert_eq!(sim.results[&txs[3]], Err(PublishError::ConnectionLost));
     assert_eq!(sim.closed, [sim.dialled[0]]);
@@ -174,17 +148,16 @@ fn connection_loss_and_connect_failure_resolve_every_publish() {
     sim.drain();
     assert_eq!(sim.results[&a], Err(PublishError::ConnectionLost));
     assert_eq!(sim.results[&b], Err(PublishError::ConnectionLost));
-    assert!(sim.events.iter().any(|e| matches!(
-        e,
-        ProducerEvent::Disconnected(_, ConnectionError::ServerClosed)
-    )));
+    assert!(sim.events.iter().any(|e| matches!(e, ProducerEvent::Disconnected(_, ConnectionError::ServerClosed))));
 
     let c = sim.publish(b"c");
-    sim.p
-        .handle_connect_failed(sim.conn(), "connection refused".into(), sim.now);
+    sim.p.handle_connect_failed(sim.conn(), "connection refused".into(), sim.now);
     sim.drain();
     assert_eq!(sim.results[&c], Err(PublishError::ConnectionLost));
-    assert!(sim.events.iter().any(|e| matches!(e, ProducerEvent::Disconnected(_, ConnectionError::Io(m)) if m == "connection refused")));
+    assert!(sim
+        .events
+        .iter()
+        .any(|e| matches!(e, ProducerEvent::Disconnected(_, ConnectionError::Io(m)) if m == "connection refused")));
     assert_eq!(sim.p.outstanding(), 0);
 }
 
@@ -192,38 +165,20 @@ fn connection_loss_and_connect_failure_resolve_every_publish() {
 fn local_refusals_queue_nothing() {
     let mut sim = Sim::new();
     let t = Topic::new("t").unwrap();
-    assert_eq!(
-        sim.p.publish(&t, Bytes::new(), sim.now),
-        Err(CommandError::EmptyBody)
-    );
-    assert_eq!(
-        sim.p.multi_publish(&t, vec![], sim.now),
-        Err(CommandError::EmptyBatch)
-    );
+    assert_eq!(sim.p.publish(&t, Bytes::new(), sim.now), Err(CommandError::EmptyBody));
+    assert_eq!(sim.p.multi_publish(&t, vec![], sim.now), Err(CommandError::EmptyBatch));
     assert!(matches!(
-        sim.p.deferred_publish(
-            &t,
-            Duration::from_secs(3601),
-            Bytes::from_static(b"x"),
-            sim.now
-        ),
+        sim.p.deferred_publish(&t, Duration::from_secs(3601), Bytes::from_static(b"x"), sim.now),
         Err(CommandError::DelayOutOfRange { .. })
     ));
     sim.drain();
-    assert!(
-        sim.dialled.is_empty(),
-        "a refused publish does not even dial"
-    );
+    assert!(sim.dialled.is_empty(), "a refused publish does not even dial");
 }
 
 #[test]
 fn replays_the_publish_capture() {
-    let path = format!(
-        "{}/tests/fixtures/nsqd-1.3.0/publish.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let cap: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let path = format!("{}/tests/fixtures/nsqd-1.3.0/publish.json", env!("CARGO_MANIFEST_DIR"));
+    let cap: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let steps = cap["steps"].as_array().unwrap();
     let c2s: Vec<Vec<u8>> = steps
         .iter()
@@ -237,10 +192,7 @@ fn replays_the_publish_capture() {
     sim.drain();
     sim.accept();
     let start = sim.wire().len();
-    let mut txs = vec![sim
-        .p
-        .publish(&topic, Bytes::from_static(b"hello pub"), sim.now)
-        .unwrap()];
+    let mut txs = vec![sim.p.publish(&topic, Bytes::from_static(b"hello pub"), sim.now).unwrap()];
     sim.drain();
     assert_eq!(&sim.wire()[start..], &c2s[1][..]);
     for s in &c2s[2..] {
@@ -257,8 +209,7 @@ fn replays_the_publish_capture() {
             }
             sim.p.multi_publish(&topic, bodies, sim.now)
         } else if text.starts_with("DPUB") {
-            sim.p
-                .deferred_publish(&topic, Duration::from_millis(5000), payload, sim.now)
+            sim.p.deferred_publish(&topic, Duration::from_millis(5000), payload, sim.now)
         } else if text.starts_with("PUB fixture_pub#ephemeral") {
             sim.p.publish(&eph, payload, sim.now)
         } else {
@@ -282,13 +233,7 @@ fn heartbeats_are_answered_while_idle() {
     sim.accept();
     let before = sim.writes.len();
     sim.input(response(b"_heartbeat_"));
-    assert_eq!(
-        sim.writes[before..]
-            .iter()
-            .map(|(_, b)| b.to_vec())
-            .collect::<Vec<_>>(),
-        [b"NOP\n".to_vec()]
-    );
+    assert_eq!(sim.writes[before..].iter().map(|(_, b)| b.to_vec()).collect::<Vec<_>>(), [b"NOP\n".to_vec()]);
 }
 
 #[test]
@@ -299,11 +244,7 @@ fn stop_lets_outstanding_publishes_finish_then_closes() {
     sim.p.stop(sim.now);
     sim.drain();
     assert!(!sim.p.is_stopped());
-    assert_eq!(
-        sim.p
-            .publish(&Topic::new("t").unwrap(), Bytes::from_static(b"x"), sim.now),
-        Err(CommandError::Closed)
-    );
+    assert_eq!(sim.p.publish(&Topic::new("t").unwrap(), Bytes::from_static(b"x"), sim.now), Err(CommandError::Closed));
     sim.input(response(b"OK"));
     assert_eq!(sim.results[&a], Ok(()));
     assert!(sim.p.is_stopped());
@@ -320,16 +261,11 @@ fn commands_queued_between_polls_go_out_as_one_write() {
     let before = sim.writes.len();
     let t = Topic::new("t").unwrap();
     for _ in 0..100 {
-        sim.p
-            .publish(&t, Bytes::from_static(b"x"), sim.now)
-            .unwrap();
+        sim.p.publish(&t, Bytes::from_static(b"x"), sim.now).unwrap();
     }
     sim.drain();
     assert_eq!(sim.writes.len() - before, 1, "one buffer for 100 PUBs");
-    assert_eq!(
-        sim.writes.last().unwrap().1.len(),
-        100 * b"PUB t\n\0\0\0\x01x".len()
-    );
+    assert_eq!(sim.writes.last().unwrap().1.len(), 100 * b"PUB t\n\0\0\0\x01x".len());
 }
 
 #[test]
@@ -343,38 +279,19 @@ fn auto_batching_turns_queued_pubs_into_one_mpub_with_a_result_each() {
         let before = sim.wire().len();
         let t = Topic::new("t").unwrap();
         let other = Topic::new("u").unwrap();
-        let mut txs: Vec<TxId> = (0..10)
-            .map(|_| {
-                sim.p
-                    .publish(&t, Bytes::from_static(b"x"), sim.now)
-                    .unwrap()
-            })
-            .collect();
-        txs.push(
-            sim.p
-                .publish(&other, Bytes::from_static(b"y"), sim.now)
-                .unwrap(),
-        );
+        let mut txs: Vec<TxId> =
+            (0..10).map(|_| sim.p.publish(&t, Bytes::from_static(b"x"), sim.now).unwrap()).collect();
+        txs.push(sim.p.publish(&other, Bytes::from_static(b"y"), sim.now).unwrap());
         sim.drain();
         let wire = String::from_utf8_lossy(&sim.wire()[before..]).into_owned();
-        assert_eq!(
-            wire.matches("MPUB t\n").count(),
-            usize::from(expect_mpub),
-            "{wire:?}"
-        );
-        assert_eq!(
-            wire.matches("PUB t\n").count(),
-            if expect_mpub { 1 } else { 10 }
-        );
+        assert_eq!(wire.matches("MPUB t\n").count(), usize::from(expect_mpub), "{wire:?}");
+        assert_eq!(wire.matches("PUB t\n").count(), if expect_mpub { 1 } else { 10 });
         assert_eq!(wire.matches("PUB u\n").count(), 1, "a lone PUB stays a PUB");
         let responses = if expect_mpub { 2 } else { 11 };
         for _ in 0..responses {
             sim.input(response(b"OK"));
         }
-        assert!(
-            txs.iter().all(|tx| sim.results.get(tx) == Some(&Ok(()))),
-            "batch {batch}"
-        );
+        assert!(txs.iter().all(|tx| sim.results.get(tx) == Some(&Ok(()))), "batch {batch}");
     }
 }
 

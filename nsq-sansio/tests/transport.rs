@@ -1,34 +1,23 @@
 //! TLS, snappy and deflate through `ConnectionState`: the nsqd 1.3.0 compressed captures, and
 //! TLS end to end against an in-memory rustls server.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use nsq_sansio::{
-    Channel, Config, ConnectionError, ConnectionState, Event, Frame, Topic, TransportError,
-};
+use nsq_sansio::{Channel, Config, ConnectionError, ConnectionState, Event, Frame, Topic, TransportError};
 use proptest::prelude::*;
 use serde_json::Value;
 
 fn capture(name: &str) -> Value {
-    let path = format!(
-        "{}/tests/fixtures/nsqd-1.3.0/{name}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/tests/fixtures/nsqd-1.3.0/{name}.json", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn steps(cap: &Value, dir: &str) -> Vec<Value> {
-    cap["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["dir"] == dir && s.get("event").is_none())
-        .cloned()
-        .collect()
+    cap["steps"].as_array().unwrap().iter().filter(|s| s["dir"] == dir && s.get("event").is_none()).cloned().collect()
 }
 
 fn drain(conn: &mut ConnectionState) -> (Vec<u8>, Vec<Event>) {
@@ -47,16 +36,13 @@ fn drain(conn: &mut ConnectionState) -> (Vec<u8>, Vec<Event>) {
 /// returns what the client wrote after IDENTIFY and the events.
 fn replay(name: &str, option: &str, cuts: &[usize]) -> (Vec<u8>, Vec<Event>, Value) {
     let cap = capture(name);
-    let stream: Vec<u8> = steps(&cap, "s2c")
-        .iter()
-        .flat_map(|s| hex::decode(s["hex"].as_str().unwrap()).unwrap())
-        .collect();
+    let stream: Vec<u8> =
+        steps(&cap, "s2c").iter().flat_map(|s| hex::decode(s["hex"].as_str().unwrap()).unwrap()).collect();
     let mut config = Config::new();
     config.set(option, "true").unwrap();
     let now = Instant::now();
     let mut conn = ConnectionState::new(Arc::new(config), "127.0.0.1", now);
-    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap())
-        .unwrap();
+    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap()).unwrap();
     let (hello, _) = drain(&mut conn);
     assert!(hello.starts_with(b"  V2IDENTIFY\n"));
     let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
@@ -92,10 +78,7 @@ fn check_replay(name: &str, option: &str, cuts: &[usize]) -> Vec<u8> {
     assert_eq!(got, expected, "{events:?}");
     assert!(matches!(events[0], Event::Ready(Some(_))), "{events:?}");
     assert!(matches!(events[1], Event::Subscribed), "{events:?}");
-    assert!(
-        !events.iter().any(|e| matches!(e, Event::Closed(_))),
-        "{events:?}"
-    );
+    assert!(!events.iter().any(|e| matches!(e, Event::Closed(_))), "{events:?}");
     out
 }
 
@@ -103,9 +86,7 @@ fn check_replay(name: &str, option: &str, cuts: &[usize]) -> Vec<u8> {
 fn snappy_capture_decodes_and_our_stream_is_valid_snappy() {
     let out = check_replay("identify_snappy", "snappy", &[]);
     let mut plain = Vec::new();
-    snap::read::FrameDecoder::new(&out[..])
-        .read_to_end(&mut plain)
-        .unwrap();
+    snap::read::FrameDecoder::new(&out[..]).read_to_end(&mut plain).unwrap();
     assert_eq!(plain, b"SUB t c\nNOP\n", "the SUB and the heartbeat answer");
 }
 
@@ -114,9 +95,7 @@ fn deflate_capture_decodes_and_our_stream_is_valid_deflate() {
     let out = check_replay("identify_deflate", "deflate", &[]);
     let mut inflater = flate2::Decompress::new(false);
     let mut plain = vec![0u8; 1024];
-    inflater
-        .decompress(&out, &mut plain, flate2::FlushDecompress::Sync)
-        .unwrap();
+    inflater.decompress(&out, &mut plain, flate2::FlushDecompress::Sync).unwrap();
     plain.truncate(inflater.total_out() as usize);
     assert_eq!(plain, b"SUB t c\nNOP\n");
 }
@@ -146,9 +125,7 @@ impl Pki {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("test CA {tag}"));
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("test CA {tag}"));
         let ca = params.self_signed(&ca_key).unwrap();
         let dir = std::env::temp_dir().join(format!("nsq-tls-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -160,15 +137,10 @@ impl Pki {
     fn issue(
         &self,
         name: &str,
-    ) -> (
-        Vec<rustls::pki_types::CertificateDer<'static>>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    ) {
+    ) -> (Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        params.subject_alt_names.push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
         let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
         std::fs::write(self.dir.join(format!("{name}.pem")), cert.pem()).unwrap();
         std::fs::write(self.dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
@@ -188,16 +160,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Plays nsqd on the far side of a `ConnectionState`: plain IDENTIFY answer negotiating TLS
 /// (and `compression`), the TLS handshake, `OK` through TLS, then `OK` through the compressor,
 /// then a message. Returns the client's events.
-fn tls_session(
-    config: Config,
-    server: rustls::ServerConfig,
-    compression: Option<&str>,
-) -> Vec<Event> {
+fn tls_session(config: Config, server: rustls::ServerConfig, compression: Option<&str>) -> Vec<Event> {
     let now = Instant::now();
     let mut client = ConnectionState::new(Arc::new(config), "127.0.0.1", now);
-    client
-        .subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap())
-        .unwrap();
+    client.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap()).unwrap();
     let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
     let mut events = Vec::new();
     let (hello, _) = drain(&mut client);
@@ -257,8 +223,7 @@ fn tls_session(
                     w.into_inner().unwrap()
                 }
                 Some("deflate") => {
-                    let mut w =
-                        flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+                    let mut w = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
                     w.write_all(&rest).unwrap();
                     w.flush().unwrap();
                     w.get_ref().clone()
@@ -282,19 +247,15 @@ fn tls_session(
 
 fn server_config(pki: &Pki, client_auth: Option<&Pki>) -> rustls::ServerConfig {
     let (chain, key) = pki.issue("server");
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap();
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().unwrap();
     let builder = match client_auth {
         Some(client_ca) => {
             let mut roots = rustls::RootCertStore::empty();
             roots.add(client_ca.ca.der().clone()).unwrap();
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider(),
-            )
-            .build()
-            .unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .unwrap();
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -304,27 +265,16 @@ fn server_config(pki: &Pki, client_auth: Option<&Pki>) -> rustls::ServerConfig {
 
 fn tls_config(pki: &Pki) -> Config {
     let mut config = Config::new();
-    config
-        .set("tls_v1", "true")
-        .unwrap()
-        .set("tls_root_ca_file", &pki.path("ca.pem"))
-        .unwrap();
+    config.set("tls_v1", "true").unwrap().set("tls_root_ca_file", &pki.path("ca.pem")).unwrap();
     config
 }
 
 fn delivered(events: &[Event]) -> bool {
-    events
-        .iter()
-        .any(|e| matches!(e, Event::Message(m) if &m.body[..] == b"over tls"))
+    events.iter().any(|e| matches!(e, Event::Message(m) if &m.body[..] == b"over tls"))
 }
 
 fn tls_failure(events: &[Event]) -> bool {
-    events.iter().any(|e| {
-        matches!(
-            e,
-            Event::Closed(ConnectionError::Transport(TransportError::Tls(_)))
-        )
-    })
+    events.iter().any(|e| matches!(e, Event::Closed(ConnectionError::Transport(TransportError::Tls(_)))))
 }
 
 #[test]
@@ -356,19 +306,12 @@ fn tls_client_certificate_required_by_the_server() {
     let pki = Pki::new("mtls");
     pki.issue("client");
     let mut with_cert = tls_config(&pki);
-    with_cert
-        .set("tls_cert", &pki.path("client.pem"))
-        .unwrap()
-        .set("tls_key", &pki.path("client.key"))
-        .unwrap();
+    with_cert.set("tls_cert", &pki.path("client.pem")).unwrap().set("tls_key", &pki.path("client.key")).unwrap();
     let events = tls_session(with_cert, server_config(&pki, Some(&pki)), None);
     assert!(delivered(&events), "{events:?}");
     let events = tls_session(tls_config(&pki), server_config(&pki, Some(&pki)), None);
     assert!(!delivered(&events), "{events:?}");
-    assert!(
-        events.iter().any(|e| matches!(e, Event::Closed(_))),
-        "{events:?}"
-    );
+    assert!(events.iter().any(|e| matches!(e, Event::Closed(_))), "{events:?}");
 }
 
 #[test]
@@ -385,11 +328,7 @@ fn tls_then_snappy_and_tls_then_deflate() {
 #[test]
 fn a_missing_ca_file_is_a_clear_setup_error() {
     let mut config = Config::new();
-    config
-        .set("tls_v1", "true")
-        .unwrap()
-        .set("tls_root_ca_file", "/nonexistent/ca.pem")
-        .unwrap();
+    config.set("tls_v1", "true").unwrap().set("tls_root_ca_file", "/nonexistent/ca.pem").unwrap();
     let pki = Pki::new("missing");
     let events = tls_session(config, server_config(&pki, None), None);
     assert!(

@@ -38,12 +38,7 @@ impl FakeLookupd {
                 }
             }
         });
-        Ok(Self {
-            addr,
-            producers,
-            stopped,
-            queries,
-        })
+        Ok(Self { addr, producers, stopped, queries })
     }
 
     /// The HTTP address, `127.0.0.1:port`.
@@ -85,10 +80,7 @@ impl Drop for FakeLookupd {
     }
 }
 
-fn answer(
-    mut sock: TcpStream,
-    producers: &Mutex<HashMap<String, Vec<SocketAddr>>>,
-) -> io::Result<()> {
+fn answer(mut sock: TcpStream, producers: &Mutex<HashMap<String, Vec<SocketAddr>>>) -> io::Result<()> {
     sock.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -112,24 +104,12 @@ fn answer(
         "/lookup" => {
             let topic = query.split('&').find_map(|kv| kv.strip_prefix("topic="));
             let Some(topic) = topic.filter(|t| !t.is_empty()) else {
-                return respond(
-                    &mut sock,
-                    "400 Bad Request",
-                    r#"{"message":"MISSING_ARG_TOPIC"}"#,
-                );
+                return respond(&mut sock, "400 Bad Request", r#"{"message":"MISSING_ARG_TOPIC"}"#);
             };
             let topic = topic.replace("%23", "#");
-            let list = producers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&topic)
-                .cloned();
+            let list = producers.lock().unwrap_or_else(|e| e.into_inner()).get(&topic).cloned();
             match list {
-                None => respond(
-                    &mut sock,
-                    "404 Not Found",
-                    r#"{"message":"TOPIC_NOT_FOUND"}"#,
-                ),
+                None => respond(&mut sock, "404 Not Found", r#"{"message":"TOPIC_NOT_FOUND"}"#),
                 Some(list) => {
                     let producers: Vec<String> = list
                         .iter()
@@ -142,8 +122,7 @@ fn answer(
                             )
                         })
                         .collect();
-                    let body =
-                        format!(r#"{{"channels":[],"producers":[{}]}}"#, producers.join(","));
+                    let body = format!(r#"{{"channels":[],"producers":[{}]}}"#, producers.join(","));
                     respond(&mut sock, "200 OK", &body)
                 }
             }

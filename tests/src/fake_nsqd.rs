@@ -23,6 +23,8 @@ pub struct FakeNsqdOptions {
     pub auth_secrets: HashMap<String, String>,
     /// Bind to this address (port 0: any free port).
     pub addr: SocketAddr,
+    /// TLS server configuration; offered to clients that ask (`tls_v1`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for FakeNsqdOptions {
@@ -32,6 +34,7 @@ impl Default for FakeNsqdOptions {
             msg_timeout: Duration::from_secs(60),
             auth_secrets: HashMap::new(),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: None,
         }
     }
 }
@@ -105,9 +108,10 @@ struct Msg {
     body: Vec<u8>,
 }
 
-#[derive(Debug)]
 struct ClientInfo {
     sock: TcpStream,
+    /// Every byte to the client goes through here: plain, TLS, and/or a compressor.
+    out: Box<dyn Write + Send>,
     sub: Option<(String, String)>,
     rdy: u64,
     in_flight: u64,
@@ -130,11 +134,7 @@ impl FakeNsqd {
         });
         spawn_acceptor(listener, shared.clone(), options.clone());
         spawn_clock(shared.clone());
-        Ok(Self {
-            addr,
-            shared,
-            options,
-        })
+        Ok(Self { addr, shared, options })
     }
 
     /// Starts one with default options.
@@ -166,9 +166,7 @@ impl FakeNsqd {
         let st = lock(&self.shared);
         st.topics.get(topic).map_or(0, |t| {
             t.backlog.len()
-                + t.channels
-                    .get(channel)
-                    .map_or(0, |c| c.ready.len() + c.deferred.len() + c.in_flight.len())
+                + t.channels.get(channel).map_or(0, |c| c.ready.len() + c.deferred.len() + c.in_flight.len())
         })
     }
 
@@ -230,15 +228,9 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 fn new_msg(n: u64, body: Vec<u8>) -> Msg {
     let mut id = [0u8; 16];
     id.copy_from_slice(format!("{n:016x}").as_bytes());
-    let timestamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    Msg {
-        id,
-        timestamp,
-        attempts: 0,
-        body,
-    }
+    let timestamp =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    Msg { id, timestamp, attempts: 0, body }
 }
 
 /// Stores a message in a topic: copied to every channel, or kept until the first one exists.
@@ -292,20 +284,15 @@ fn tick(st: &mut State, shared: &Shared) {
     let mut freed: Vec<u64> = Vec::new();
     for t in st.topics.values_mut() {
         for c in t.channels.values_mut() {
-            let expired: Vec<[u8; 16]> = c
-                .in_flight
-                .iter()
-                .filter(|(_, (_, at, _))| *at <= now)
-                .map(|(id, _)| *id)
-                .collect();
+            let expired: Vec<[u8; 16]> =
+                c.in_flight.iter().filter(|(_, (_, at, _))| *at <= now).map(|(id, _)| *id).collect();
             for id in expired {
                 if let Some((client, _, m)) = c.in_flight.remove(&id) {
                     freed.push(client);
                     c.ready.push_back(m);
                 }
             }
-            let (due, later): (Vec<_>, Vec<_>) =
-                c.deferred.drain(..).partition(|(at, _)| *at <= now);
+            let (due, later): (Vec<_>, Vec<_>) = c.deferred.drain(..).partition(|(at, _)| *at <= now);
             c.deferred = later;
             c.ready.extend(due.into_iter().map(|(_, m)| m));
         }
@@ -317,7 +304,7 @@ fn tick(st: &mut State, shared: &Shared) {
     }
     if let Some(bytes) = st.inject.take() {
         for c in st.clients.values_mut() {
-            let _ = c.sock.write_all(&bytes);
+            let _ = send(&mut c.out, &bytes);
         }
     }
     if st.silent {
@@ -328,7 +315,7 @@ fn tick(st: &mut State, shared: &Shared) {
         if let Some(every) = c.heartbeat {
             if now.duration_since(c.last_heartbeat) >= every {
                 c.last_heartbeat = now;
-                let _ = c.sock.write_all(&frame(0, b"_heartbeat_"));
+                let _ = send(&mut c.out, &frame(0, b"_heartbeat_"));
             }
         }
     }
@@ -348,11 +335,7 @@ fn tick(st: &mut State, shared: &Shared) {
                 continue;
             };
             let msg_timeout = c.msg_timeout;
-            let Some(q) = st
-                .topics
-                .get_mut(&topic)
-                .and_then(|t| t.channels.get_mut(&channel))
-            else {
+            let Some(q) = st.topics.get_mut(&topic).and_then(|t| t.channels.get_mut(&channel)) else {
                 continue;
             };
             let Some(mut m) = q.ready.pop_front() else {
@@ -368,12 +351,28 @@ fn tick(st: &mut State, shared: &Shared) {
                 data.extend_from_slice(&m.attempts.to_be_bytes());
                 data.extend_from_slice(&m.id);
                 data.extend_from_slice(&m.body);
-                let _ = c.sock.write_all(&frame(2, &data));
+                let _ = send(&mut c.out, &frame(2, &data));
             }
             progress = true;
         }
     }
     let _ = shared;
+}
+
+impl std::fmt::Debug for ClientInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientInfo")
+            .field("sub", &self.sub)
+            .field("rdy", &self.rdy)
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+fn send(out: &mut Box<dyn Write + Send>, bytes: &[u8]) -> io::Result<()> {
+    out.write_all(bytes)?;
+    // A compressor flushes a chunk (snappy) or a sync block (deflate), as nsqd does per write.
+    out.flush()
 }
 
 fn frame(kind: u32, data: &[u8]) -> Vec<u8> {
@@ -392,18 +391,15 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !stem.is_empty()
-        && stem
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && stem.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io::Result<()> {
-    let mut reader = BufReader::new(sock.try_clone()?);
-    let mut writer = sock.try_clone()?;
+    let mut reader: Box<dyn BufRead + Send> = Box::new(BufReader::new(sock.try_clone()?));
     let mut magic = [0u8; 4];
     reader.read_exact(&mut magic)?;
     if &magic != b"  V2" {
-        writer.write_all(&frame(1, b"E_BAD_PROTOCOL"))?;
+        (&sock).write_all(&frame(1, b"E_BAD_PROTOCOL"))?;
         return sock.shutdown(Shutdown::Both);
     }
     let client = {
@@ -415,6 +411,7 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
             id,
             ClientInfo {
                 sock: sock.try_clone()?,
+                out: Box::new(sock.try_clone()?),
                 sub: None,
                 rdy: 0,
                 in_flight: 0,
@@ -427,13 +424,12 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
         id
     };
     let mut authed = options.auth_secrets.is_empty();
+    let mut upgrade: Option<Upgrade> = None;
     let mut identified = false;
     let result = (|| -> Result<(), Fatal> {
         loop {
             let mut line = Vec::new();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| Fatal(e.to_string()))?;
+            let n = reader.read_until(b'\n', &mut line).map_err(|e| Fatal(e.to_string()))?;
             if n == 0 {
                 return Ok(());
             }
@@ -446,17 +442,13 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
             let cmd = params[0];
             let mut body = || -> Result<Vec<u8>, Fatal> {
                 let mut len = [0u8; 4];
-                reader
-                    .read_exact(&mut len)
-                    .map_err(|_| Fatal(format!("E_BAD_BODY {cmd} failed to read body size")))?;
+                reader.read_exact(&mut len).map_err(|_| Fatal(format!("E_BAD_BODY {cmd} failed to read body size")))?;
                 let len = u32::from_be_bytes(len) as usize;
                 if len > 5 * 1024 * 1024 {
                     return Err(Fatal(format!("E_BAD_BODY {cmd} body too big {len}")));
                 }
                 let mut b = vec![0u8; len];
-                reader
-                    .read_exact(&mut b)
-                    .map_err(|_| Fatal(format!("E_BAD_BODY {cmd} failed to read body")))?;
+                reader.read_exact(&mut b).map_err(|e| Fatal(format!("E_BAD_BODY {cmd} failed to read body ({e})")))?;
                 Ok(b)
             };
             let needs_auth = !matches!(cmd, "IDENTIFY" | "AUTH" | "NOP");
@@ -471,37 +463,25 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                 "NOP" => None,
                 "IDENTIFY" => {
                     let b = body()?;
-                    let v: serde_json::Value = serde_json::from_slice(&b).map_err(|_| {
-                        Fatal("E_BAD_BODY IDENTIFY failed to decode JSON body".into())
-                    })?;
-                    let hb = v
-                        .get("heartbeat_interval")
-                        .and_then(|h| h.as_i64())
-                        .unwrap_or(30_000);
+                    let v: serde_json::Value = serde_json::from_slice(&b)
+                        .map_err(|_| Fatal("E_BAD_BODY IDENTIFY failed to decode JSON body".into()))?;
+                    let hb = v.get("heartbeat_interval").and_then(|h| h.as_i64()).unwrap_or(30_000);
                     let heartbeat = match hb {
                         -1 => None,
                         0 => Some(Duration::from_secs(30)),
-                        ms if (1000..=60_000).contains(&ms) => {
-                            Some(Duration::from_millis(ms as u64))
-                        }
-                        ms => {
-                            return Err(Fatal(format!(
-                                "E_BAD_BODY IDENTIFY heartbeat interval ({ms}) is invalid"
-                            )))
-                        }
+                        ms if (1000..=60_000).contains(&ms) => Some(Duration::from_millis(ms as u64)),
+                        ms => return Err(Fatal(format!("E_BAD_BODY IDENTIFY heartbeat interval ({ms}) is invalid"))),
                     };
                     let flag = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(false);
                     if flag("snappy") && flag("deflate") {
                         return Err(Fatal(
-                            "E_IDENTIFY_FAILED cannot enable both deflate and snappy compression"
-                                .into(),
+                            "E_IDENTIFY_FAILED cannot enable both deflate and snappy compression".into(),
                         ));
                     }
-                    let msg_timeout =
-                        match v.get("msg_timeout").and_then(|m| m.as_u64()).unwrap_or(0) {
-                            0 => options.msg_timeout,
-                            ms => Duration::from_millis(ms),
-                        };
+                    let msg_timeout = match v.get("msg_timeout").and_then(|m| m.as_u64()).unwrap_or(0) {
+                        0 => options.msg_timeout,
+                        ms => Duration::from_millis(ms),
+                    };
                     {
                         let mut st = lock(shared);
                         if let Some(c) = st.clients.get_mut(&client) {
@@ -511,11 +491,22 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                         }
                     }
                     identified = true;
+                    let tls = flag("tls_v1") && options.tls.is_some();
+                    let snappy = flag("snappy");
+                    let deflate = flag("deflate");
+                    let level = v.get("deflate_level").and_then(|l| l.as_u64()).unwrap_or(6).clamp(1, 6) as u32;
+                    if flag("feature_negotiation") && (tls || snappy || deflate) {
+                        upgrade = Some(Upgrade {
+                            tls: if tls { options.tls.clone() } else { None },
+                            snappy,
+                            deflate: deflate.then_some(level),
+                        });
+                    }
                     if flag("feature_negotiation") {
                         let json = serde_json::json!({
                             "max_rdy_count": 2500, "version": "1.3.0", "max_msg_timeout": 900000,
-                            "msg_timeout": msg_timeout.as_millis() as u64, "tls_v1": false, "deflate": false,
-                            "deflate_level": 6, "max_deflate_level": 6, "snappy": false, "sample_rate": 0,
+                            "msg_timeout": msg_timeout.as_millis() as u64, "tls_v1": tls, "deflate": deflate,
+                            "deflate_level": level, "max_deflate_level": 6, "snappy": snappy, "sample_rate": 0,
                             "auth_required": !options.auth_secrets.is_empty(), "output_buffer_size": 16384,
                             "output_buffer_timeout": 250
                         });
@@ -539,7 +530,8 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                     match options.auth_secrets.get(&secret) {
                         Some(identity) => {
                             authed = true;
-                            let json = serde_json::json!({"identity": identity, "identity_url": "", "permission_count": 1});
+                            let json =
+                                serde_json::json!({"identity": identity, "identity_url": "", "permission_count": 1});
                             Some(frame(0, json.to_string().as_bytes()))
                         }
                         None => return Err(Fatal("E_AUTH_FAILED AUTH failed".into())),
@@ -547,33 +539,21 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                 }
                 "SUB" => {
                     if params.len() < 3 {
-                        return Err(Fatal(
-                            "E_INVALID SUB insufficient number of parameters".into(),
-                        ));
+                        return Err(Fatal("E_INVALID SUB insufficient number of parameters".into()));
                     }
                     let (topic, channel) = (params[1], params[2]);
                     if !valid_name(topic) {
-                        return Err(Fatal(format!(
-                            "E_BAD_TOPIC SUB topic name \"{topic}\" is not valid"
-                        )));
+                        return Err(Fatal(format!("E_BAD_TOPIC SUB topic name \"{topic}\" is not valid")));
                     }
                     if !valid_name(channel) {
-                        return Err(Fatal(format!(
-                            "E_BAD_CHANNEL SUB channel name \"{channel}\" is not valid"
-                        )));
+                        return Err(Fatal(format!("E_BAD_CHANNEL SUB channel name \"{channel}\" is not valid")));
                     }
                     let mut st = lock(shared);
                     if st.clients.get(&client).is_some_and(|c| c.sub.is_some()) {
                         return Err(Fatal("E_INVALID cannot SUB in current state".into()));
                     }
-                    if st
-                        .clients
-                        .get(&client)
-                        .is_some_and(|c| c.heartbeat.is_none())
-                    {
-                        return Err(Fatal(
-                            "E_INVALID cannot SUB with heartbeats disabled".into(),
-                        ));
+                    if st.clients.get(&client).is_some_and(|c| c.heartbeat.is_none()) {
+                        return Err(Fatal("E_INVALID cannot SUB with heartbeats disabled".into()));
                     }
                     let t = st.topics.entry(topic.to_owned()).or_default();
                     let backlog: Vec<Msg> = t.backlog.drain(..).collect();
@@ -593,15 +573,10 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                         return Err(Fatal("E_INVALID cannot RDY in current state".into()));
                     }
                     let n: i64 = params.get(1).and_then(|n| n.parse().ok()).ok_or_else(|| {
-                        Fatal(format!(
-                            "E_INVALID RDY could not parse count {}",
-                            params.get(1).unwrap_or(&"")
-                        ))
+                        Fatal(format!("E_INVALID RDY could not parse count {}", params.get(1).unwrap_or(&"")))
                     })?;
                     if !(0..=2500).contains(&n) {
-                        return Err(Fatal(format!(
-                            "E_INVALID RDY count {n} out of range 0-2500"
-                        )));
+                        return Err(Fatal(format!("E_INVALID RDY count {n} out of range 0-2500")));
                     }
                     if !c.closing {
                         c.rdy = n as u64;
@@ -622,37 +597,24 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                     let mut key = [0u8; 16];
                     key.copy_from_slice(id.as_bytes());
                     let delay = if cmd == "REQ" {
-                        let ms: i64 =
-                            params.get(2).and_then(|n| n.parse().ok()).ok_or_else(|| {
-                                Fatal(format!(
-                                    "E_INVALID REQ could not parse timeout {}",
-                                    params.get(2).unwrap_or(&"")
-                                ))
-                            })?;
+                        let ms: i64 = params.get(2).and_then(|n| n.parse().ok()).ok_or_else(|| {
+                            Fatal(format!("E_INVALID REQ could not parse timeout {}", params.get(2).unwrap_or(&"")))
+                        })?;
                         Duration::from_millis(ms.clamp(0, 3_600_000) as u64)
                     } else {
                         Duration::ZERO
                     };
-                    let msg_timeout = st
-                        .clients
-                        .get(&client)
-                        .map_or(options.msg_timeout, |c| c.msg_timeout);
-                    let q = st
-                        .topics
-                        .get_mut(&sub.0)
-                        .and_then(|t| t.channels.get_mut(&sub.1));
+                    let msg_timeout = st.clients.get(&client).map_or(options.msg_timeout, |c| c.msg_timeout);
+                    let q = st.topics.get_mut(&sub.0).and_then(|t| t.channels.get_mut(&sub.1));
                     let entry = q.and_then(|q| match q.in_flight.get(&key) {
                         Some((owner, _, _)) if *owner == client => Some(q),
                         _ => None,
                     });
                     let Some(q) = entry else {
-                        let code = format!("E_{cmd}_FAILED");
-                        writer
-                            .write_all(&frame(
-                                1,
-                                format!("{code} {cmd} {id} failed ID not in flight").as_bytes(),
-                            ))
-                            .map_err(|e| Fatal(e.to_string()))?;
+                        let text = format!("E_{cmd}_FAILED {cmd} {id} failed ID not in flight");
+                        if let Some(c) = st.clients.get_mut(&client) {
+                            send(&mut c.out, &frame(1, text.as_bytes())).map_err(|e| Fatal(e.to_string()))?;
+                        }
                         drop(st);
                         continue;
                     };
@@ -702,19 +664,14 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                     let topic = params.get(1).copied().unwrap_or("");
                     if !valid_name(topic) {
                         body()?;
-                        return Err(Fatal(format!(
-                            "E_BAD_TOPIC {cmd} topic name \"{topic}\" is not valid"
-                        )));
+                        return Err(Fatal(format!("E_BAD_TOPIC {cmd} topic name \"{topic}\" is not valid")));
                     }
                     let defer = if cmd == "DPUB" {
                         let raw = params.get(2).copied().unwrap_or("");
-                        let ms: i64 = raw.parse().map_err(|_| {
-                            Fatal(format!("E_INVALID DPUB could not parse timeout {raw}"))
-                        })?;
+                        let ms: i64 =
+                            raw.parse().map_err(|_| Fatal(format!("E_INVALID DPUB could not parse timeout {raw}")))?;
                         if !(0..=3_600_000).contains(&ms) {
-                            return Err(Fatal(format!(
-                                "E_INVALID DPUB timeout {ms} out of range 0-3600000"
-                            )));
+                            return Err(Fatal(format!("E_INVALID DPUB timeout {ms} out of range 0-3600000")));
                         }
                         Some(Instant::now() + Duration::from_millis(ms as u64))
                     } else {
@@ -722,9 +679,7 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                     };
                     let b = body()?;
                     if b.is_empty() {
-                        return Err(Fatal(format!(
-                            "E_BAD_MESSAGE {cmd} invalid message body size 0"
-                        )));
+                        return Err(Fatal(format!("E_BAD_MESSAGE {cmd} invalid message body size 0")));
                     }
                     if b.len() > options.max_msg_size {
                         return Err(Fatal(format!(
@@ -742,9 +697,7 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                     let topic = params.get(1).copied().unwrap_or("");
                     let b = body()?;
                     if !valid_name(topic) {
-                        return Err(Fatal(format!(
-                            "E_BAD_TOPIC E_BAD_TOPIC MPUB topic name \"{topic}\" is not valid"
-                        )));
+                        return Err(Fatal(format!("E_BAD_TOPIC E_BAD_TOPIC MPUB topic name \"{topic}\" is not valid")));
                     }
                     if b.len() < 4 {
                         return Err(Fatal("E_BAD_BODY MPUB failed to read message count".into()));
@@ -757,15 +710,11 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                     let mut bodies = Vec::with_capacity(count.min(1024));
                     for i in 0..count {
                         if rest.len() < 4 {
-                            return Err(Fatal(
-                                "E_BAD_MESSAGE MPUB failed to read message body size".into(),
-                            ));
+                            return Err(Fatal("E_BAD_MESSAGE MPUB failed to read message body size".into()));
                         }
                         let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
                         if n == 0 {
-                            return Err(Fatal(format!(
-                                "E_BAD_MESSAGE MPUB invalid message({i}) body size 0"
-                            )));
+                            return Err(Fatal(format!("E_BAD_MESSAGE MPUB invalid message({i}) body size 0")));
                         }
                         if n > options.max_msg_size {
                             return Err(Fatal(format!(
@@ -774,9 +723,7 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                             )));
                         }
                         if rest.len() < 4 + n {
-                            return Err(Fatal(
-                                "E_BAD_MESSAGE MPUB failed to read message body".into(),
-                            ));
+                            return Err(Fatal("E_BAD_MESSAGE MPUB failed to read message body".into()));
                         }
                         bodies.push(rest[4..4 + n].to_vec());
                         rest = &rest[4 + n..];
@@ -793,27 +740,24 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                 other => return Err(Fatal(format!("E_INVALID invalid command {other}"))),
             };
             if let Some(reply) = reply {
-                // Under the lock: deliveries from the clock thread must not interleave.
-                let _guard = lock(shared);
-                writer.write_all(&reply).map_err(|e| Fatal(e.to_string()))?;
+                reply_to(shared, client, &reply).map_err(|e| Fatal(e.to_string()))?;
+            }
+            if let Some(upgrade) = upgrade.take() {
+                reader = upgrade_client(shared, client, &sock, reader, upgrade)
+                    .map_err(|e| Fatal(format!("E_IDENTIFY_FAILED {e}")))?;
             }
         }
     })();
     // The client is gone: its in-flight messages go back to the queue.
     let mut st = lock(shared);
-    if let Some(c) = st.clients.remove(&client) {
+    if let Some(mut c) = st.clients.remove(&client) {
+        if let Err(Fatal(text)) = &result {
+            let _ = send(&mut c.out, &frame(1, text.as_bytes()));
+        }
         if let Some((topic, channel)) = c.sub {
-            if let Some(q) = st
-                .topics
-                .get_mut(&topic)
-                .and_then(|t| t.channels.get_mut(&channel))
-            {
-                let mine: Vec<[u8; 16]> = q
-                    .in_flight
-                    .iter()
-                    .filter(|(_, (owner, _, _))| *owner == client)
-                    .map(|(id, _)| *id)
-                    .collect();
+            if let Some(q) = st.topics.get_mut(&topic).and_then(|t| t.channels.get_mut(&channel)) {
+                let mine: Vec<[u8; 16]> =
+                    q.in_flight.iter().filter(|(_, (owner, _, _))| *owner == client).map(|(id, _)| *id).collect();
                 for id in mine {
                     if let Some((_, _, m)) = q.in_flight.remove(&id) {
                         q.ready.push_back(m);
@@ -822,10 +766,61 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
             }
         }
     }
-    if let Err(Fatal(text)) = result {
-        let _ = writer.write_all(&frame(1, text.as_bytes()));
-    }
     drop(st);
     shared.wake.notify_all();
     sock.shutdown(Shutdown::Both)
+}
+
+/// Writes a reply under the state lock, so deliveries from the clock thread cannot interleave.
+fn reply_to(shared: &Shared, client: u64, bytes: &[u8]) -> io::Result<()> {
+    let mut st = lock(shared);
+    match st.clients.get_mut(&client) {
+        Some(c) => send(&mut c.out, bytes),
+        None => Ok(()),
+    }
+}
+
+/// What IDENTIFY negotiated: the upgrades to carry out after its answer, in nsqd's order.
+struct Upgrade {
+    tls: Option<Arc<rustls::ServerConfig>>,
+    snappy: bool,
+    deflate: Option<u32>,
+}
+
+/// Carries out the upgrades as nsqd does: TLS handshake then `OK` through TLS; then the
+/// compressor and `OK` through it. Returns the new reader.
+fn upgrade_client(
+    shared: &Shared,
+    client: u64,
+    sock: &TcpStream,
+    reader: Box<dyn BufRead + Send>,
+    upgrade: Upgrade,
+) -> io::Result<Box<dyn BufRead + Send>> {
+    // nsqd's client cannot pipeline past IDENTIFY when upgrading: it must wait for the answer.
+    drop(reader);
+    let (mut read, mut write): (Box<dyn Read + Send>, Box<dyn Write + Send>) =
+        (Box::new(sock.try_clone()?), Box::new(sock.try_clone()?));
+    if let Some(config) = upgrade.tls {
+        let tls = crate::tls_stream::TlsShared::handshake(config, sock.try_clone()?)?;
+        read = Box::new(crate::tls_stream::TlsRead(tls.clone()));
+        write = Box::new(crate::tls_stream::TlsWrite(tls));
+        write.write_all(&frame(0, b"OK"))?;
+        write.flush()?;
+    }
+    if upgrade.snappy {
+        read = Box::new(snap::read::FrameDecoder::new(read));
+        write = Box::new(snap::write::FrameEncoder::new(write));
+    } else if let Some(level) = upgrade.deflate {
+        read = Box::new(flate2::read::DeflateDecoder::new(read));
+        write = Box::new(flate2::write::DeflateEncoder::new(write, flate2::Compression::new(level)));
+    }
+    if upgrade.snappy || upgrade.deflate.is_some() {
+        write.write_all(&frame(0, b"OK"))?;
+        write.flush()?;
+    }
+    let mut st = lock(shared);
+    if let Some(c) = st.clients.get_mut(&client) {
+        c.out = write;
+    }
+    Ok(Box::new(BufReader::new(read)))
 }

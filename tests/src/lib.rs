@@ -4,9 +4,12 @@
 //! nsqd 1.3.0's behaviour and the captured bytes in `nsq-sansio/tests/fixtures/`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod certs;
 pub mod fake_lookupd;
 pub mod fake_nsqd;
 pub mod scenarios;
+pub mod tls_stream;
 
+pub use certs::TestPki;
 pub use fake_lookupd::FakeLookupd;
 pub use fake_nsqd::{FakeNsqd, FakeNsqdOptions, FakeStats};

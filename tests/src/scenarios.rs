@@ -63,6 +63,8 @@ macro_rules! scenario_tests {
             graceful_stop_waits_for_in_flight_messages,
             auth_good_and_bad,
             stream_consumer,
+            compression_and_tls_round_trips,
+            tls_with_a_wrong_ca_is_refused,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -114,9 +116,7 @@ impl Seen {
     }
 }
 
-fn recording_handler(
-    seen: &Seen,
-) -> impl Fn(Message) -> std::future::Ready<Result<(), std::io::Error>> {
+fn recording_handler(seen: &Seen) -> impl Fn(Message) -> std::future::Ready<Result<(), std::io::Error>> {
     let seen = seen.clone();
     move |m: Message| {
         seen.push(m.body());
@@ -154,14 +154,8 @@ pub async fn publish_and_consume<R: Runtime>() {
 pub async fn multi_and_deferred_publish<R: Runtime>() {
     let nsqd = FakeNsqd::start_default().unwrap();
     let producer = Producer::<R>::new(nsqd.addr(), Config::new());
-    producer
-        .multi_publish("batch", ["a", "b", "c"])
-        .await
-        .unwrap();
-    producer
-        .deferred_publish("batch", Duration::from_millis(300), "later")
-        .await
-        .unwrap();
+    producer.multi_publish("batch", ["a", "b", "c"]).await.unwrap();
+    producer.deferred_publish("batch", Duration::from_millis(300), "later").await.unwrap();
     let consumer = Consumer::<R>::new(
         "batch",
         "ch",
@@ -174,24 +168,10 @@ pub async fn multi_and_deferred_publish<R: Runtime>() {
     consumer.add_handler(recording_handler(&seen));
     consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
     wait_for::<R>("4 finished", || nsqd.stats().finished == 4).await;
-    assert_eq!(
-        seen.sorted(),
-        [
-            b"a".to_vec(),
-            b"b".to_vec(),
-            b"c".to_vec(),
-            b"later".to_vec()
-        ]
-    );
+    assert_eq!(seen.sorted(), [b"a".to_vec(), b"b".to_vec(), b"c".to_vec(), b"later".to_vec()]);
     // Local refusals come back as errors and send nothing.
-    assert!(matches!(
-        producer.multi_publish("batch", Vec::<Vec<u8>>::new()).await,
-        Err(Error::Command(_))
-    ));
-    assert!(matches!(
-        producer.publish("bad!topic", "x").await,
-        Err(Error::Name(_))
-    ));
+    assert!(matches!(producer.multi_publish("batch", Vec::<Vec<u8>>::new()).await, Err(Error::Command(_))));
+    assert!(matches!(producer.publish("bad!topic", "x").await, Err(Error::Name(_))));
     consumer.stop().await;
 }
 
@@ -207,18 +187,13 @@ pub async fn lookupd_discovers_nsqds<R: Runtime>() {
         "disc",
         "ch",
         config(|c| {
-            c.max_in_flight(10)
-                .lookupd_poll_interval(Duration::from_millis(200))
-                .unwrap();
+            c.max_in_flight(10).lookupd_poll_interval(Duration::from_millis(200)).unwrap();
         }),
     )
     .unwrap();
     let seen = Seen::default();
     consumer.add_handler(recording_handler(&seen));
-    consumer
-        .connect_to_nsqlookupd(lookupd.addr())
-        .await
-        .unwrap();
+    consumer.connect_to_nsqlookupd(lookupd.addr()).await.unwrap();
     wait_for::<R>("both first nsqds", || seen.len() == 2).await;
     lookupd.register("disc", &nsqds[2].addr());
     nsqds[2].publish("disc", nsqds[2].addr().as_bytes());
@@ -258,10 +233,7 @@ pub async fn nsqd_restart_loses_nothing<R: Runtime>() {
     wait_for::<R>("some progress", || nsqd.stats().finished >= 5).await;
     nsqd.kill_all();
     wait_for::<R>("a reconnect", || nsqd.stats().connections >= 2).await;
-    wait_for::<R>("every message finished", || {
-        nsqd.depth("restart", "ch") == 0
-    })
-    .await;
+    wait_for::<R>("every message finished", || nsqd.depth("restart", "ch") == 0).await;
     let mut distinct = seen.sorted();
     distinct.dedup();
     assert_eq!(distinct.len(), 30);
@@ -278,8 +250,7 @@ pub async fn outstanding_publishes_fail_when_the_server_dies<R: Runtime>() {
     std::thread::spawn(move || {
         if let Ok((mut sock, _)) = listener.accept() {
             let mut buf = [0u8; 4096];
-            sock.set_read_timeout(Some(Duration::from_millis(300)))
-                .unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
             while let Ok(n) = sock.read(&mut buf) {
                 if n == 0 {
                     break;
@@ -296,10 +267,7 @@ pub async fn outstanding_publishes_fail_when_the_server_dies<R: Runtime>() {
         })
         .collect();
     let results = futures_util::future::join_all(publishes).await;
-    assert!(
-        got.load(Ordering::Relaxed) > 0,
-        "the client wrote its handshake"
-    );
+    assert!(got.load(Ordering::Relaxed) > 0, "the client wrote its handshake");
     for r in results {
         assert!(r.is_err(), "{r:?}");
     }
@@ -374,11 +342,8 @@ pub async fn max_attempts_gives_up<R: Runtime>() {
 
 /// TOUCH keeps a slow message in flight past its timeout.
 pub async fn touch_keeps_a_message<R: Runtime>() {
-    let nsqd = FakeNsqd::start(FakeNsqdOptions {
-        msg_timeout: Duration::from_millis(400),
-        ..Default::default()
-    })
-    .unwrap();
+    let nsqd =
+        FakeNsqd::start(FakeNsqdOptions { msg_timeout: Duration::from_millis(400), ..Default::default() }).unwrap();
     nsqd.publish("touch", b"slow");
     let consumer = Consumer::<R>::new("touch", "ch", Config::new()).unwrap();
     consumer.add_handler(|m: Message| async move {
@@ -499,19 +464,12 @@ pub async fn graceful_stop_waits_for_in_flight_messages<R: Runtime>() {
     consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
     wait_for::<R>("3 handlers running", || started.load(Ordering::SeqCst) == 3).await;
     consumer.stop().await;
-    assert_eq!(
-        done.load(Ordering::SeqCst),
-        3,
-        "stop waited for the handlers"
-    );
+    assert_eq!(done.load(Ordering::SeqCst), 3, "stop waited for the handlers");
     // FIN has no reply: the fake counts them as it reads them.
     wait_for::<R>("3 FINs", || nsqd.stats().finished == 3).await;
     assert_eq!(nsqd.stats().requeued, 0);
     wait_for::<R>("the connection closed", || nsqd.clients() == 0).await;
-    assert!(matches!(
-        consumer.connect_to_nsqd(nsqd.addr()).await,
-        Err(Error::Consumer(_) | Error::Stopped)
-    ));
+    assert!(matches!(consumer.connect_to_nsqd(nsqd.addr()).await, Err(Error::Consumer(_) | Error::Stopped)));
 }
 
 /// AUTH with a good secret works; a wrong secret is a typed fatal error.
@@ -545,10 +503,7 @@ pub async fn auth_good_and_bad<R: Runtime>() {
         other => panic!("{other:?}"),
     }
     let none = Producer::<R>::new(nsqd.addr(), Config::new());
-    assert!(matches!(
-        none.connect().await,
-        Err(Error::Connection(ConnectionError::AuthRequired))
-    ));
+    assert!(matches!(none.connect().await, Err(Error::Connection(ConnectionError::AuthRequired))));
     assert_eq!(nsqd.stats().published["authed"], 1);
 }
 
@@ -579,6 +534,60 @@ pub async fn stream_consumer<R: Runtime>() {
     assert_eq!(bodies.len(), 5);
     wait_for::<R>("finished", || nsqd.stats().finished == 5).await;
     consumer.stop().await;
+}
+
+/// Publish and consume through snappy, deflate, TLS, and TLS with snappy.
+pub async fn compression_and_tls_round_trips<R: Runtime>() {
+    let pki = crate::TestPki::new("round-trips");
+    let nsqd = FakeNsqd::start(FakeNsqdOptions { tls: Some(pki.server.clone()), ..Default::default() }).unwrap();
+    let ca = pki.ca_file.display().to_string();
+    let variants: [&[(&str, &str)]; 5] = [
+        &[("snappy", "true")],
+        &[("deflate", "true"), ("deflate_level", "3")],
+        &[("tls_v1", "true"), ("tls_root_ca_file", &ca)],
+        &[("tls_v1", "true"), ("tls_root_ca_file", &ca), ("snappy", "true")],
+        &[("tls_v1", "true"), ("tls_root_ca_file", &ca), ("deflate", "true")],
+    ];
+    for (i, options) in variants.iter().enumerate() {
+        let mut config = Config::new();
+        for (k, v) in options.iter() {
+            config.set(k, v).unwrap();
+        }
+        config.max_in_flight(10);
+        let topic = format!("variant{i}");
+        let producer = Producer::<R>::new(nsqd.addr(), config.clone());
+        producer.multi_publish(&topic, ["a", "b"]).await.unwrap_or_else(|e| panic!("{options:?}: {e}"));
+        if let Err(e) = producer.publish(&topic, "c".repeat(100_000)).await {
+            panic!("{options:?}: {e}; reconnect says {:?}", producer.connect().await);
+        }
+        let consumer = Consumer::<R>::new(&topic, "ch", config).unwrap();
+        let seen = Seen::default();
+        consumer.add_handler(recording_handler(&seen));
+        consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+        wait_for::<R>("3 messages", || seen.len() == 3).await;
+        let bodies = seen.sorted();
+        assert_eq!(bodies[0], b"a");
+        assert_eq!(bodies[2].len(), 100_000, "{options:?}");
+        consumer.stop().await;
+        producer.stop().await;
+    }
+}
+
+/// A server certificate signed by another CA is refused: nothing is published.
+pub async fn tls_with_a_wrong_ca_is_refused<R: Runtime>() {
+    let (pki, other) = (crate::TestPki::new("server"), crate::TestPki::new("other"));
+    let nsqd = FakeNsqd::start(FakeNsqdOptions { tls: Some(pki.server.clone()), ..Default::default() }).unwrap();
+    let mut config = Config::new();
+    config.set("tls_v1", "true").unwrap().set("tls_root_ca_file", &other.ca_file.display().to_string()).unwrap();
+    let producer = Producer::<R>::new(nsqd.addr(), config);
+    match producer.connect().await {
+        Err(Error::Connection(ConnectionError::Transport(e))) => {
+            assert!(e.to_string().contains("TLS"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(producer.publish("tls", "x").await.is_err());
+    assert!(!nsqd.stats().published.contains_key("tls"));
 }
 
 /// Keeps `Future` in scope for the macro's users.

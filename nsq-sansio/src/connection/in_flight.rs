@@ -37,8 +37,7 @@ impl InFlight {
         // Keep the queue's stale entries bounded by the live ones.
         if removed && self.queue.len() > 2 * self.deadlines.len() + 64 {
             let live = &self.deadlines;
-            self.queue
-                .retain(|&(at, seq, id)| live.get(&id) == Some(&(at, seq)));
+            self.queue.retain(|&(at, seq, id)| live.get(&id) == Some(&(at, seq)));
         }
         removed
     }
@@ -92,10 +91,7 @@ impl InFlight {
     /// Queues a deadline entry and returns what the id's live entry must hold to match it.
     fn push(&mut self, deadline: Instant, id: MessageId) -> (Instant, u64) {
         // A clamped clock can hand out a deadline earlier than the back's; keep the queue sorted.
-        let deadline = self
-            .queue
-            .back()
-            .map_or(deadline, |&(back, _, _)| back.max(deadline));
+        let deadline = self.queue.back().map_or(deadline, |&(back, _, _)| back.max(deadline));
         self.seq = self.seq.wrapping_add(1);
         self.queue.push_back((deadline, self.seq, id));
         (deadline, self.seq)
@@ -125,16 +121,14 @@ impl Hasher for IdHasher {
         for chunk in bytes.chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
-                .wrapping_mul(0x517c_c1b7_2722_0a95);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(0x517c_c1b7_2722_0a95);
         }
     }
 }
 
 /// `now + d`, saturating instead of panicking on overflow.
 pub(crate) fn deadline(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .unwrap_or(now + Duration::from_secs(86_400 * 365))
+    now.checked_add(d).unwrap_or(now + Duration::from_secs(86_400 * 365))
 }
 
 #[cfg(test)]

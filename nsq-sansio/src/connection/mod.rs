@@ -221,9 +221,7 @@ impl ConnectionState {
             expect: VecDeque::new(),
             events: VecDeque::new(),
             timers: TimerTable::default(),
-            in_flight: InFlight::with_capacity(
-                config.max_in_flight.min(DEFAULT_MAX_RDY_COUNT) as usize
-            ),
+            in_flight: InFlight::with_capacity(config.max_in_flight.min(DEFAULT_MAX_RDY_COUNT) as usize),
             negotiated: None,
             subscribed: false,
             cls_sent: false,
@@ -265,11 +263,7 @@ impl ConnectionState {
         if self.phase == Phase::Closed {
             return;
         }
-        if self.phase == Phase::Closing
-            && self.cls_sent
-            && self.in_flight.is_empty()
-            && self.expect.is_empty()
-        {
+        if self.phase == Phase::Closing && self.cls_sent && self.in_flight.is_empty() && self.expect.is_empty() {
             self.finish_close(ConnectionError::LocallyClosed);
         } else {
             self.fail(ConnectionError::ServerClosed);
@@ -306,10 +300,7 @@ impl ConnectionState {
     pub fn subscribe(&mut self, topic: &Topic, channel: &Channel) -> Result<(), CommandError> {
         self.check_open()?;
         if self.subscribed {
-            return Err(CommandError::InvalidState {
-                command: "SUB",
-                reason: "twice on one connection",
-            });
+            return Err(CommandError::InvalidState { command: "SUB", reason: "twice on one connection" });
         }
         self.subscribed = true;
         self.expect.push_back(Expect::Sub);
@@ -322,10 +313,7 @@ impl ConnectionState {
     pub fn ready(&mut self, count: u32) -> Result<u32, CommandError> {
         self.check_open()?;
         if !self.subscribed {
-            return Err(CommandError::InvalidState {
-                command: "RDY",
-                reason: "before SUB",
-            });
+            return Err(CommandError::InvalidState { command: "RDY", reason: "before SUB" });
         }
         let count = count.min(self.max_rdy);
         self.rdy = count;
@@ -375,11 +363,7 @@ impl ConnectionState {
     }
 
     /// Sends `MPUB`: several messages stored atomically. One [`Event::Published`] answers all.
-    pub fn multi_publish(
-        &mut self,
-        topic: &Topic,
-        bodies: &[Bytes],
-    ) -> Result<PublishId, CommandError> {
+    pub fn multi_publish(&mut self, topic: &Topic, bodies: &[Bytes]) -> Result<PublishId, CommandError> {
         self.check_publish()?;
         if bodies.is_empty() {
             return Err(CommandError::EmptyBatch);
@@ -390,12 +374,7 @@ impl ConnectionState {
     }
 
     /// Sends `DPUB`: nsqd delivers the message after `delay` (at most one hour by default).
-    pub fn deferred_publish(
-        &mut self,
-        topic: &Topic,
-        delay: Duration,
-        body: Bytes,
-    ) -> Result<PublishId, CommandError> {
+    pub fn deferred_publish(&mut self, topic: &Topic, delay: Duration, body: Bytes) -> Result<PublishId, CommandError> {
         self.check_publish()?;
         check_body(&body)?;
         if delay > DEFAULT_MAX_DEFER {
@@ -517,10 +496,7 @@ impl ConnectionState {
 
     /// Publishes sent and not yet answered.
     pub fn outstanding_publishes(&self) -> usize {
-        self.expect
-            .iter()
-            .filter(|e| matches!(e, Expect::Publish(_)))
-            .count()
+        self.expect.iter().filter(|e| matches!(e, Expect::Publish(_))).count()
     }
 
     /// When the last message arrived.
@@ -581,10 +557,7 @@ impl ConnectionState {
         if self.subscribed {
             // nsqd allows it, but a consumer connection publishing would interleave its responses
             // with CLOSE_WAIT handling; keep the roles apart.
-            return Err(CommandError::InvalidState {
-                command: "PUB",
-                reason: "on a subscribed connection",
-            });
+            return Err(CommandError::InvalidState { command: "PUB", reason: "on a subscribed connection" });
         }
         Ok(())
     }
@@ -670,13 +643,10 @@ impl ConnectionState {
                 Err(e) => self.protocol_error(&format!("bad AUTH response: {e}")),
             },
             Phase::Ready | Phase::Closing => match self.expect.pop_front() {
-                Some(Expect::Sub) if data.as_ref() == OK => {
-                    self.events.push_back(Event::Subscribed)
-                }
+                Some(Expect::Sub) if data.as_ref() == OK => self.events.push_back(Event::Subscribed),
                 Some(Expect::Publish(id)) if data.as_ref() == OK => {
                     self.stats.published += 1;
-                    self.events
-                        .push_back(Event::Published { id, result: Ok(()) });
+                    self.events.push_back(Event::Published { id, result: Ok(()) });
                     self.maybe_finish_close();
                 }
                 Some(Expect::Cls) if data.as_ref() == CLOSE_WAIT => {
@@ -726,8 +696,7 @@ impl ConnectionState {
         let name = transport::tls::server_name(&self.config.tls, &self.host)?;
         let leftover = self.rx.split();
         let limit = self.rx_limit();
-        self.transport
-            .start_tls(config, name, leftover, &mut self.rx, limit)?;
+        self.transport.start_tls(config, name, leftover, &mut self.rx, limit)?;
         Ok(())
     }
 
@@ -752,8 +721,7 @@ impl ConnectionState {
         let started = if snappy {
             self.transport.start_snappy(leftover, &mut self.rx, limit)
         } else {
-            self.transport
-                .start_deflate(level, leftover, &mut self.rx, limit)
+            self.transport.start_deflate(level, leftover, &mut self.rx, limit)
         };
         if let Err(e) = started {
             return self.fail(e.into());
@@ -797,10 +765,7 @@ impl ConnectionState {
         let sent = matches!(self.phase, Phase::Ready | Phase::Closing);
         if let (true, Some(Expect::Publish(id))) = (sent, self.expect.front().copied()) {
             self.expect.pop_front();
-            self.events.push_back(Event::Published {
-                id,
-                result: Err(PublishError::Server(err.clone())),
-            });
+            self.events.push_back(Event::Published { id, result: Err(PublishError::Server(err.clone())) });
         }
         self.fail(ConnectionError::Server(err));
     }
@@ -851,10 +816,7 @@ impl ConnectionState {
         }
         for expect in self.expect.drain(..) {
             if let Expect::Publish(id) = expect {
-                self.events.push_back(Event::Published {
-                    id,
-                    result: Err(PublishError::ConnectionLost),
-                });
+                self.events.push_back(Event::Published { id, result: Err(PublishError::ConnectionLost) });
             }
         }
         self.in_flight.clear();
@@ -868,10 +830,7 @@ pub(crate) fn check_body(body: &Bytes) -> Result<(), CommandError> {
         return Err(CommandError::EmptyBody);
     }
     if body.len() > DEFAULT_MAX_MSG_SIZE {
-        return Err(CommandError::BodyTooLarge {
-            size: body.len(),
-            max: DEFAULT_MAX_MSG_SIZE,
-        });
+        return Err(CommandError::BodyTooLarge { size: body.len(), max: DEFAULT_MAX_MSG_SIZE });
     }
     Ok(())
 }

@@ -150,9 +150,7 @@ impl ConsumerState {
     /// [`connect_to_nsqd`](Self::connect_to_nsqd) or
     /// [`connect_to_nsqlookupd`](Self::connect_to_nsqlookupd).
     pub fn new(topic: Topic, channel: Channel, config: Arc<Config>, now: Instant) -> Self {
-        Self {
-            inner: Consumer::new(topic, channel, config, now),
-        }
+        Self { inner: Consumer::new(topic, channel, config, now) }
     }
 
     /// Adds a direct nsqd connection (`host:port`); it is redialled with backoff if it drops.
@@ -172,11 +170,7 @@ impl ConsumerState {
     }
 
     /// Removes a lookupd.
-    pub fn disconnect_from_nsqlookupd(
-        &mut self,
-        addr: &str,
-        now: Instant,
-    ) -> Result<(), ConsumerError> {
+    pub fn disconnect_from_nsqlookupd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
         self.inner.disconnect_from_nsqlookupd(addr, now)
     }
 
@@ -226,12 +220,7 @@ impl ConsumerState {
     }
 
     /// The complete response to a lookupd query, or the transport error that prevented it.
-    pub fn handle_lookupd_response(
-        &mut self,
-        query: QueryId,
-        response: Result<Bytes, String>,
-        now: Instant,
-    ) {
+    pub fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, String>, now: Instant) {
         self.inner.handle_lookupd_response(query, response, now)
     }
 
@@ -302,9 +291,7 @@ impl ConsumerState {
 /// go-nsq's backoff strategies: `backoff_multiplier × 2^level`, or a uniform random duration
 /// below that with full jitter.
 pub(crate) fn backoff_duration(config: &Config, level: u32, rng: &mut Rng) -> Duration {
-    let exp = config
-        .backoff_multiplier
-        .saturating_mul(1u32 << level.min(31));
+    let exp = config.backoff_multiplier.saturating_mul(1u32 << level.min(31));
     match config.backoff_strategy {
         BackoffStrategy::Exponential => exp,
         BackoffStrategy::FullJitter => exp.mul_f64(rng.unit()),
@@ -324,13 +311,7 @@ pub(crate) struct Lookupd {
 
 impl Lookupd {
     pub(crate) fn new(_config: &Config, _rng: &mut Rng, _now: Instant) -> Self {
-        Self {
-            addrs: Vec::new(),
-            next: 0,
-            next_query: 0,
-            pending: Vec::new(),
-            first_poll: None,
-        }
+        Self { addrs: Vec::new(), next: 0, next_query: 0, pending: Vec::new(), first_poll: None }
     }
 
     pub(crate) fn has_lookupds(&self) -> bool {
@@ -356,11 +337,7 @@ impl Consumer {
         Ok(())
     }
 
-    fn disconnect_from_nsqlookupd(
-        &mut self,
-        addr: &str,
-        _now: Instant,
-    ) -> Result<(), ConsumerError> {
+    fn disconnect_from_nsqlookupd(&mut self, addr: &str, _now: Instant) -> Result<(), ConsumerError> {
         let parsed = parse_lookupd(addr)?;
         let Some(i) = self.lookupd.addrs.iter().position(|a| *a == parsed) else {
             return Err(ConsumerError::NotConnected(addr.to_owned()));
@@ -388,11 +365,7 @@ impl Consumer {
         let query = QueryId(self.lookupd.next_query);
         self.lookupd.next_query += 1;
         let request = addr.request(self.topic_name(), &self.config().user_agent);
-        self.push_action(Action::QueryLookupd {
-            query,
-            addr: addr.host_port().to_owned(),
-            request,
-        });
+        self.push_action(Action::QueryLookupd { query, addr: addr.host_port().to_owned(), request });
         self.lookupd.pending.push((query, addr));
         let interval = self.config().lookupd_poll_interval;
         let now = self.now();
@@ -400,8 +373,7 @@ impl Consumer {
             None => {
                 // go-nsq jitters only the first interval, so many consumers started together
                 // spread their polls.
-                let jitter =
-                    interval.mul_f64(self.config().lookupd_poll_jitter * self.rng().unit());
+                let jitter = interval.mul_f64(self.config().lookupd_poll_jitter * self.rng().unit());
                 self.lookupd.first_poll = Some(now);
                 deadline(now, interval + jitter)
             }
@@ -410,12 +382,7 @@ impl Consumer {
         self.set_lookupd_timer(Some(at));
     }
 
-    fn handle_lookupd_response(
-        &mut self,
-        query: QueryId,
-        response: Result<Bytes, String>,
-        _now: Instant,
-    ) {
+    fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, String>, _now: Instant) {
         let Some(pos) = self.lookupd.pending.iter().position(|(q, _)| *q == query) else {
             return;
         };
@@ -423,8 +390,7 @@ impl Consumer {
         if self.is_stopping() {
             return;
         }
-        let parsed = response
-            .and_then(|bytes| crate::lookupd::parse_response(&bytes).map_err(|e| e.to_string()));
+        let parsed = response.and_then(|bytes| crate::lookupd::parse_response(&bytes).map_err(|e| e.to_string()));
         match parsed {
             Ok(lookup) => {
                 debug!(lookupd = %addr, producers = lookup.producers.len(), "lookupd answered");
@@ -434,18 +400,12 @@ impl Consumer {
             }
             Err(error) => {
                 warn!(lookupd = %addr, %error, "lookupd query failed");
-                self.push_event(ConsumerEvent::LookupdFailed {
-                    addr: addr.to_string(),
-                    error,
-                });
+                self.push_event(ConsumerEvent::LookupdFailed { addr: addr.to_string(), error });
             }
         }
     }
 }
 
 fn parse_lookupd(addr: &str) -> Result<LookupdAddress, ConsumerError> {
-    LookupdAddress::parse(addr).map_err(|e| ConsumerError::BadAddress {
-        addr: addr.to_owned(),
-        reason: e.to_string(),
-    })
+    LookupdAddress::parse(addr).map_err(|e| ConsumerError::BadAddress { addr: addr.to_owned(), reason: e.to_string() })
 }

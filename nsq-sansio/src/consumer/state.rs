@@ -91,10 +91,7 @@ pub(crate) struct Consumer {
 impl Consumer {
     pub(crate) fn new(topic: Topic, channel: Channel, config: Arc<Config>, now: Instant) -> Self {
         let mut timers = TimerTable::default();
-        timers.set(
-            Timer::Redistribute,
-            deadline(now, config.rdy_redistribute_interval),
-        );
+        timers.set(Timer::Redistribute, deadline(now, config.rdy_redistribute_interval));
         let mut rng = Rng::new(config.rng_seed);
         let lookupd = super::Lookupd::new(&config, &mut rng, now);
         Self {
@@ -125,11 +122,7 @@ impl Consumer {
 
     // ---- sources -----------------------------------------------------------------------------
 
-    pub(crate) fn connect_to_nsqd(
-        &mut self,
-        addr: &str,
-        now: Instant,
-    ) -> Result<(), ConsumerError> {
+    pub(crate) fn connect_to_nsqd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
         self.advance(now);
         self.check_running()?;
         check_addr(addr)?;
@@ -141,11 +134,7 @@ impl Consumer {
         Ok(())
     }
 
-    pub(crate) fn disconnect_from_nsqd(
-        &mut self,
-        addr: &str,
-        now: Instant,
-    ) -> Result<(), ConsumerError> {
+    pub(crate) fn disconnect_from_nsqd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
         self.advance(now);
         let Some(i) = self.direct.iter().position(|a| a == addr) else {
             return Err(ConsumerError::NotConnected(addr.to_owned()));
@@ -180,19 +169,9 @@ impl Consumer {
         debug!(conn = %id, %addr, "connecting");
         self.conns.insert(
             id,
-            Conn {
-                addr: addr.to_owned(),
-                state,
-                connected: false,
-                subscribed: false,
-                rdy: 0,
-                last_rdy_at: self.now,
-            },
+            Conn { addr: addr.to_owned(), state, connected: false, subscribed: false, rdy: 0, last_rdy_at: self.now },
         );
-        self.actions.push_back(Action::Connect {
-            conn: id,
-            addr: addr.to_owned(),
-        });
+        self.actions.push_back(Action::Connect { conn: id, addr: addr.to_owned() });
     }
 
     // ---- inputs ------------------------------------------------------------------------------
@@ -248,10 +227,7 @@ impl Consumer {
             self.resume();
         }
         if self.timers.expire(Timer::Redistribute, now) {
-            self.timers.set(
-                Timer::Redistribute,
-                deadline(now, self.config.rdy_redistribute_interval),
-            );
+            self.timers.set(Timer::Redistribute, deadline(now, self.config.rdy_redistribute_interval));
             self.redistribute();
         }
         if self.timers.expire(Timer::Reconnect, now) {
@@ -283,10 +259,7 @@ impl Consumer {
         now: Instant,
     ) -> Result<(), ConsumerError> {
         self.advance(now);
-        let conn = self
-            .conns
-            .get_mut(&id)
-            .ok_or(CommandError::NotInFlight(*msg))?;
+        let conn = self.conns.get_mut(&id).ok_or(CommandError::NotInFlight(*msg))?;
         match response {
             Response::Finish => {
                 conn.state.finish(msg)?;
@@ -302,11 +275,7 @@ impl Consumer {
                 });
                 conn.state.requeue(msg, delay)?;
                 self.stats.messages_requeued += 1;
-                self.backoff_signal(if backoff {
-                    Signal::Failure
-                } else {
-                    Signal::Continue
-                });
+                self.backoff_signal(if backoff { Signal::Failure } else { Signal::Continue });
             }
             Response::Touch => conn.state.touch(msg, now)?,
         }
@@ -369,10 +338,7 @@ impl Consumer {
         if !self.final_writes.is_empty() {
             return Some(self.final_writes.remove(0));
         }
-        self.conns
-            .iter_mut()
-            .filter(|(_, c)| c.connected)
-            .find_map(|(&id, c)| c.state.poll_transmit().map(|b| (id, b)))
+        self.conns.iter_mut().filter(|(_, c)| c.connected).find_map(|(&id, c)| c.state.poll_transmit().map(|b| (id, b)))
     }
 
     pub(crate) fn poll_transmit_for(&mut self, id: ConnId) -> Option<Bytes> {
@@ -395,11 +361,7 @@ impl Consumer {
     }
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        let conns = self
-            .conns
-            .values()
-            .filter_map(|c| c.state.poll_timeout())
-            .min();
+        let conns = self.conns.values().filter_map(|c| c.state.poll_timeout()).min();
         match (self.timers.next(), conns) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -407,10 +369,7 @@ impl Consumer {
     }
 
     pub(crate) fn stats(&self) -> ConsumerStats {
-        ConsumerStats {
-            connections: self.conns.values().filter(|c| c.subscribed).count(),
-            ..self.stats
-        }
+        ConsumerStats { connections: self.conns.values().filter(|c| c.subscribed).count(), ..self.stats }
     }
 
     pub(crate) fn is_stopped(&self) -> bool {
@@ -444,10 +403,7 @@ impl Consumer {
     }
 
     pub(super) fn conn_for(&self, addr: &str) -> Option<ConnId> {
-        self.conns
-            .iter()
-            .find(|(_, c)| c.addr == addr)
-            .map(|(&id, _)| id)
+        self.conns.iter().find(|(_, c)| c.addr == addr).map(|(&id, _)| id)
     }
 
     pub(super) fn config(&self) -> &Config {
@@ -500,11 +456,9 @@ impl Consumer {
                     let addr = conn.addr.clone();
                     info!(conn = %id, %addr, "subscribed");
                     self.redials.retain(|r| r.addr != addr);
-                    self.events
-                        .push_back(ConsumerEvent::Connected { conn: id, addr });
+                    self.events.push_back(ConsumerEvent::Connected { conn: id, addr });
                     // Lower the others' share first so the new one can get its own.
-                    let ids: Vec<ConnId> =
-                        self.conns.keys().copied().filter(|&c| c != id).collect();
+                    let ids: Vec<ConnId> = self.conns.keys().copied().filter(|&c| c != id).collect();
                     for other in ids {
                         self.maybe_update_rdy(other);
                     }
@@ -518,11 +472,9 @@ impl Consumer {
                         if conn.state.finish(&message.id).is_ok() {
                             self.stats.messages_finished += 1;
                         }
-                        self.events
-                            .push_back(ConsumerEvent::GaveUp { conn: id, message });
+                        self.events.push_back(ConsumerEvent::GaveUp { conn: id, message });
                     } else {
-                        self.events
-                            .push_back(ConsumerEvent::Message { conn: id, message });
+                        self.events.push_back(ConsumerEvent::Message { conn: id, message });
                     }
                 }
                 Event::Closed(error) => self.on_closed(id, error),
@@ -530,10 +482,7 @@ impl Consumer {
                     debug!(conn = %id, %msg, "message timed out in flight")
                 }
                 Event::ServerError(e) => warn!(conn = %id, %e, "nsqd error"),
-                Event::Ready(_)
-                | Event::Authenticated(_)
-                | Event::CloseWait
-                | Event::Published { .. } => {}
+                Event::Ready(_) | Event::Authenticated(_) | Event::CloseWait | Event::Published { .. } => {}
             }
         }
     }
@@ -567,11 +516,7 @@ impl Consumer {
             self.need_redistribute = true;
         }
         let addr = conn.addr;
-        self.events.push_back(ConsumerEvent::Disconnected {
-            conn: id,
-            addr: addr.clone(),
-            error,
-        });
+        self.events.push_back(ConsumerEvent::Disconnected { conn: id, addr: addr.clone(), error });
         if self.stopping {
             return self.maybe_stopped();
         }
@@ -584,36 +529,24 @@ impl Consumer {
     }
 
     fn schedule_redial(&mut self, addr: String) {
-        let failures = self
-            .redials
-            .iter()
-            .find(|r| r.addr == addr)
-            .map_or(0, |r| r.failures);
+        let failures = self.redials.iter().find(|r| r.addr == addr).map_or(0, |r| r.failures);
         let delay = RECONNECT_BASE
             .saturating_mul(1u32 << failures.min(16))
             .min(self.config.lookupd_poll_interval.max(RECONNECT_BASE));
         info!(%addr, ?delay, "redialling nsqd");
         self.redials.retain(|r| r.addr != addr);
-        self.redials.push(Redial {
-            addr,
-            at: deadline(self.now, delay),
-            failures: failures + 1,
-        });
+        self.redials.push(Redial { addr, at: deadline(self.now, delay), failures: failures + 1 });
         self.arm_reconnect_timer();
     }
 
     fn redial_due(&mut self) {
         let now = self.now;
-        let (due, later): (Vec<Redial>, Vec<Redial>) =
-            self.redials.drain(..).partition(|r| r.at <= now);
+        let (due, later): (Vec<Redial>, Vec<Redial>) = self.redials.drain(..).partition(|r| r.at <= now);
         self.redials = later;
         for redial in due {
             if self.direct.contains(&redial.addr) && self.conn_for(&redial.addr).is_none() {
                 // Keep the failure count until the connection subscribes.
-                self.redials.push(Redial {
-                    at: deadline(now, Duration::from_secs(86_400 * 365)),
-                    ..redial
-                });
+                self.redials.push(Redial { at: deadline(now, Duration::from_secs(86_400 * 365)), ..redial });
                 if let Some(r) = self.redials.last() {
                     let addr = r.addr.clone();
                     self.open(&addr);
@@ -698,28 +631,18 @@ impl Consumer {
         if self.backoff_until.is_some() || self.stopping {
             return;
         }
-        let subscribed: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.subscribed)
-            .map(|(&id, _)| id)
-            .collect();
+        let subscribed: Vec<ConnId> = self.conns.iter().filter(|(_, c)| c.subscribed).map(|(&id, _)| id).collect();
         if subscribed.is_empty() {
             return;
         }
-        if subscribed.len() as u64 > u64::from(self.max_in_flight)
-            || (self.in_backoff() && subscribed.len() > 1)
-        {
+        if subscribed.len() as u64 > u64::from(self.max_in_flight) || (self.in_backoff() && subscribed.len() > 1) {
             self.need_redistribute = true;
         }
         if !std::mem::take(&mut self.need_redistribute) {
             return;
         }
         let now = self.now;
-        let (idle, low_rdy) = (
-            self.config.low_rdy_idle_timeout,
-            self.config.low_rdy_timeout,
-        );
+        let (idle, low_rdy) = (self.config.low_rdy_idle_timeout, self.config.low_rdy_timeout);
         let mut possible = Vec::with_capacity(subscribed.len());
         for id in subscribed {
             let Some(conn) = self.conns.get(&id) else {
@@ -737,11 +660,7 @@ impl Consumer {
             }
             possible.push(id);
         }
-        let limit = if self.in_backoff() {
-            1
-        } else {
-            u64::from(self.max_in_flight)
-        };
+        let limit = if self.in_backoff() { 1 } else { u64::from(self.max_in_flight) };
         let mut available = limit.saturating_sub(self.total_rdy);
         while available > 0 && !possible.is_empty() {
             available -= 1;
@@ -764,10 +683,7 @@ impl Consumer {
                 self.backoff_level -= 1;
                 updated = true;
             }
-            Signal::Failure
-                if self.backoff_duration(self.backoff_level + 1)
-                    <= self.config.max_backoff_duration =>
-            {
+            Signal::Failure if self.backoff_duration(self.backoff_level + 1) <= self.config.max_backoff_duration => {
                 self.backoff_level += 1;
                 updated = true;
             }
@@ -781,9 +697,7 @@ impl Consumer {
                 self.update_rdy(id, count);
             }
         } else if self.backoff_level > 0 {
-            let duration = self
-                .backoff_duration(self.backoff_level)
-                .min(self.config.max_backoff_duration);
+            let duration = self.backoff_duration(self.backoff_level).min(self.config.max_backoff_duration);
             warn!(topic = %self.topic, channel = %self.channel, ?duration, level = self.backoff_level, "backing off");
             let ids: Vec<ConnId> = self.conns.keys().copied().collect();
             for id in ids {
@@ -805,12 +719,8 @@ impl Consumer {
         if self.stopping {
             return;
         }
-        let candidates: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.subscribed && c.state.is_ready())
-            .map(|(&id, _)| id)
-            .collect();
+        let candidates: Vec<ConnId> =
+            self.conns.iter().filter(|(_, c)| c.subscribed && c.state.is_ready()).map(|(&id, _)| id).collect();
         if candidates.is_empty() {
             warn!(topic = %self.topic, channel = %self.channel, "no connection to resume on");
             return self.start_backoff_timer(RESUME_RETRY);
@@ -867,17 +777,12 @@ impl Rng {
 fn check_addr(addr: &str) -> Result<(), ConsumerError> {
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(ConsumerError::BadAddress {
-            addr: addr.to_owned(),
-            reason: "expected host:port".to_owned(),
-        }),
+        _ => Err(ConsumerError::BadAddress { addr: addr.to_owned(), reason: "expected host:port".to_owned() }),
     }
 }
 
 /// The host part of `host:port` (brackets of an IPv6 literal removed).
 pub(crate) fn host_of(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }

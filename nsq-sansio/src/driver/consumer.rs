@@ -34,19 +34,13 @@ pub struct Consumer<R: Runtime> {
 
 impl<R: Runtime> Clone for Consumer<R> {
     fn clone(&self) -> Self {
-        Self {
-            handle: self.handle.clone(),
-            _runtime: PhantomData,
-        }
+        Self { handle: self.handle.clone(), _runtime: PhantomData }
     }
 }
 
 impl<R: Runtime> fmt::Debug for Consumer<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Consumer")
-            .field("topic", &self.handle.topic)
-            .field("channel", &self.handle.channel)
-            .finish()
+        f.debug_struct("Consumer").field("topic", &self.handle.topic).field("channel", &self.handle.channel).finish()
     }
 }
 
@@ -83,11 +77,7 @@ enum Source {
 impl<R: Runtime> Consumer<R> {
     /// A consumer of `topic`/`channel`. Spawns its engine task; nothing connects until a source
     /// is added.
-    pub fn new(
-        topic: impl AsRef<str>,
-        channel: impl AsRef<str>,
-        config: Config,
-    ) -> Result<Self, Error> {
+    pub fn new(topic: impl AsRef<str>, channel: impl AsRef<str>, config: Config) -> Result<Self, Error> {
         let topic = Topic::new(topic)?;
         let channel = Channel::new(channel)?;
         config.validate()?;
@@ -95,12 +85,7 @@ impl<R: Runtime> Consumer<R> {
         let (commands, commands_rx) = mpsc::unbounded();
         let (messages_tx, messages_rx) = mpsc::unbounded();
         let failed: Arc<Mutex<Option<FailedHook>>> = Arc::new(Mutex::new(None));
-        let state = ConsumerState::new(
-            topic.clone(),
-            channel.clone(),
-            Arc::new(config.clone()),
-            R::now(),
-        );
+        let state = ConsumerState::new(topic.clone(), channel.clone(), Arc::new(config.clone()), R::now());
         let engine = Engine::<R>::new(state, config, commands_rx, messages_tx, failed.clone());
         let span = tracing::debug_span!("nsq_consumer", %topic, %channel);
         R::spawn(engine.run().instrument(span));
@@ -112,10 +97,7 @@ impl<R: Runtime> Consumer<R> {
             shared_messages: Mutex::new(None),
             failed,
         };
-        Ok(Self {
-            handle: Arc::new(handle),
-            _runtime: PhantomData,
-        })
+        Ok(Self { handle: Arc::new(handle), _runtime: PhantomData })
     }
 
     /// Adds one handler task.
@@ -139,9 +121,7 @@ impl<R: Runtime> Consumer<R> {
                     let next = queue.lock().await.next().await;
                     let Some(message) = next else { return };
                     let keep = message.clone();
-                    let outcome = AssertUnwindSafe(handler.handle(message))
-                        .catch_unwind()
-                        .await;
+                    let outcome = AssertUnwindSafe(handler.handle(message)).catch_unwind().await;
                     if !keep.is_auto_response_enabled() {
                         continue;
                     }
@@ -174,12 +154,7 @@ impl<R: Runtime> Consumer<R> {
     /// The messages as a stream, instead of handlers. The stream ends when the consumer
     /// stopped. Only the first call gets the messages.
     pub fn messages(&self) -> Messages {
-        let rx = self
-            .handle
-            .messages
-            .lock()
-            .ok()
-            .and_then(|mut slot| slot.take());
+        let rx = self.handle.messages.lock().ok().and_then(|mut slot| slot.take());
         Messages { rx }
     }
 
@@ -189,10 +164,7 @@ impl<R: Runtime> Consumer<R> {
     }
 
     /// Connects to several nsqds.
-    pub async fn connect_to_nsqds<S: Into<String>>(
-        &self,
-        addrs: impl IntoIterator<Item = S>,
-    ) -> Result<(), Error> {
+    pub async fn connect_to_nsqds<S: Into<String>>(&self, addrs: impl IntoIterator<Item = S>) -> Result<(), Error> {
         for addr in addrs {
             self.connect_to_nsqd(addr).await?;
         }
@@ -227,10 +199,7 @@ impl<R: Runtime> Consumer<R> {
 
     /// Changes `max_in_flight`; RDY is redistributed.
     pub fn change_max_in_flight(&self, max_in_flight: u32) {
-        let _ = self
-            .handle
-            .commands
-            .unbounded_send(Command::MaxInFlight(max_in_flight));
+        let _ = self.handle.commands.unbounded_send(Command::MaxInFlight(max_in_flight));
     }
 
     /// Counters.
@@ -244,12 +213,7 @@ impl<R: Runtime> Consumer<R> {
     /// connections closed, handlers ended. Resolves once stopped.
     pub async fn stop(&self) {
         let (tx, rx) = oneshot::channel();
-        if self
-            .handle
-            .commands
-            .unbounded_send(Command::Stop(Some(tx)))
-            .is_ok()
-        {
+        if self.handle.commands.unbounded_send(Command::Stop(Some(tx))).is_ok() {
             let _ = rx.await;
         }
     }
@@ -257,22 +221,14 @@ impl<R: Runtime> Consumer<R> {
     /// Resolves once the consumer stopped, without stopping it.
     pub async fn stopped(&self) {
         let (tx, rx) = oneshot::channel();
-        if self
-            .handle
-            .commands
-            .unbounded_send(Command::Stopped(tx))
-            .is_ok()
-        {
+        if self.handle.commands.unbounded_send(Command::Stopped(tx)).is_ok() {
             let _ = rx.await;
         }
     }
 
     async fn source(&self, source: Source) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
-        self.handle
-            .commands
-            .unbounded_send(Command::Source(source, tx))
-            .map_err(|_| Error::Stopped)?;
+        self.handle.commands.unbounded_send(Command::Source(source, tx)).map_err(|_| Error::Stopped)?;
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 
@@ -384,10 +340,7 @@ impl<R: Runtime> Engine<R> {
                         commands.next().await.map_or(Input::Closed, Input::Command)
                     }
                 };
-                let answers = self
-                    .answers
-                    .next()
-                    .map(|a| a.map_or(Input::Closed, Input::Answer));
+                let answers = self.answers.next().map(|a| a.map_or(Input::Closed, Input::Answer));
                 let io = self.io.next().map(|io| io.map_or(Input::Closed, Input::Io));
                 let sleep = async move {
                     match timer {
@@ -399,10 +352,9 @@ impl<R: Runtime> Engine<R> {
                 let first = select(commands, select(answers, io));
                 match select(first, std::pin::pin!(sleep)).await {
                     Either::Left((Either::Left((input, _)), _)) => input,
-                    Either::Left((
-                        Either::Right((Either::Left((input, _)) | Either::Right((input, _)), _)),
-                        _,
-                    )) => input,
+                    Either::Left((Either::Right((Either::Left((input, _)) | Either::Right((input, _)), _)), _)) => {
+                        input
+                    }
                     Either::Right(_) => Input::Timeout,
                 }
             };
@@ -440,10 +392,7 @@ impl<R: Runtime> Engine<R> {
                 }
             }
             Input::Answer(a) => {
-                if let Err(e) = self
-                    .state
-                    .respond(a.conn, &a.id, a.attempts, a.response, now)
-                {
+                if let Err(e) = self.state.respond(a.conn, &a.id, a.attempts, a.response, now) {
                     debug!(id = %a.id, %e, "answer refused");
                 }
             }
@@ -473,9 +422,7 @@ impl<R: Runtime> Engine<R> {
                 self.writers.insert(conn, writer);
                 self.state.handle_connected(conn, now);
             }
-            Input::Io(IoEvent::ConnectFailed(conn, error)) => {
-                self.state.handle_connect_failed(conn, error, now)
-            }
+            Input::Io(IoEvent::ConnectFailed(conn, error)) => self.state.handle_connect_failed(conn, error, now),
             Input::Io(IoEvent::Read(conn, bytes)) => self.state.handle_input(conn, now, bytes),
             Input::Io(IoEvent::Eof(conn)) => self.state.handle_eof(conn, now),
             Input::Io(IoEvent::WriterDone(conn)) => {
@@ -486,9 +433,7 @@ impl<R: Runtime> Engine<R> {
                     w.busy = false;
                 }
             }
-            Input::Io(IoEvent::Lookupd(query, response)) => {
-                self.state.handle_lookupd_response(query, response, now)
-            }
+            Input::Io(IoEvent::Lookupd(query, response)) => self.state.handle_lookupd_response(query, response, now),
         }
     }
 
@@ -521,11 +466,9 @@ impl<R: Runtime> Engine<R> {
                         }
                         self.addrs.remove(&conn);
                     }
-                    Action::QueryLookupd {
-                        query,
-                        addr,
-                        request,
-                    } => spawn_lookupd::<R>(query, addr, request, self.reports.control.clone()),
+                    Action::QueryLookupd { query, addr, request } => {
+                        spawn_lookupd::<R>(query, addr, request, self.reports.control.clone())
+                    }
                 }
             }
             for (&conn, writer) in self.writers.iter_mut().filter(|(_, w)| !w.busy) {

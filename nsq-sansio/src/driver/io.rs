@@ -68,30 +68,19 @@ pub(crate) fn spawn_connection<R: Runtime>(
     span: tracing::Span,
 ) {
     let task = async move {
-        let (mut reader, mut writer) =
-            match with_timeout::<R, _>(dial_timeout, R::connect(addr.clone())).await {
-                Ok(halves) => halves,
-                Err(e) => {
-                    debug!(%e, "connect failed");
-                    let _ = reports
-                        .control
-                        .unbounded_send(IoEvent::ConnectFailed(conn, format!("{addr}: {e}")));
-                    return;
-                }
-            };
+        let (mut reader, mut writer) = match with_timeout::<R, _>(dial_timeout, R::connect(addr.clone())).await {
+            Ok(halves) => halves,
+            Err(e) => {
+                debug!(%e, "connect failed");
+                let _ = reports.control.unbounded_send(IoEvent::ConnectFailed(conn, format!("{addr}: {e}")));
+                return;
+            }
+        };
         debug!("connected");
         let (bytes_tx, mut bytes_rx) = mpsc::unbounded::<Bytes>();
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
-        let writer_handle = Writer {
-            bytes: bytes_tx,
-            _stop_reader: stop_tx,
-            busy: false,
-        };
-        if reports
-            .control
-            .unbounded_send(IoEvent::Connected(conn, writer_handle))
-            .is_err()
-        {
+        let writer_handle = Writer { bytes: bytes_tx, _stop_reader: stop_tx, busy: false };
+        if reports.control.unbounded_send(IoEvent::Connected(conn, writer_handle)).is_err() {
             return;
         }
         let control = reports.control.clone();
@@ -99,9 +88,7 @@ pub(crate) fn spawn_connection<R: Runtime>(
             async move {
                 while let Some(bytes) = bytes_rx.next().await {
                     trace!(len = bytes.len(), "write");
-                    if let Err(e) =
-                        with_timeout::<R, _>(write_timeout, R::write_all(&mut writer, &bytes)).await
-                    {
+                    if let Err(e) = with_timeout::<R, _>(write_timeout, R::write_all(&mut writer, &bytes)).await {
                         debug!(%e, "write failed");
                         let _ = control.unbounded_send(IoEvent::Eof(conn));
                         return;
@@ -173,10 +160,7 @@ pub(crate) fn spawn_lookupd<R: Runtime>(
             let mut buf = BytesMut::with_capacity(8 * 1024);
             loop {
                 if buf.len() > MAX_LOOKUPD_RESPONSE {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "lookupd response too large",
-                    ));
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "lookupd response too large"));
                 }
                 buf.reserve(8 * 1024);
                 if R::read(&mut reader, &mut buf).await? == 0 {
@@ -184,9 +168,7 @@ pub(crate) fn spawn_lookupd<R: Runtime>(
                 }
             }
         };
-        let result = with_timeout::<R, _>(LOOKUPD_TIMEOUT, exchange)
-            .await
-            .map_err(|e| format!("{addr}: {e}"));
+        let result = with_timeout::<R, _>(LOOKUPD_TIMEOUT, exchange).await.map_err(|e| format!("{addr}: {e}"));
         let _ = control.unbounded_send(IoEvent::Lookupd(query, result));
     });
 }

@@ -102,18 +102,12 @@ impl Message {
     /// REQ with backoff: redeliver after `delay` (`None`: the configured default, growing with
     /// attempts). Returns false if it was answered already.
     pub fn requeue(&self, delay: Option<Duration>) -> bool {
-        self.answer(Response::Requeue {
-            delay,
-            backoff: true,
-        })
+        self.answer(Response::Requeue { delay, backoff: true })
     }
 
     /// REQ without backoff. Returns false if it was answered already.
     pub fn requeue_without_backoff(&self, delay: Option<Duration>) -> bool {
-        self.answer(Response::Requeue {
-            delay,
-            backoff: false,
-        })
+        self.answer(Response::Requeue { delay, backoff: false })
     }
 
     /// TOUCH: restart its timeout on nsqd. Any number of times before the answer.
@@ -149,12 +143,7 @@ impl Message {
 
 impl Shared {
     fn send(&self, response: Response) {
-        let answer = Answer {
-            conn: self.conn,
-            id: self.id,
-            attempts: self.attempts,
-            response,
-        };
+        let answer = Answer { conn: self.conn, id: self.id, attempts: self.attempts, response };
         // The consumer is gone: nsqd requeues the message after its timeout anyway.
         let _ = self.responses.unbounded_send(answer);
     }
@@ -163,10 +152,7 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         if !self.answered.load(Ordering::Acquire) {
-            self.send(Response::Requeue {
-                delay: None,
-                backoff: false,
-            });
+            self.send(Response::Requeue { delay: None, backoff: false });
         }
     }
 }

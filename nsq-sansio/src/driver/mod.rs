@@ -35,22 +35,14 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Connects to `addr` (`host:port`) with TCP_NODELAY set. The driver applies the dial
     /// timeout around it.
-    fn connect(
-        addr: String,
-    ) -> impl Future<Output = stdio::Result<(Self::Reader, Self::Writer)>> + Send;
+    fn connect(addr: String) -> impl Future<Output = stdio::Result<(Self::Reader, Self::Writer)>> + Send;
 
     /// Reads what is available into the spare capacity of `buf` (reserved by the caller);
     /// `Ok(0)` is end of file.
-    fn read(
-        reader: &mut Self::Reader,
-        buf: &mut BytesMut,
-    ) -> impl Future<Output = stdio::Result<usize>> + Send;
+    fn read(reader: &mut Self::Reader, buf: &mut BytesMut) -> impl Future<Output = stdio::Result<usize>> + Send;
 
     /// Writes all of `data`.
-    fn write_all(
-        writer: &mut Self::Writer,
-        data: &[u8],
-    ) -> impl Future<Output = stdio::Result<()>> + Send;
+    fn write_all(writer: &mut Self::Writer, data: &[u8]) -> impl Future<Output = stdio::Result<()>> + Send;
 
     /// Shuts down the write direction (TCP FIN).
     fn shutdown(writer: &mut Self::Writer) -> impl Future<Output = stdio::Result<()>> + Send;
@@ -112,9 +104,7 @@ impl From<Error> for stdio::Error {
     fn from(e: Error) -> Self {
         let kind = match &e {
             Error::Name(_) | Error::Config(_) | Error::Command(_) => stdio::ErrorKind::InvalidInput,
-            Error::Publish(PublishError::ConnectionLost) | Error::Connection(_) => {
-                stdio::ErrorKind::ConnectionAborted
-            }
+            Error::Publish(PublishError::ConnectionLost) | Error::Connection(_) => stdio::ErrorKind::ConnectionAborted,
             _ => stdio::ErrorKind::Other,
         };
         Self::new(kind, e)
@@ -133,12 +123,7 @@ pub(crate) fn with_identity(mut config: crate::Config) -> crate::Config {
         config.hostname = name;
     }
     if config.client_id.is_empty() {
-        config.client_id = config
-            .hostname
-            .split('.')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        config.client_id = config.hostname.split('.').next().unwrap_or_default().to_owned();
     }
     config
 }
@@ -154,9 +139,8 @@ async fn with_timeout<R: Runtime, T>(
     let sleep = std::pin::pin!(R::sleep_until(deadline));
     match select(future, sleep).await {
         Either::Left((result, _)) => result,
-        Either::Right(((), _)) => Err(stdio::Error::new(
-            stdio::ErrorKind::TimedOut,
-            format!("timed out after {timeout:?}"),
-        )),
+        Either::Right(((), _)) => {
+            Err(stdio::Error::new(stdio::ErrorKind::TimedOut, format!("timed out after {timeout:?}")))
+        }
     }
 }

@@ -31,18 +31,13 @@ pub struct Producer<R: Runtime> {
 
 impl<R: Runtime> Clone for Producer<R> {
     fn clone(&self) -> Self {
-        Self {
-            handle: self.handle.clone(),
-            _runtime: PhantomData,
-        }
+        Self { handle: self.handle.clone(), _runtime: PhantomData }
     }
 }
 
 impl<R: Runtime> fmt::Debug for Producer<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Producer")
-            .field("addr", &self.handle.addr)
-            .finish()
+        f.debug_struct("Producer").field("addr", &self.handle.addr).finish()
     }
 }
 
@@ -90,10 +85,7 @@ impl<R: Runtime> Producer<R> {
         let engine = Engine::<R>::new(state, config, rx);
         let span = tracing::debug_span!("nsq_producer", nsqd = %addr);
         R::spawn(engine.run().instrument(span));
-        Self {
-            handle: Arc::new(Handle { addr, commands }),
-            _runtime: PhantomData,
-        }
+        Self { handle: Arc::new(Handle { addr, commands }), _runtime: PhantomData }
     }
 
     /// Connects now and waits for the handshake, instead of at the first publish.
@@ -109,11 +101,7 @@ impl<R: Runtime> Producer<R> {
     }
 
     /// Publishes one message.
-    pub async fn publish(
-        &self,
-        topic: impl AsRef<str>,
-        body: impl Into<Bytes>,
-    ) -> Result<(), Error> {
+    pub async fn publish(&self, topic: impl AsRef<str>, body: impl Into<Bytes>) -> Result<(), Error> {
         let topic = Topic::new(topic)?;
         self.request(Publish::One(topic, body.into())).await
     }
@@ -125,11 +113,7 @@ impl<R: Runtime> Producer<R> {
         bodies: impl IntoIterator<Item = B>,
     ) -> Result<(), Error> {
         let topic = Topic::new(topic)?;
-        self.request(Publish::Many(
-            topic,
-            bodies.into_iter().map(Into::into).collect(),
-        ))
-        .await
+        self.request(Publish::Many(topic, bodies.into_iter().map(Into::into).collect())).await
     }
 
     /// Publishes one message that nsqd delivers after `delay` (DPUB).
@@ -140,8 +124,7 @@ impl<R: Runtime> Producer<R> {
         body: impl Into<Bytes>,
     ) -> Result<(), Error> {
         let topic = Topic::new(topic)?;
-        self.request(Publish::Deferred(topic, delay, body.into()))
-            .await
+        self.request(Publish::Deferred(topic, delay, body.into())).await
     }
 
     /// Refuses new publishes, waits for outstanding ones to resolve, closes the connection.
@@ -164,10 +147,7 @@ impl<R: Runtime> Producer<R> {
     }
 
     fn send(&self, command: Command) -> Result<(), Error> {
-        self.handle
-            .commands
-            .unbounded_send(command)
-            .map_err(|_| Error::Stopped)
+        self.handle.commands.unbounded_send(command).map_err(|_| Error::Stopped)
     }
 }
 
@@ -197,11 +177,7 @@ struct Engine<R: Runtime> {
 }
 
 impl<R: Runtime> Engine<R> {
-    fn new(
-        state: ProducerState,
-        config: Config,
-        commands: mpsc::UnboundedReceiver<Command>,
-    ) -> Self {
+    fn new(state: ProducerState, config: Config, commands: mpsc::UnboundedReceiver<Command>) -> Self {
         let (control, control_rx) = mpsc::unbounded();
         let (reads, reads_rx) = mpsc::channel(16);
         Self {
@@ -254,9 +230,7 @@ impl<R: Runtime> Engine<R> {
                 let inputs = select(commands, io);
                 match select(inputs, std::pin::pin!(sleep)).await {
                     Either::Left((Either::Left((input, _)), _)) => input,
-                    Either::Left((Either::Right((io, _)), _)) => {
-                        io.map_or(Input::Closed, Input::Io)
-                    }
+                    Either::Left((Either::Right((io, _)), _)) => io.map_or(Input::Closed, Input::Io),
                     Either::Right(_) => Input::Timeout,
                 }
             };
@@ -290,9 +264,7 @@ impl<R: Runtime> Engine<R> {
                 let queued = match publish {
                     Publish::One(topic, body) => self.state.publish(&topic, body, now),
                     Publish::Many(topic, bodies) => self.state.multi_publish(&topic, bodies, now),
-                    Publish::Deferred(topic, delay, body) => {
-                        self.state.deferred_publish(&topic, delay, body, now)
-                    }
+                    Publish::Deferred(topic, delay, body) => self.state.deferred_publish(&topic, delay, body, now),
                 };
                 match queued {
                     Ok(tx) => {
@@ -320,9 +292,7 @@ impl<R: Runtime> Engine<R> {
                 self.writers.insert(conn, writer);
                 self.state.handle_connected(conn, now);
             }
-            Input::Io(IoEvent::ConnectFailed(conn, error)) => {
-                self.state.handle_connect_failed(conn, error, now)
-            }
+            Input::Io(IoEvent::ConnectFailed(conn, error)) => self.state.handle_connect_failed(conn, error, now),
             Input::Io(IoEvent::Read(conn, bytes)) => self.state.handle_input(conn, now, bytes),
             Input::Io(IoEvent::Eof(conn)) => self.state.handle_eof(conn, now),
             Input::Io(IoEvent::WriterDone(conn)) => {
@@ -364,11 +334,9 @@ impl<R: Runtime> Engine<R> {
                             }
                         }
                     }
-                    Action::QueryLookupd {
-                        query,
-                        addr,
-                        request,
-                    } => spawn_lookupd::<R>(query, addr, request, self.reports.control.clone()),
+                    Action::QueryLookupd { query, addr, request } => {
+                        spawn_lookupd::<R>(query, addr, request, self.reports.control.clone())
+                    }
                 }
             }
             if !self.writers.values().any(|w| w.busy) {
@@ -407,26 +375,10 @@ impl<R: Runtime> Engine<R> {
                 debug!(%conn, %error, "producer disconnected");
                 self.connected = false;
                 for waiter in self.connect_waiters.drain(..) {
-                    let _ = waiter.send(Err(Error::Connection(error_copy(&error))));
+                    let _ = waiter.send(Err(Error::Connection(error.clone())));
                 }
             }
             _ => {}
         }
-    }
-}
-
-/// `ConnectionError` is not `Clone` (it carries rustls errors); waiters get a faithful copy.
-fn error_copy(error: &crate::ConnectionError) -> crate::ConnectionError {
-    use crate::ConnectionError as E;
-    match error {
-        E::LocallyClosed => E::LocallyClosed,
-        E::ServerClosed => E::ServerClosed,
-        E::ReadTimeout => E::ReadTimeout,
-        E::Server(e) => E::Server(e.clone()),
-        E::Frame(e) => E::Frame(e.clone()),
-        E::TlsNotNegotiated => E::TlsNotNegotiated,
-        E::AuthRequired => E::AuthRequired,
-        E::Io(m) => E::Io(m.clone()),
-        other => E::Io(other.to_string()),
     }
 }

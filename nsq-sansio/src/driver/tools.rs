@@ -139,9 +139,7 @@ fn report(tool: &str, result: Result<(), String>) -> ExitCode {
 pub fn config_from_opts(opts: &[String]) -> Result<Config, String> {
     let mut config = Config::new();
     for opt in opts {
-        let (key, value) = opt
-            .split_once(',')
-            .ok_or_else(|| format!("option {opt:?} is not KEY,VALUE"))?;
+        let (key, value) = opt.split_once(',').ok_or_else(|| format!("option {opt:?} is not KEY,VALUE"))?;
         config.set(key, value).map_err(|e| e.to_string())?;
     }
     config.validate().map_err(|e| e.to_string())?;
@@ -198,11 +196,8 @@ async fn run_to_nsq<R: Runtime>(args: ToNsqArgs) -> Result<(), String> {
         _ => return Err("--delimiter must be one byte".into()),
     };
     let topic = crate::Topic::new(&args.topic).map_err(|e| e.to_string())?;
-    let producers: Vec<Producer<R>> = args
-        .nsqd_tcp_address
-        .iter()
-        .map(|a| Producer::new(a.clone(), config.clone()))
-        .collect();
+    let producers: Vec<Producer<R>> =
+        args.nsqd_tcp_address.iter().map(|a| Producer::new(a.clone(), config.clone())).collect();
     // Fail fast, with the nsqd's own words, when one cannot be reached.
     for producer in &producers {
         producer.connect().await.map_err(|e| e.to_string())?;
@@ -223,10 +218,7 @@ async fn run_to_nsq<R: Runtime>(args: ToNsqArgs) -> Result<(), String> {
         for producer in &producers {
             let (producer, topic, record) = (producer.clone(), topic.clone(), record.clone());
             pending.push(async move {
-                producer
-                    .publish(topic.as_str(), record)
-                    .await
-                    .map_err(|e| format!("{}: {e}", producer.addr()))
+                producer.publish(topic.as_str(), record).await.map_err(|e| format!("{}: {e}", producer.addr()))
             });
         }
         // Keep a bounded number of publishes in flight.
@@ -252,29 +244,20 @@ async fn run_nsq_tail<R: Runtime>(args: NsqTailArgs) -> Result<(), String> {
     }
     let mut config = config_from_opts(&args.consumer_opt)?;
     config.max_in_flight(args.max_in_flight);
-    let consumer =
-        Consumer::<R>::new(&args.topic, &args.channel, config).map_err(|e| e.to_string())?;
+    let consumer = Consumer::<R>::new(&args.topic, &args.channel, config).map_err(|e| e.to_string())?;
     let mut messages = consumer.messages();
     for addr in &args.nsqd_tcp_address {
-        consumer
-            .connect_to_nsqd(addr.clone())
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
+        consumer.connect_to_nsqd(addr.clone()).await.map_err(|e| format!("{addr}: {e}"))?;
     }
     for addr in &args.lookupd_http_address {
-        consumer
-            .connect_to_nsqlookupd(addr.clone())
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
+        consumer.connect_to_nsqlookupd(addr.clone()).await.map_err(|e| format!("{addr}: {e}"))?;
     }
     let stdout = std::io::stdout();
     let mut count = 0;
     while let Some(message) = messages.next().await {
         {
             let mut out = stdout.lock();
-            out.write_all(message.body())
-                .and_then(|()| out.write_all(b"\n"))
-                .map_err(|e| e.to_string())?;
+            out.write_all(message.body()).and_then(|()| out.write_all(b"\n")).map_err(|e| e.to_string())?;
         }
         message.finish();
         count += 1;
@@ -294,11 +277,7 @@ async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
     let config = Config::new();
     let (secs, startup) = match args.mode.as_str() {
         "pub" => {
-            let producer = Producer::<R>::with_auto_batch(
-                args.nsqd_tcp_address.clone(),
-                config,
-                args.auto_batch,
-            );
+            let producer = Producer::<R>::with_auto_batch(args.nsqd_tcp_address.clone(), config, args.auto_batch);
             producer.connect().await.map_err(|e| e.to_string())?;
             let startup = started.elapsed();
             let clock = Instant::now();
@@ -348,8 +327,7 @@ async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
         "sub" => {
             let mut config = config;
             config.max_in_flight(args.max_in_flight);
-            let consumer = Consumer::<R>::new(&args.topic, &args.channel, config)
-                .map_err(|e| e.to_string())?;
+            let consumer = Consumer::<R>::new(&args.topic, &args.channel, config).map_err(|e| e.to_string())?;
             let (done_tx, mut done_rx) = mpsc::unbounded::<Instant>();
             let first = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
             let handled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -366,10 +344,7 @@ async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
                 },
                 args.concurrency.max(1),
             );
-            consumer
-                .connect_to_nsqd(args.nsqd_tcp_address.clone())
-                .await
-                .map_err(|e| e.to_string())?;
+            consumer.connect_to_nsqd(args.nsqd_tcp_address.clone()).await.map_err(|e| e.to_string())?;
             let end = done_rx.next().await.ok_or("consumer ended early")?;
             let start = first.lock().ok().and_then(|f| *f).unwrap_or(end);
             consumer.stop().await;

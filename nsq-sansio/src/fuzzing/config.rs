@@ -10,9 +10,6 @@ pub fn set(data: &[u8]) {
     if config.set(name, value).is_ok() {
         // A value that was accepted reads back as valid on its own, combinations aside.
         let _ = config.validate();
-        assert!(
-            config.set(name, value).is_ok(),
-            "setting the same value twice failed"
-        );
+        assert!(config.set(name, value).is_ok(), "setting the same value twice failed");
     }
 }

@@ -55,9 +55,7 @@ pub fn connection(negotiated: Negotiated, ops: Vec<Op>) {
             let json = Bytes::from_static(br#"{"snappy":true,"msg_timeout":1000}"#);
             Frame::Response(json).encode(&mut handshake);
             // The stream identifier, then the upgrade OK as an uncompressed chunk, as nsqd sends it.
-            handshake.extend_from_slice(
-                b"\xff\x06\0\0sNaPpY\x01\x0e\0\0\x26\x98\x2b\xcf\0\0\0\x06\0\0\0\0OK",
-            );
+            handshake.extend_from_slice(b"\xff\x06\0\0sNaPpY\x01\x0e\0\0\x26\x98\x2b\xcf\0\0\0\x06\0\0\0\0OK");
         }
     }
     conn.handle_input(now, handshake);
@@ -77,9 +75,9 @@ pub fn connection(negotiated: Negotiated, ops: Vec<Op>) {
                 }
             }
             Op::Finish(i) => answer(&mut conn, &seen, i, |c, id| c.finish(id)),
-            Op::Requeue(i, ms) => answer(&mut conn, &seen, i, |c, id| {
-                c.requeue(id, Duration::from_millis(u64::from(ms)))
-            }),
+            Op::Requeue(i, ms) => {
+                answer(&mut conn, &seen, i, |c, id| c.requeue(id, Duration::from_millis(u64::from(ms))))
+            }
             Op::Touch(i) => {
                 let before = conn.in_flight();
                 answer(&mut conn, &seen, i, |c, id| c.touch(id, now));
@@ -101,10 +99,7 @@ pub fn connection(negotiated: Negotiated, ops: Vec<Op>) {
             assert_eq!(conn.in_flight(), 0);
             assert!(conn.poll_timeout().is_none());
         }
-        assert!(
-            conn.poll_timeout().is_none_or(|t| t > now),
-            "an expired timer left armed"
-        );
+        assert!(conn.poll_timeout().is_none_or(|t| t > now), "an expired timer left armed");
     }
 }
 
@@ -114,10 +109,7 @@ fn answer(
     i: u8,
     f: impl FnOnce(&mut ConnectionState, &MessageId) -> Result<(), crate::CommandError>,
 ) {
-    let id = seen
-        .get(usize::from(i))
-        .copied()
-        .unwrap_or(MessageId([b'x'; 16]));
+    let id = seen.get(usize::from(i)).copied().unwrap_or(MessageId([b'x'; 16]));
     let was = conn.is_in_flight(&id);
     let before = conn.in_flight();
     let result = f(conn, &id);

@@ -8,8 +8,7 @@ use arbitrary::Arbitrary;
 use bytes::{Bytes, BytesMut};
 
 use crate::{
-    Action, Channel, Config, ConnId, ConsumerEvent, ConsumerState, Frame, Message, MessageId,
-    QueryId, Response, Topic,
+    Action, Channel, Config, ConnId, ConsumerEvent, ConsumerState, Frame, Message, MessageId, QueryId, Response, Topic,
 };
 
 /// One step of a fuzzed consumer.
@@ -76,12 +75,7 @@ pub fn consumer(max_in_flight: u8, ops: Vec<Op>) {
                     next_id += 1;
                     let mut id = [b'0'; 16];
                     id[..4].copy_from_slice(&next_id.to_be_bytes());
-                    let msg = Message {
-                        id: MessageId(id),
-                        timestamp: 0,
-                        attempts,
-                        body: Bytes::from_static(b"m"),
-                    };
+                    let msg = Message { id: MessageId(id), timestamp: 0, attempts, body: Bytes::from_static(b"m") };
                     let mut b = BytesMut::new();
                     Frame::Message(msg).encode(&mut b);
                     c.handle_input(conn, now, b);
@@ -107,14 +101,8 @@ pub fn consumer(max_in_flight: u8, ops: Vec<Op>) {
                     let (conn, m) = pending.swap_remove(usize::from(i) % pending.len());
                     let response = match kind % 4 {
                         0 => Response::Finish,
-                        1 => Response::Requeue {
-                            delay: None,
-                            backoff: true,
-                        },
-                        2 => Response::Requeue {
-                            delay: Some(Duration::ZERO),
-                            backoff: false,
-                        },
+                        1 => Response::Requeue { delay: None, backoff: true },
+                        2 => Response::Requeue { delay: Some(Duration::ZERO), backoff: false },
                         _ => Response::Touch,
                     };
                     let ok = c.respond(conn, &m.id, m.attempts, response, now).is_ok();
@@ -156,11 +144,7 @@ pub fn consumer(max_in_flight: u8, ops: Vec<Op>) {
             }
         }
         // The test RDY of backoff is 1, which max_in_flight 0 does not allow for either.
-        assert!(
-            c.total_rdy() <= max.max(u64::from(c.in_backoff())),
-            "RDY {} > {max}",
-            c.total_rdy()
-        );
+        assert!(c.total_rdy() <= max.max(u64::from(c.in_backoff())), "RDY {} > {max}", c.total_rdy());
         assert!(c.poll_timeout().is_none_or(|t| t > t0 || now == t0));
     }
 }

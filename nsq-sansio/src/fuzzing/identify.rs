@@ -19,15 +19,9 @@ pub fn identify(data: &[u8]) {
     while conn.poll_event().is_some() {}
     // A plain OK (no negotiation) and a heartbeat are valid answers the JSON parser refuses.
     if parsed.is_err() && data != b"OK" && data != b"_heartbeat_" {
-        assert!(
-            conn.is_closed(),
-            "a connection accepted an IDENTIFY response the parser refused"
-        );
+        assert!(conn.is_closed(), "a connection accepted an IDENTIFY response the parser refused");
     }
     if let Some(n) = conn.negotiated() {
-        assert!(
-            u64::from(conn.max_rdy_count())
-                <= n.max_rdy_count.max(u64::from(crate::DEFAULT_MAX_RDY_COUNT))
-        );
+        assert!(u64::from(conn.max_rdy_count()) <= n.max_rdy_count.max(u64::from(crate::DEFAULT_MAX_RDY_COUNT)));
     }
 }

@@ -66,15 +66,9 @@ impl Command<'_> {
             Self::Magic => buf.put_slice(MAGIC_V2),
             Self::Identify(body) => with_body(buf, b"IDENTIFY\n", body),
             Self::Auth(body) => with_body(buf, b"AUTH\n", body),
-            Self::Sub(topic, channel) => line(
-                buf,
-                &[
-                    b"SUB ",
-                    topic.as_str().as_bytes(),
-                    b" ",
-                    channel.as_str().as_bytes(),
-                ],
-            ),
+            Self::Sub(topic, channel) => {
+                line(buf, &[b"SUB ", topic.as_str().as_bytes(), b" ", channel.as_str().as_bytes()])
+            }
             Self::Pub(topic, body) => {
                 line(buf, &[b"PUB ", topic.as_str().as_bytes()]);
                 sized(buf, body);
@@ -124,12 +118,7 @@ impl Command<'_> {
                 5 + t.as_str().len() + 1 + 4 + 4 + bodies.iter().map(|b| 4 + b.len()).sum::<usize>()
             }
             Self::Dpub(t, delay, body) => {
-                5 + t.as_str().len()
-                    + 1
-                    + fmt_u128(&mut scratch, delay.as_millis()).len()
-                    + 1
-                    + 4
-                    + body.len()
+                5 + t.as_str().len() + 1 + fmt_u128(&mut scratch, delay.as_millis()).len() + 1 + 4 + body.len()
             }
             Self::Rdy(n) => 4 + fmt_u128(&mut scratch, u128::from(n)).len() + 1,
             Self::Fin(_) => 4 + 16 + 1,
@@ -199,10 +188,7 @@ mod tests {
         let topic = Topic::new("fixture_pub").unwrap();
         let id = MessageId(*b"0123456789abcdef");
         assert_eq!(enc(Command::Magic), b"  V2");
-        assert_eq!(
-            enc(Command::Pub(&topic, b"hello pub")),
-            b"PUB fixture_pub\n\x00\x00\x00\x09hello pub"
-        );
+        assert_eq!(enc(Command::Pub(&topic, b"hello pub")), b"PUB fixture_pub\n\x00\x00\x00\x09hello pub");
         assert_eq!(
             enc(Command::Dpub(&topic, Duration::from_millis(5000), b"x")),
             b"DPUB fixture_pub 5000\n\x00\x00\x00\x01x"
@@ -210,10 +196,7 @@ mod tests {
         assert_eq!(enc(Command::Rdy(0)), b"RDY 0\n");
         assert_eq!(enc(Command::Rdy(2500)), b"RDY 2500\n");
         assert_eq!(enc(Command::Fin(&id)), b"FIN 0123456789abcdef\n");
-        assert_eq!(
-            enc(Command::Req(&id, Duration::ZERO)),
-            b"REQ 0123456789abcdef 0\n"
-        );
+        assert_eq!(enc(Command::Req(&id, Duration::ZERO)), b"REQ 0123456789abcdef 0\n");
         assert_eq!(enc(Command::Touch(&id)), b"TOUCH 0123456789abcdef\n");
         assert_eq!(enc(Command::Cls), b"CLS\n");
         assert_eq!(enc(Command::Nop), b"NOP\n");

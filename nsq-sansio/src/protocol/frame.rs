@@ -50,11 +50,7 @@ impl Frame {
                 if err.message.is_empty() {
                     put_frame(buf, FRAME_TYPE_ERROR, &[code.as_bytes()]);
                 } else {
-                    put_frame(
-                        buf,
-                        FRAME_TYPE_ERROR,
-                        &[code.as_bytes(), b" ", err.message.as_bytes()],
-                    );
+                    put_frame(buf, FRAME_TYPE_ERROR, &[code.as_bytes(), b" ", err.message.as_bytes()]);
                 }
             }
             Self::Message(msg) => {
@@ -113,10 +109,7 @@ pub fn decode(rx: &mut BytesMut, max_size: u32) -> Result<Option<Frame>, FrameEr
     };
     let size = head.get_u32();
     if size > max_size {
-        return Err(FrameError::TooLarge {
-            size,
-            max: max_size,
-        });
+        return Err(FrameError::TooLarge { size, max: max_size });
     }
     if size < 4 {
         return Err(FrameError::TooSmall(size));
@@ -140,12 +133,7 @@ pub fn decode(rx: &mut BytesMut, max_size: u32) -> Result<Option<Frame>, FrameEr
             let attempts = frame.get_u16();
             let mut id = [0u8; 16];
             frame.copy_to_slice(&mut id);
-            Ok(Some(Frame::Message(Message {
-                id: MessageId(id),
-                timestamp,
-                attempts,
-                body: frame,
-            })))
+            Ok(Some(Frame::Message(Message { id: MessageId(id), timestamp, attempts, body: frame })))
         }
         other => Err(FrameError::UnknownType(other)),
     }
@@ -169,10 +157,7 @@ impl ServerError {
             Some((code, message)) => (code, message),
             None => (text.as_ref(), ""),
         };
-        Self {
-            code: ErrorCode::parse(code),
-            message: message.to_owned(),
-        }
+        Self { code: ErrorCode::parse(code), message: message.to_owned() }
     }
 
     /// Whether nsqd closes the connection after sending this error.

@@ -41,13 +41,9 @@ impl<'a> IdentifyRequest<'a> {
             deflate: config.deflate,
             deflate_level: config.deflate_level,
             sample_rate: config.sample_rate,
-            output_buffer_size: config
-                .output_buffer_size
-                .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+            output_buffer_size: config.output_buffer_size.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
             output_buffer_timeout: config.output_buffer_timeout.map_or(-1, millis_i64),
-            msg_timeout: config
-                .msg_timeout
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            msg_timeout: config.msg_timeout.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 

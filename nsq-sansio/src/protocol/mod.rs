@@ -43,24 +43,14 @@ pub enum NameError {
 fn validate(kind: &'static str, name: &str) -> Result<(), NameError> {
     let len = name.len();
     if len == 0 || len > MAX_NAME_LEN {
-        return Err(NameError::Length {
-            kind,
-            name: name.to_owned(),
-            len,
-        });
+        return Err(NameError::Length { kind, name: name.to_owned(), len });
     }
     let stem = name.strip_suffix(EPHEMERAL_SUFFIX).unwrap_or(name);
-    let valid = !stem.is_empty()
-        && stem
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    let valid = !stem.is_empty() && stem.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if valid {
         Ok(())
     } else {
-        Err(NameError::Character {
-            kind,
-            name: name.to_owned(),
-        })
+        Err(NameError::Character { kind, name: name.to_owned() })
     }
 }
 
@@ -192,43 +182,18 @@ mod tests {
 
     #[test]
     fn names_follow_nsqd_rules() {
-        let ok = [
-            "a",
-            "a.b_c-d",
-            "x#ephemeral",
-            &"a".repeat(64),
-            &format!("{}#ephemeral", "a".repeat(54)),
-        ];
+        let ok = ["a", "a.b_c-d", "x#ephemeral", &"a".repeat(64), &format!("{}#ephemeral", "a".repeat(54))];
         for name in ok {
             assert!(Topic::new(name).is_ok(), "{name}");
             assert!(Channel::new(name).is_ok(), "{name}");
         }
-        let bad = [
-            "",
-            "bad!topic",
-            "bad/topic",
-            "#ephemeral",
-            "a b",
-            "a#eph",
-            &"a".repeat(65),
-            "é",
-        ];
+        let bad = ["", "bad!topic", "bad/topic", "#ephemeral", "a b", "a#eph", &"a".repeat(65), "é"];
         for name in bad {
             assert!(Topic::new(name).is_err(), "{name}");
             assert!(Channel::new(name).is_err(), "{name}");
         }
-        assert!(matches!(
-            Topic::new("bad!topic"),
-            Err(NameError::Character { kind: "topic", .. })
-        ));
-        assert!(matches!(
-            Channel::new("a".repeat(65)),
-            Err(NameError::Length {
-                kind: "channel",
-                len: 65,
-                ..
-            })
-        ));
+        assert!(matches!(Topic::new("bad!topic"), Err(NameError::Character { kind: "topic", .. })));
+        assert!(matches!(Channel::new("a".repeat(65)), Err(NameError::Length { kind: "channel", len: 65, .. })));
     }
 
     #[test]

@@ -22,9 +22,7 @@ impl std::fmt::Debug for Decoder {
 
 impl Default for Decoder {
     fn default() -> Self {
-        Self {
-            inflate: Decompress::new(false),
-        }
+        Self { inflate: Decompress::new(false) }
     }
 }
 
@@ -45,18 +43,14 @@ impl Decoder {
             let room = STEP.min(limit - start).max(1);
             plain.resize(start + room, 0);
             let (in_before, out_before) = (self.inflate.total_in(), self.inflate.total_out());
-            let status = self
-                .inflate
-                .decompress(input, &mut plain[start..], FlushDecompress::None);
+            let status = self.inflate.decompress(input, &mut plain[start..], FlushDecompress::None);
             let consumed = (self.inflate.total_in() - in_before) as usize;
             let produced = (self.inflate.total_out() - out_before) as usize;
             plain.truncate(start + produced);
             input.advance(consumed);
             match status {
                 Ok(Status::StreamEnd) => {
-                    return Err(TransportError::Deflate(
-                        "the stream ended; nsqd never ends it".into(),
-                    ))
+                    return Err(TransportError::Deflate("the stream ended; nsqd never ends it".into()))
                 }
                 Ok(_) => {}
                 Err(e) => return Err(TransportError::Deflate(e.to_string())),
@@ -83,25 +77,17 @@ impl std::fmt::Debug for Encoder {
 
 impl Encoder {
     pub(crate) fn new(level: u32) -> Self {
-        Self {
-            deflate: Compress::new(Compression::new(level.clamp(1, 9)), false),
-        }
+        Self { deflate: Compress::new(Compression::new(level.clamp(1, 9)), false) }
     }
 
     /// Appends `data` deflated and sync-flushed, so nsqd can inflate all of it at once.
-    pub(crate) fn encode(
-        &mut self,
-        mut data: &[u8],
-        out: &mut BytesMut,
-    ) -> Result<(), TransportError> {
+    pub(crate) fn encode(&mut self, mut data: &[u8], out: &mut BytesMut) -> Result<(), TransportError> {
         loop {
             let start = out.len();
             let room = data.len() / 2 + 64;
             out.resize(start + room, 0);
             let (in_before, out_before) = (self.deflate.total_in(), self.deflate.total_out());
-            let status = self
-                .deflate
-                .compress(data, &mut out[start..], FlushCompress::Sync);
+            let status = self.deflate.compress(data, &mut out[start..], FlushCompress::Sync);
             let consumed = (self.deflate.total_in() - in_before) as usize;
             let produced = (self.deflate.total_out() - out_before) as usize;
             out.truncate(start + produced);
@@ -139,8 +125,7 @@ mod tests {
         assert_eq!(back, data);
 
         // nsqd's side: sync flushes, several empty ones in a row.
-        let mut theirs =
-            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        let mut theirs = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
         theirs.write_all(&data).unwrap();
         theirs.flush().unwrap();
         theirs.flush().unwrap();
@@ -160,21 +145,14 @@ mod tests {
     #[test]
     fn output_is_bounded_and_garbage_refused() {
         let mut out = BytesMut::new();
-        Encoder::new(9)
-            .encode(&vec![0u8; 1 << 20], &mut out)
-            .unwrap();
+        Encoder::new(9).encode(&vec![0u8; 1 << 20], &mut out).unwrap();
         assert!(out.len() < 4096);
         let mut plain = BytesMut::new();
         let mut dec = Decoder::default();
-        assert!(
-            dec.decode(&mut out, &mut plain, 10_000).unwrap(),
-            "stopped for the limit"
-        );
+        assert!(dec.decode(&mut out, &mut plain, 10_000).unwrap(), "stopped for the limit");
         assert!(plain.len() <= 10_000 + STEP);
         assert!(!out.is_empty());
         let mut garbage = BytesMut::from(&b"\xff\xff\xff\xff\xff\xff"[..]);
-        assert!(Decoder::default()
-            .decode(&mut garbage, &mut BytesMut::new(), usize::MAX)
-            .is_err());
+        assert!(Decoder::default().decode(&mut garbage, &mut BytesMut::new(), usize::MAX).is_err());
     }
 }

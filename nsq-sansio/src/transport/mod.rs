@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 pub use tls::{TlsOptions, TlsVersion};
 
 /// A failure inside a transport layer. Always fatal for the connection.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
     /// TLS failed: handshake, certificate verification, a bad record or an alert.
@@ -37,8 +37,8 @@ pub enum TransportError {
 enum Codec {
     #[default]
     None,
-    Snappy(snappy::Decoder, snappy::Encoder),
-    Deflate(deflate::Decoder, deflate::Encoder),
+    Snappy(Box<(snappy::Decoder, snappy::Encoder)>),
+    Deflate(Box<(deflate::Decoder, deflate::Encoder)>),
 }
 
 /// The layer stack of one connection.
@@ -65,12 +65,7 @@ impl Transport {
     /// Feeds bytes read from the socket; appends the plaintext NSQ bytes they yield to `plain`,
     /// decompressing at most until `plain` holds `limit` bytes (no decompression bomb). What is
     /// left waits inside; see [`has_pending`](Self::has_pending).
-    pub(crate) fn recv(
-        &mut self,
-        wire: BytesMut,
-        plain: &mut BytesMut,
-        limit: usize,
-    ) -> Result<(), TransportError> {
+    pub(crate) fn recv(&mut self, wire: BytesMut, plain: &mut BytesMut, limit: usize) -> Result<(), TransportError> {
         match (&mut self.tls, &self.codec) {
             // The hot path: no copy.
             (None, Codec::None) => {
@@ -110,11 +105,13 @@ impl Transport {
         let data = plain.split();
         let compressed = match &mut self.codec {
             Codec::None => data,
-            Codec::Snappy(_, enc) => {
+            Codec::Snappy(codec) => {
+                let enc = &mut codec.1;
                 enc.encode(&data, &mut self.scratch)?;
                 self.scratch.split()
             }
-            Codec::Deflate(_, enc) => {
+            Codec::Deflate(codec) => {
+                let enc = &mut codec.1;
                 enc.encode(&data, &mut self.scratch)?;
                 self.scratch.split()
             }
@@ -163,7 +160,7 @@ impl Transport {
         let mut encoder = snappy::Encoder::default();
         encoder.start(&mut self.scratch);
         let identifier = self.scratch.split();
-        self.codec = Codec::Snappy(snappy::Decoder::default(), encoder);
+        self.codec = Codec::Snappy(Box::new((snappy::Decoder::default(), encoder)));
         self.seal(&identifier)?;
         self.mid.unsplit(leftover);
         self.decompress(plain, limit)
@@ -177,14 +174,9 @@ impl Transport {
         plain: &mut BytesMut,
         limit: usize,
     ) -> Result<(), TransportError> {
-        self.codec = Codec::Deflate(deflate::Decoder::default(), deflate::Encoder::new(level));
+        self.codec = Codec::Deflate(Box::new((deflate::Decoder::default(), deflate::Encoder::new(level))));
         self.mid.unsplit(leftover);
         self.decompress(plain, limit)
-    }
-
-    /// Whether a TLS handshake is under way.
-    pub(crate) fn is_handshaking(&self) -> bool {
-        self.tls.as_ref().is_some_and(tls::Tls::is_handshaking)
     }
 
     /// Queues TLS close_notify, if TLS is on.
@@ -202,8 +194,8 @@ impl Transport {
                 plain.unsplit(self.mid.split());
                 false
             }
-            Codec::Snappy(dec, _) => dec.decode(&mut self.mid, plain, limit)?,
-            Codec::Deflate(dec, _) => dec.decode(&mut self.mid, plain, limit)?,
+            Codec::Snappy(codec) => codec.0.decode(&mut self.mid, plain, limit)?,
+            Codec::Deflate(codec) => codec.0.decode(&mut self.mid, plain, limit)?,
         };
         Ok(())
     }

@@ -25,9 +25,7 @@ pub(crate) struct Decoder {
 
 impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("snappy::Decoder")
-            .field("seen_identifier", &self.seen_identifier)
-            .finish()
+        f.debug_struct("snappy::Decoder").field("seen_identifier", &self.seen_identifier).finish()
     }
 }
 
@@ -45,28 +43,21 @@ impl Decoder {
                 return Ok(false);
             };
             let kind = header[0];
-            let len =
-                usize::from(header[1]) | usize::from(header[2]) << 8 | usize::from(header[3]) << 16;
+            let len = usize::from(header[1]) | usize::from(header[2]) << 8 | usize::from(header[3]) << 16;
             if !self.seen_identifier && kind != IDENTIFIER {
-                return Err(TransportError::Snappy(
-                    "stream does not start with the stream identifier".into(),
-                ));
+                return Err(TransportError::Snappy("stream does not start with the stream identifier".into()));
             }
             let max_len = match kind {
                 COMPRESSED => 4 + snap::raw::max_compress_len(MAX_BLOCK),
                 UNCOMPRESSED => 4 + MAX_BLOCK,
                 IDENTIFIER => 6,
                 0x02..=0x7f => {
-                    return Err(TransportError::Snappy(format!(
-                        "reserved unskippable chunk type {kind:#04x}"
-                    )))
+                    return Err(TransportError::Snappy(format!("reserved unskippable chunk type {kind:#04x}")))
                 }
                 _ => 4 + snap::raw::max_compress_len(MAX_BLOCK),
             };
             if len > max_len {
-                return Err(TransportError::Snappy(format!(
-                    "chunk of {len} bytes exceeds {max_len}"
-                )));
+                return Err(TransportError::Snappy(format!("chunk of {len} bytes exceeds {max_len}")));
             }
             if input.len() < 4 + len {
                 input.reserve(4 + len - input.len());
@@ -86,16 +77,13 @@ impl Decoder {
                 }
                 COMPRESSED | UNCOMPRESSED => {
                     if chunk.len() < 4 {
-                        return Err(TransportError::Snappy(
-                            "chunk shorter than its checksum".into(),
-                        ));
+                        return Err(TransportError::Snappy("chunk shorter than its checksum".into()));
                     }
                     let expected = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
                     let data = &chunk[4..];
                     let start = plain.len();
                     if kind == COMPRESSED {
-                        let n = snap::raw::decompress_len(data)
-                            .map_err(|e| TransportError::Snappy(e.to_string()))?;
+                        let n = snap::raw::decompress_len(data).map_err(|e| TransportError::Snappy(e.to_string()))?;
                         if n > MAX_BLOCK {
                             return Err(TransportError::Snappy(format!(
                                 "chunk decompresses to {n} > {MAX_BLOCK} bytes"
@@ -136,10 +124,7 @@ pub(crate) struct Encoder {
 
 impl Default for Encoder {
     fn default() -> Self {
-        Self {
-            raw: snap::raw::Encoder::new(),
-            scratch: Vec::new(),
-        }
+        Self { raw: snap::raw::Encoder::new(), scratch: Vec::new() }
     }
 }
 
@@ -160,12 +145,8 @@ impl Encoder {
     pub(crate) fn encode(&mut self, data: &[u8], out: &mut BytesMut) -> Result<(), TransportError> {
         for block in data.chunks(MAX_BLOCK) {
             let crc = masked_crc(block);
-            self.scratch
-                .resize(snap::raw::max_compress_len(block.len()), 0);
-            let n = self
-                .raw
-                .compress(block, &mut self.scratch)
-                .map_err(|e| TransportError::Snappy(e.to_string()))?;
+            self.scratch.resize(snap::raw::max_compress_len(block.len()), 0);
+            let n = self.raw.compress(block, &mut self.scratch).map_err(|e| TransportError::Snappy(e.to_string()))?;
             let (kind, payload) = if n < block.len() - block.len() / 8 {
                 (COMPRESSED, &self.scratch[..n])
             } else {
@@ -201,15 +182,11 @@ mod tests {
         enc.start(&mut out);
         enc.encode(&data, &mut out).unwrap();
         let mut back = Vec::new();
-        snap::read::FrameDecoder::new(&out[..])
-            .read_to_end(&mut back)
-            .unwrap();
+        snap::read::FrameDecoder::new(&out[..]).read_to_end(&mut back).unwrap();
         assert_eq!(back, data);
 
         let mut theirs = Vec::new();
-        snap::write::FrameEncoder::new(&mut theirs)
-            .write_all(&data)
-            .unwrap();
+        snap::write::FrameEncoder::new(&mut theirs).write_all(&data).unwrap();
         let mut input = BytesMut::from(&theirs[..]);
         let mut plain = BytesMut::new();
         let mut dec = Decoder::default();
@@ -225,32 +202,22 @@ mod tests {
         enc.encode(b"hello hello hello hello", &mut good).unwrap();
         // Missing identifier.
         let mut input = BytesMut::from(&good[10..]);
-        assert!(Decoder::default()
-            .decode(&mut input, &mut BytesMut::new(), usize::MAX)
-            .is_err());
+        assert!(Decoder::default().decode(&mut input, &mut BytesMut::new(), usize::MAX).is_err());
         // Bad CRC.
         let mut bad = good.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
         let mut input = bad;
-        assert!(Decoder::default()
-            .decode(&mut input, &mut BytesMut::new(), usize::MAX)
-            .is_err());
+        assert!(Decoder::default().decode(&mut input, &mut BytesMut::new(), usize::MAX).is_err());
         // Reserved unskippable chunk.
         let mut input = BytesMut::from(&b"\xff\x06\x00\x00sNaPpY\x02\x01\x00\x00x"[..]);
-        assert!(Decoder::default()
-            .decode(&mut input, &mut BytesMut::new(), usize::MAX)
-            .is_err());
+        assert!(Decoder::default().decode(&mut input, &mut BytesMut::new(), usize::MAX).is_err());
         // Oversized chunk length, refused before buffering.
         let mut input = BytesMut::from(&b"\xff\x06\x00\x00sNaPpY\x00\xff\xff\xff"[..]);
-        assert!(Decoder::default()
-            .decode(&mut input, &mut BytesMut::new(), usize::MAX)
-            .is_err());
+        assert!(Decoder::default().decode(&mut input, &mut BytesMut::new(), usize::MAX).is_err());
         // Padding is skipped.
         let mut input = BytesMut::from(&b"\xff\x06\x00\x00sNaPpY\xfe\x02\x00\x00\x00\x00"[..]);
-        assert!(!Decoder::default()
-            .decode(&mut input, &mut BytesMut::new(), usize::MAX)
-            .unwrap());
+        assert!(!Decoder::default().decode(&mut input, &mut BytesMut::new(), usize::MAX).unwrap());
     }
 
     #[test]
@@ -259,17 +226,10 @@ mod tests {
         let mut enc = Encoder::default();
         enc.start(&mut stream);
         enc.encode(&vec![0u8; 10 * MAX_BLOCK], &mut stream).unwrap();
-        assert!(
-            stream.len() < MAX_BLOCK,
-            "zeros compress well: {}",
-            stream.len()
-        );
+        assert!(stream.len() < MAX_BLOCK, "zeros compress well: {}", stream.len());
         let mut plain = BytesMut::new();
         let mut dec = Decoder::default();
-        assert!(
-            dec.decode(&mut stream, &mut plain, 1000).unwrap(),
-            "stopped for the limit"
-        );
+        assert!(dec.decode(&mut stream, &mut plain, 1000).unwrap(), "stopped for the limit");
         assert_eq!(plain.len(), MAX_BLOCK, "one chunk past the limit at most");
         plain.clear();
         assert!(dec.decode(&mut stream, &mut plain, usize::MAX).is_ok());

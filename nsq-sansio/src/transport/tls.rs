@@ -9,9 +9,7 @@ use bytes::{BufMut, BytesMut};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use super::TransportError;
 
@@ -54,8 +52,7 @@ pub(crate) fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, Tran
     if let Some(config) = &opts.client_config {
         return Ok(config.clone());
     }
-    let setup =
-        |what: &str, e: &dyn std::fmt::Display| TransportError::TlsSetup(format!("{what}: {e}"));
+    let setup = |what: &str, e: &dyn std::fmt::Display| TransportError::TlsSetup(format!("{what}: {e}"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = match opts.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -65,9 +62,7 @@ pub(crate) fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, Tran
         .with_protocol_versions(versions)
         .map_err(|e| setup("protocol versions", &e))?;
     let builder = if opts.danger_accept_invalid_certs {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider)))
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider)))
     } else {
         let mut roots = RootCertStore::empty();
         match &opts.root_ca_file {
@@ -75,11 +70,8 @@ pub(crate) fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, Tran
                 let certs = CertificateDer::pem_file_iter(path)
                     .map_err(|e| setup(&format!("tls_root_ca_file {}", path.display()), &e))?;
                 for cert in certs {
-                    let cert = cert
-                        .map_err(|e| setup(&format!("tls_root_ca_file {}", path.display()), &e))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| setup(&format!("tls_root_ca_file {}", path.display()), &e))?;
+                    let cert = cert.map_err(|e| setup(&format!("tls_root_ca_file {}", path.display()), &e))?;
+                    roots.add(cert).map_err(|e| setup(&format!("tls_root_ca_file {}", path.display()), &e))?;
                 }
                 if roots.is_empty() {
                     return Err(TransportError::TlsSetup(format!(
@@ -97,30 +89,20 @@ pub(crate) fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, Tran
             let chain = CertificateDer::pem_file_iter(cert)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| setup(&format!("tls_cert {}", cert.display()), &e))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| setup(&format!("tls_key {}", key.display()), &e))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| setup("client certificate", &e))?
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| setup(&format!("tls_key {}", key.display()), &e))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| setup("client certificate", &e))?
         }
         (None, None) => builder.with_no_client_auth(),
-        _ => {
-            return Err(TransportError::TlsSetup(
-                "tls_cert and tls_key must be set together".into(),
-            ))
-        }
+        _ => return Err(TransportError::TlsSetup("tls_cert and tls_key must be set together".into())),
     };
     Ok(Arc::new(config))
 }
 
 /// The name the server certificate must match: the configured one, else the host dialled.
-pub(crate) fn server_name(
-    opts: &TlsOptions,
-    host: &str,
-) -> Result<ServerName<'static>, TransportError> {
+pub(crate) fn server_name(opts: &TlsOptions, host: &str) -> Result<ServerName<'static>, TransportError> {
     let name = opts.server_name.as_deref().unwrap_or(host);
-    ServerName::try_from(name.to_owned())
-        .map_err(|e| TransportError::TlsSetup(format!("server name {name:?}: {e}")))
+    ServerName::try_from(name.to_owned()).map_err(|e| TransportError::TlsSetup(format!("server name {name:?}: {e}")))
 }
 
 /// One TLS session over the byte stream.
@@ -130,26 +112,18 @@ pub(crate) struct Tls {
 }
 
 impl Tls {
-    pub(crate) fn new(
-        config: Arc<ClientConfig>,
-        name: ServerName<'static>,
-    ) -> Result<Self, TransportError> {
-        Ok(Self {
-            conn: ClientConnection::new(config, name)?,
-        })
+    pub(crate) fn new(config: Arc<ClientConfig>, name: ServerName<'static>) -> Result<Self, TransportError> {
+        let mut conn = ClientConnection::new(config, name)?;
+        // What is queued for sending is bounded by what the application queues (publishes
+        // are size-checked); rustls's default 64 KiB cap would fail a large write instead.
+        conn.set_buffer_limit(None);
+        Ok(Self { conn })
     }
 
     /// Feeds ciphertext; appends the plaintext it yields to `plain`.
-    pub(crate) fn recv(
-        &mut self,
-        mut wire: &[u8],
-        plain: &mut BytesMut,
-    ) -> Result<(), TransportError> {
+    pub(crate) fn recv(&mut self, mut wire: &[u8], plain: &mut BytesMut) -> Result<(), TransportError> {
         while !wire.is_empty() {
-            let n = self
-                .conn
-                .read_tls(&mut wire)
-                .map_err(|e| TransportError::TlsSetup(format!("read_tls: {e}")))?;
+            let n = self.conn.read_tls(&mut wire).map_err(|e| TransportError::TlsSetup(format!("read_tls: {e}")))?;
             let state = self.conn.process_new_packets()?;
             let available = state.plaintext_bytes_to_read();
             if available > 0 {
@@ -161,7 +135,8 @@ impl Tls {
                     .map_err(|e| TransportError::TlsSetup(format!("reading plaintext: {e}")))?;
             }
             if n == 0 && available == 0 {
-                break;
+                // rustls took nothing and gave nothing: never drop input silently.
+                return Err(TransportError::TlsSetup("TLS input stalled".into()));
             }
         }
         Ok(())
@@ -169,10 +144,7 @@ impl Tls {
 
     /// Encrypts plaintext.
     pub(crate) fn send(&mut self, plain: &[u8]) -> Result<(), TransportError> {
-        self.conn
-            .writer()
-            .write_all(plain)
-            .map_err(|e| TransportError::TlsSetup(format!("encrypting: {e}")))
+        self.conn.writer().write_all(plain).map_err(|e| TransportError::TlsSetup(format!("encrypting: {e}")))
     }
 
     /// Moves pending ciphertext (handshake records, data, alerts) to `out`.
@@ -183,10 +155,6 @@ impl Tls {
                 break;
             }
         }
-    }
-
-    pub(crate) fn is_handshaking(&self) -> bool {
-        self.conn.is_handshaking()
     }
 
     pub(crate) fn close(&mut self) {
@@ -216,12 +184,7 @@ impl ServerCertVerifier for AcceptAnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -230,12 +193,7 @@ impl ServerCertVerifier for AcceptAnyServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
