@@ -243,6 +243,25 @@ impl ProducerState {
         if !self.final_writes.is_empty() {
             return Some(self.final_writes.remove(0));
         }
+        self.poll_link()
+    }
+
+    /// Bytes to write to `conn`'s socket: its last bytes if it closed, else what was queued
+    /// since the last call. An adapter that calls this only when the connection's previous
+    /// write finished coalesces writes with no flush timer.
+    #[must_use]
+    pub fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
+        if let Some(i) = self.final_writes.iter().position(|(c, _)| *c == conn) {
+            return Some(self.final_writes.remove(i).1);
+        }
+        if self.conn.as_ref().is_some_and(|l| l.id == conn) {
+            return self.poll_link().map(|(_, bytes)| bytes);
+        }
+        None
+    }
+
+    /// What the live connection has to write.
+    fn poll_link(&mut self) -> Option<(ConnId, Bytes)> {
         self.flush_batch();
         let link = self.conn.as_mut().filter(|l| l.connected)?;
         let bytes = link.state.poll_transmit()?;
@@ -250,14 +269,6 @@ impl ProducerState {
         // A transport failure while encoding surfaces as an event.
         self.process();
         Some((id, bytes))
-    }
-
-    /// The last bytes of a connection that closed, if any: write them before closing its
-    /// socket on [`Action::Close`].
-    #[must_use]
-    pub fn poll_transmit_for_closed(&mut self, conn: ConnId) -> Option<(ConnId, Bytes)> {
-        let i = self.final_writes.iter().position(|(c, _)| *c == conn)?;
-        Some(self.final_writes.remove(i))
     }
 
     /// I/O to carry out.

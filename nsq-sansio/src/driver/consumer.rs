@@ -1,6 +1,5 @@
 //! [`Consumer`]: an async handle on a [`ConsumerState`] run by one engine task.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
@@ -14,10 +13,10 @@ use futures_util::lock::Mutex as AsyncMutex;
 use futures_util::{FutureExt, Stream, StreamExt};
 use tracing::{debug, warn, Instrument};
 
-use super::io::{spawn_connection, spawn_lookupd, IoEvent, Reports, Writer};
+use super::io::{IoEvent, Sockets};
 use super::message::{Answer, Handler, Message};
 use super::{Error, Runtime};
-use crate::{Action, Channel, Config, ConnId, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
+use crate::{Channel, Config, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
 
 type FailedHook = Arc<dyn Fn(&crate::Message) + Send + Sync>;
 
@@ -269,21 +268,14 @@ enum Input {
 
 struct Engine<R: Runtime> {
     state: ConsumerState,
-    config: Config,
     commands: mpsc::UnboundedReceiver<Command>,
     answers_tx: mpsc::UnboundedSender<Answer>,
     answers: mpsc::UnboundedReceiver<Answer>,
-    reports: Reports,
-    io: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
-    writers: HashMap<ConnId, Writer>,
-    /// Connections closed by the core whose writer is still flushing.
-    flushing: std::collections::HashSet<ConnId>,
-    addrs: HashMap<ConnId, Arc<str>>,
+    sockets: Sockets<R>,
     messages: Option<mpsc::UnboundedSender<Message>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     shutdown: bool,
-    _runtime: PhantomData<fn() -> R>,
 }
 
 impl<R: Runtime> Engine<R> {
@@ -294,32 +286,24 @@ impl<R: Runtime> Engine<R> {
         messages: mpsc::UnboundedSender<Message>,
         failed: Arc<Mutex<Option<FailedHook>>>,
     ) -> Self {
-        let (control, control_rx) = mpsc::unbounded();
-        let (reads, reads_rx) = mpsc::channel(16);
         let (answers_tx, answers) = mpsc::unbounded();
         Self {
             state,
-            config,
             commands,
             answers_tx,
             answers,
-            reports: Reports { control, reads },
-            io: futures_util::stream::select(control_rx, reads_rx),
-            writers: HashMap::new(),
-            flushing: std::collections::HashSet::new(),
-            addrs: HashMap::new(),
+            sockets: Sockets::new(config.dial_timeout, config.write_timeout),
             messages: Some(messages),
             failed,
             stop_waiters: Vec::new(),
             shutdown: false,
-            _runtime: PhantomData,
         }
     }
 
     async fn run(mut self) {
         loop {
             self.drive();
-            if self.state.is_stopped() && self.flushing.is_empty() {
+            if self.state.is_stopped() && self.sockets.flushed() {
                 // Ends the handlers and the stream.
                 self.messages = None;
                 for waiter in self.stop_waiters.drain(..) {
@@ -341,14 +325,14 @@ impl<R: Runtime> Engine<R> {
                     }
                 };
                 let answers = self.answers.next().map(|a| a.map_or(Input::Closed, Input::Answer));
-                let io = self.io.next().map(|io| io.map_or(Input::Closed, Input::Io));
+                let io = self.sockets.next().map(|io| io.map_or(Input::Closed, Input::Io));
                 let sleep = async move {
                     match timer {
                         Some(at) => R::sleep_until(at).await,
                         None => futures_util::future::pending().await,
                     }
                 };
-                let commands = std::pin::pin!(commands);
+                let (commands, io) = (std::pin::pin!(commands), std::pin::pin!(io));
                 let first = select(commands, select(answers, io));
                 match select(first, std::pin::pin!(sleep)).await {
                     Either::Left((Either::Left((input, _)), _)) => input,
@@ -370,7 +354,7 @@ impl<R: Runtime> Engine<R> {
         if let Some(Some(answer)) = self.answers.next().now_or_never() {
             return Some(Input::Answer(answer));
         }
-        if let Some(Some(io)) = self.io.next().now_or_never() {
+        if let Some(io) = self.sockets.try_next() {
             return Some(Input::Io(io));
         }
         if !self.shutdown {
@@ -418,65 +402,14 @@ impl<R: Runtime> Engine<R> {
                 self.state.stop(now);
             }
             Input::Command(Command::Stopped(reply)) => self.stop_waiters.push(reply),
-            Input::Io(IoEvent::Connected(conn, writer)) => {
-                self.writers.insert(conn, writer);
-                self.state.handle_connected(conn, now);
-            }
-            Input::Io(IoEvent::ConnectFailed(conn, error)) => self.state.handle_connect_failed(conn, error, now),
-            Input::Io(IoEvent::Read(conn, bytes)) => self.state.handle_input(conn, now, bytes),
-            Input::Io(IoEvent::Eof(conn)) => self.state.handle_eof(conn, now),
-            Input::Io(IoEvent::WriterDone(conn)) => {
-                self.flushing.remove(&conn);
-            }
-            Input::Io(IoEvent::Written(conn)) => {
-                if let Some(w) = self.writers.get_mut(&conn) {
-                    w.busy = false;
-                }
-            }
-            Input::Io(IoEvent::Lookupd(query, response)) => self.state.handle_lookupd_response(query, response, now),
+            Input::Io(event) => self.sockets.apply(event, &mut self.state, now),
         }
     }
 
     /// Carries out what the state machine decided.
     fn drive(&mut self) {
         loop {
-            let mut progress = false;
-            while let Some(action) = self.state.poll_action() {
-                progress = true;
-                match action {
-                    Action::Connect { conn, addr } => {
-                        self.addrs.insert(conn, addr.as_str().into());
-                        let span = tracing::debug_span!("nsqd", %addr, %conn);
-                        spawn_connection::<R>(
-                            conn,
-                            addr,
-                            self.config.dial_timeout,
-                            self.config.write_timeout,
-                            self.reports.clone(),
-                            span,
-                        );
-                    }
-                    Action::Close { conn } => {
-                        // The connection's last bytes go out before the writer closes.
-                        if let Some(mut writer) = self.writers.remove(&conn) {
-                            self.flushing.insert(conn);
-                            if let Some(bytes) = self.state.poll_transmit_for(conn) {
-                                writer.send(bytes);
-                            }
-                        }
-                        self.addrs.remove(&conn);
-                    }
-                    Action::QueryLookupd { query, addr, request } => {
-                        spawn_lookupd::<R>(query, addr, request, self.reports.control.clone())
-                    }
-                }
-            }
-            for (&conn, writer) in self.writers.iter_mut().filter(|(_, w)| !w.busy) {
-                if let Some(bytes) = self.state.poll_transmit_for(conn) {
-                    progress = true;
-                    writer.send(bytes);
-                }
-            }
+            let mut progress = self.sockets.pump(&mut self.state);
             while let Some(event) = self.state.poll_event() {
                 progress = true;
                 self.on_event(event);
@@ -490,7 +423,7 @@ impl<R: Runtime> Engine<R> {
     fn on_event(&mut self, event: ConsumerEvent) {
         match event {
             ConsumerEvent::Message { conn, message } => {
-                let nsqd = self.addrs.get(&conn).cloned().unwrap_or_else(|| "".into());
+                let nsqd = self.sockets.addr(conn);
                 let message = Message::new(message, conn, nsqd, self.answers_tx.clone());
                 if let Some(tx) = &self.messages {
                     // Nobody consumes: the message is requeued when dropped here.

@@ -1,7 +1,9 @@
 //! The tasks that touch sockets: one reader and one writer per nsqd connection, one task per
 //! lookupd query. They move bytes and report; they decide nothing.
 
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_channel::{mpsc, oneshot};
@@ -10,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use tracing::{debug, trace, Instrument};
 
 use super::{with_timeout, Runtime};
-use crate::{ConnId, QueryId};
+use crate::{Action, ConnId, ConsumerState, ProducerState, QueryId};
 
 /// Read buffer growth per read: large enough to drain a busy socket in few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
@@ -171,4 +173,179 @@ pub(crate) fn spawn_lookupd<R: Runtime>(
         let result = with_timeout::<R, _>(LOOKUPD_TIMEOUT, exchange).await.map_err(|e| format!("{addr}: {e}"));
         let _ = control.unbounded_send(IoEvent::Lookupd(query, result));
     });
+}
+
+/// What the engines need of a state machine to carry out its I/O.
+pub(crate) trait Machine {
+    fn handle_connected(&mut self, conn: ConnId, now: Instant);
+    fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant);
+    fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut);
+    fn handle_eof(&mut self, conn: ConnId, now: Instant);
+    fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, String>, now: Instant);
+    fn poll_action(&mut self) -> Option<Action>;
+    fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes>;
+}
+
+impl Machine for ConsumerState {
+    fn handle_connected(&mut self, conn: ConnId, now: Instant) {
+        self.handle_connected(conn, now)
+    }
+    fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant) {
+        self.handle_connect_failed(conn, error, now)
+    }
+    fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
+        self.handle_input(conn, now, data)
+    }
+    fn handle_eof(&mut self, conn: ConnId, now: Instant) {
+        self.handle_eof(conn, now)
+    }
+    fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, String>, now: Instant) {
+        self.handle_lookupd_response(query, response, now)
+    }
+    fn poll_action(&mut self) -> Option<Action> {
+        self.poll_action()
+    }
+    fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
+        self.poll_transmit_for(conn)
+    }
+}
+
+impl Machine for ProducerState {
+    fn handle_connected(&mut self, conn: ConnId, now: Instant) {
+        self.handle_connected(conn, now)
+    }
+    fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant) {
+        self.handle_connect_failed(conn, error, now)
+    }
+    fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
+        self.handle_input(conn, now, data)
+    }
+    fn handle_eof(&mut self, conn: ConnId, now: Instant) {
+        self.handle_eof(conn, now)
+    }
+    fn handle_lookupd_response(&mut self, _query: QueryId, _response: Result<Bytes, String>, _now: Instant) {}
+    fn poll_action(&mut self) -> Option<Action> {
+        self.poll_action()
+    }
+    fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
+        self.poll_transmit_for(conn)
+    }
+}
+
+/// An engine's sockets: dials, writers, and the reports coming back from their tasks.
+pub(crate) struct Sockets<R: Runtime> {
+    dial_timeout: Duration,
+    write_timeout: Duration,
+    reports: Reports,
+    events: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
+    writers: HashMap<ConnId, Writer>,
+    /// The nsqd address of each connection dialled and not yet closed.
+    addrs: HashMap<ConnId, std::sync::Arc<str>>,
+    /// Connections the core closed whose writer is still flushing their last bytes.
+    flushing: HashSet<ConnId>,
+    _runtime: PhantomData<fn() -> R>,
+}
+
+impl<R: Runtime> Sockets<R> {
+    pub(crate) fn new(dial_timeout: Duration, write_timeout: Duration) -> Self {
+        let (control, control_rx) = mpsc::unbounded();
+        let (reads, reads_rx) = mpsc::channel(16);
+        Self {
+            dial_timeout,
+            write_timeout,
+            reports: Reports { control, reads },
+            events: futures_util::stream::select(control_rx, reads_rx),
+            writers: HashMap::new(),
+            addrs: HashMap::new(),
+            flushing: HashSet::new(),
+            _runtime: PhantomData,
+        }
+    }
+
+    /// The next report from a socket task.
+    pub(crate) async fn next(&mut self) -> Option<IoEvent> {
+        self.events.next().await
+    }
+
+    /// A report that is ready now, if any.
+    pub(crate) fn try_next(&mut self) -> Option<IoEvent> {
+        use futures_util::FutureExt;
+        self.events.next().now_or_never().flatten()
+    }
+
+    /// The nsqd address of a live connection.
+    pub(crate) fn addr(&self, conn: ConnId) -> std::sync::Arc<str> {
+        self.addrs.get(&conn).cloned().unwrap_or_else(|| "".into())
+    }
+
+    /// Whether every closed connection's last bytes are written.
+    pub(crate) fn flushed(&self) -> bool {
+        self.flushing.is_empty()
+    }
+
+    /// Hands a report to the state machine, keeping the writers' books.
+    pub(crate) fn apply(&mut self, event: IoEvent, machine: &mut impl Machine, now: Instant) {
+        match event {
+            IoEvent::Connected(conn, writer) => {
+                self.writers.insert(conn, writer);
+                machine.handle_connected(conn, now);
+            }
+            IoEvent::ConnectFailed(conn, error) => machine.handle_connect_failed(conn, error, now),
+            IoEvent::Read(conn, bytes) => machine.handle_input(conn, now, bytes),
+            IoEvent::Eof(conn) => machine.handle_eof(conn, now),
+            IoEvent::Written(conn) => {
+                if let Some(w) = self.writers.get_mut(&conn) {
+                    w.busy = false;
+                }
+            }
+            IoEvent::WriterDone(conn) => {
+                self.flushing.remove(&conn);
+            }
+            IoEvent::Lookupd(query, response) => machine.handle_lookupd_response(query, response, now),
+        }
+    }
+
+    /// Carries out the machine's actions and writes what it has for idle connections.
+    /// Returns whether anything happened.
+    pub(crate) fn pump(&mut self, machine: &mut impl Machine) -> bool {
+        let mut progress = false;
+        while let Some(action) = machine.poll_action() {
+            progress = true;
+            match action {
+                Action::Connect { conn, addr } => {
+                    self.addrs.insert(conn, addr.as_str().into());
+                    let span = tracing::debug_span!("nsqd", %addr, %conn);
+                    spawn_connection::<R>(
+                        conn,
+                        addr,
+                        self.dial_timeout,
+                        self.write_timeout,
+                        self.reports.clone(),
+                        span,
+                    );
+                }
+                Action::Close { conn } => {
+                    self.addrs.remove(&conn);
+                    // The connection's last bytes go out before the writer closes.
+                    if let Some(mut writer) = self.writers.remove(&conn) {
+                        self.flushing.insert(conn);
+                        if let Some(bytes) = machine.poll_transmit_for(conn) {
+                            writer.send(bytes);
+                        }
+                    }
+                }
+                Action::QueryLookupd { query, addr, request } => {
+                    spawn_lookupd::<R>(query, addr, request, self.reports.control.clone())
+                }
+            }
+        }
+        // Only connections whose previous write finished: what queues meanwhile leaves as one.
+        for (&conn, writer) in self.writers.iter_mut().filter(|(_, w)| !w.busy) {
+            if let Some(bytes) = machine.poll_transmit_for(conn) {
+                progress = true;
+                writer.send(bytes);
+            }
+        }
+        progress
+    }
 }

@@ -12,9 +12,9 @@ use futures_util::future::{select, Either};
 use futures_util::StreamExt;
 use tracing::{debug, Instrument};
 
-use super::io::{spawn_connection, spawn_lookupd, IoEvent, Reports, Writer};
+use super::io::{IoEvent, Sockets};
 use super::{Error, Runtime};
-use crate::{Action, Config, ConnId, ProducerEvent, ProducerState, Topic, TxId};
+use crate::{Config, ProducerEvent, ProducerState, Topic, TxId};
 
 /// Publishes to one nsqd. Cheap to clone; clones share one connection, and concurrent publishes
 /// are pipelined on it (no lock is held across a round trip).
@@ -161,46 +161,33 @@ enum Input {
 
 struct Engine<R: Runtime> {
     state: ProducerState,
-    config: Config,
     commands: mpsc::UnboundedReceiver<Command>,
-    reports: Reports,
-    io: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
-    writers: HashMap<ConnId, Writer>,
-    /// Connections closed by the core whose writer is still flushing.
-    flushing: std::collections::HashSet<ConnId>,
+    sockets: Sockets<R>,
     pending: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
     connect_waiters: Vec<oneshot::Sender<Result<(), Error>>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     connected: bool,
     shutdown: bool,
-    _runtime: PhantomData<fn() -> R>,
 }
 
 impl<R: Runtime> Engine<R> {
     fn new(state: ProducerState, config: Config, commands: mpsc::UnboundedReceiver<Command>) -> Self {
-        let (control, control_rx) = mpsc::unbounded();
-        let (reads, reads_rx) = mpsc::channel(16);
         Self {
             state,
-            config,
             commands,
-            reports: Reports { control, reads },
-            io: futures_util::stream::select(control_rx, reads_rx),
-            writers: HashMap::new(),
-            flushing: std::collections::HashSet::new(),
+            sockets: Sockets::new(config.dial_timeout, config.write_timeout),
             pending: HashMap::new(),
             connect_waiters: Vec::new(),
             stop_waiters: Vec::new(),
             connected: false,
             shutdown: false,
-            _runtime: PhantomData,
         }
     }
 
     async fn run(mut self) {
         loop {
             self.drive();
-            if self.state.is_stopped() && self.flushing.is_empty() {
+            if self.state.is_stopped() && self.sockets.flushed() {
                 for waiter in self.stop_waiters.drain(..) {
                     let _ = waiter.send(());
                 }
@@ -219,14 +206,14 @@ impl<R: Runtime> Engine<R> {
                         commands.next().await.map_or(Input::Closed, Input::Command)
                     }
                 };
-                let io = self.io.next();
+                let io = self.sockets.next();
                 let sleep = async move {
                     match timer {
                         Some(at) => R::sleep_until(at).await,
                         None => futures_util::future::pending().await,
                     }
                 };
-                let commands = std::pin::pin!(commands);
+                let (commands, io) = (std::pin::pin!(commands), std::pin::pin!(io));
                 let inputs = select(commands, io);
                 match select(inputs, std::pin::pin!(sleep)).await {
                     Either::Left((Either::Left((input, _)), _)) => input,
@@ -249,7 +236,7 @@ impl<R: Runtime> Engine<R> {
                 return Some(Input::Command(command));
             }
         }
-        self.io.next().now_or_never().flatten().map(Input::Io)
+        self.sockets.try_next().map(Input::Io)
     }
 
     fn handle(&mut self, input: Input) {
@@ -288,65 +275,14 @@ impl<R: Runtime> Engine<R> {
                 self.stop_waiters.push(reply);
                 self.state.stop(now);
             }
-            Input::Io(IoEvent::Connected(conn, writer)) => {
-                self.writers.insert(conn, writer);
-                self.state.handle_connected(conn, now);
-            }
-            Input::Io(IoEvent::ConnectFailed(conn, error)) => self.state.handle_connect_failed(conn, error, now),
-            Input::Io(IoEvent::Read(conn, bytes)) => self.state.handle_input(conn, now, bytes),
-            Input::Io(IoEvent::Eof(conn)) => self.state.handle_eof(conn, now),
-            Input::Io(IoEvent::WriterDone(conn)) => {
-                self.flushing.remove(&conn);
-            }
-            Input::Io(IoEvent::Written(conn)) => {
-                if let Some(w) = self.writers.get_mut(&conn) {
-                    w.busy = false;
-                }
-            }
-            Input::Io(IoEvent::Lookupd(..)) => {}
+            Input::Io(event) => self.sockets.apply(event, &mut self.state, now),
         }
     }
 
     /// Carries out what the state machine decided.
     fn drive(&mut self) {
         loop {
-            let mut progress = false;
-            while let Some(action) = self.state.poll_action() {
-                progress = true;
-                match action {
-                    Action::Connect { conn, addr } => {
-                        let span = tracing::debug_span!("nsqd", %addr, %conn);
-                        spawn_connection::<R>(
-                            conn,
-                            addr,
-                            self.config.dial_timeout,
-                            self.config.write_timeout,
-                            self.reports.clone(),
-                            span,
-                        );
-                    }
-                    Action::Close { conn } => {
-                        // The connection's last bytes go out before the writer closes.
-                        if let Some(mut writer) = self.writers.remove(&conn) {
-                            self.flushing.insert(conn);
-                            if let Some((_, bytes)) = self.state.poll_transmit_for_closed(conn) {
-                                writer.send(bytes);
-                            }
-                        }
-                    }
-                    Action::QueryLookupd { query, addr, request } => {
-                        spawn_lookupd::<R>(query, addr, request, self.reports.control.clone())
-                    }
-                }
-            }
-            if !self.writers.values().any(|w| w.busy) {
-                if let Some((conn, bytes)) = self.state.poll_transmit() {
-                    progress = true;
-                    if let Some(w) = self.writers.get_mut(&conn) {
-                        w.send(bytes);
-                    }
-                }
-            }
+            let mut progress = self.sockets.pump(&mut self.state);
             while let Some(event) = self.state.poll_event() {
                 progress = true;
                 self.on_event(event);
