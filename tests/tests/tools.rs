@@ -72,3 +72,21 @@ fn to_nsq_refuses_bad_options_and_bad_topics() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad!topic"));
 }
+
+#[test]
+fn the_blocking_std_net_example_publishes_and_consumes() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let addr = nsqd.addr();
+    let out = run("blocking", &[&addr, "blocking_topic", "3"], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "published 3 messages\nmessage 0\nmessage 1\nmessage 2\n");
+    assert_eq!(nsqd.stats().finished, 3);
+}
+
+#[test]
+fn the_blocking_example_fails_clearly_without_nsqd() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = run("blocking", &[&format!("127.0.0.1:{port}")], b"");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to nsqd"));
+}
