@@ -231,6 +231,8 @@ error_codes! {
     AuthFailed = "E_AUTH_FAILED",
     /// `E_AUTH_DISABLED`: AUTH sent to an nsqd without an auth server.
     AuthDisabled = "E_AUTH_DISABLED",
+    /// `E_AUTH_FIRST`: the server requires AUTH before this command.
+    AuthFirst = "E_AUTH_FIRST",
     /// `E_UNAUTHORIZED`: the identity may not do this.
     Unauthorized = "E_UNAUTHORIZED",
     /// `E_TOPIC_NOT_FOUND`.

@@ -1,29 +1,41 @@
-//! A `ConnectionState` consuming message frames and answering with FIN allocates nothing per
-//! message in the steady state. Counted with a global allocator, not by eye.
+//! The frame decoder, and a `ConnectionState` consuming message frames and answering with FIN,
+//! allocate nothing per message in the steady state. Counted with a global allocator, not by eye;
+//! the count is per thread so tests running in parallel do not see each other.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use nsq_sansio::{Channel, Config, ConnectionState, Event, Frame, Message, MessageId, Topic};
+use nsq_sansio::{decode, Channel, Config, ConnectionState, Event, Frame, Message, MessageId, Topic};
 
 struct Counting;
 
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+
+fn allocs() -> usize {
+    ALLOCS.with(Cell::get)
+}
+
+fn count() {
+    // `try_with`: the allocator also runs while thread-locals are being torn down.
+    let _ = ALLOCS.try_with(|n| n.set(n.get() + 1));
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -45,7 +57,7 @@ fn frames(n: usize, round: usize) -> BytesMut {
 
 /// Feeds one buffer, FINs every message, writes (drops) the output; returns allocations made.
 fn round(conn: &mut ConnectionState, now: Instant, input: BytesMut) -> usize {
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = allocs();
     conn.handle_input(now, input);
     while let Some(event) = conn.poll_event() {
         if let Event::Message(msg) = event {
@@ -55,7 +67,7 @@ fn round(conn: &mut ConnectionState, now: Instant, input: BytesMut) -> usize {
     while let Some(out) = conn.poll_transmit() {
         drop(out);
     }
-    ALLOCS.load(Ordering::Relaxed) - before
+    allocs() - before
 }
 
 #[test]
@@ -84,4 +96,31 @@ fn no_allocation_per_message_when_consuming_and_finishing() {
     // One allocation per read buffer (bytes shares it on the first split), none per message.
     assert!(large <= 1, "{large} allocations for 2000 messages");
     assert_eq!(small, large, "allocations grow with the message count");
+}
+
+#[test]
+fn the_decoder_allocates_nothing_per_frame() {
+    let mut total = 0;
+    let mut decode_all = |n: usize, round: usize| {
+        let built = allocs();
+        let mut rx = frames(n, round);
+        assert!(allocs() > built, "the counter sees this thread's allocations");
+        let before = allocs();
+        let mut bodies = 0;
+        while let Some(frame) = decode(&mut rx, 1 << 20).unwrap() {
+            let Frame::Message(msg) = frame else { panic!("not a message") };
+            bodies += msg.body.len();
+        }
+        let made = allocs() - before;
+        total += bodies;
+        assert!(rx.is_empty());
+        made
+    };
+    let small = decode_all(500, 0);
+    let large = decode_all(5000, 1);
+    assert_eq!(total, 5500 * 200);
+    // The first split_to shares the buffer (one small allocation for its shared header); the
+    // frames themselves cost nothing.
+    assert!(large <= 1, "{large} allocations for 5000 frames");
+    assert_eq!(small, large, "allocations grow with the frame count");
 }
