@@ -25,53 +25,12 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-use std::io;
-use std::net::Shutdown;
-use std::time::Instant;
-
-use bytes::BytesMut;
-use futures_util::io::AsyncWriteExt;
-use smol::net::TcpStream;
-
 pub use nsq_sansio::driver::{Error, Handler, HandlerError, HandlerResult, Message, Messages};
 pub use nsq_sansio::{Config, ConsumerStats, MessageId};
 
-/// A producer on smol: see [`nsq_sansio::driver::Producer`].
-pub type Producer = nsq_sansio::driver::Producer<Smol>;
-/// A consumer on smol: see [`nsq_sansio::driver::Consumer`].
-pub type Consumer = nsq_sansio::driver::Consumer<Smol>;
-
-/// smol's TCP, timer and spawn, for the driver.
-#[derive(Debug, Clone, Copy)]
-pub struct Smol;
-
-impl nsq_sansio::driver::Runtime for Smol {
-    type Reader = TcpStream;
-    type Writer = TcpStream;
-
-    async fn connect(addr: String) -> io::Result<(TcpStream, TcpStream)> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok((stream.clone(), stream))
-    }
-
-    async fn read(reader: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-        nsq_sansio::driver::read_buf(reader, buf).await
-    }
-
-    async fn write_all(writer: &mut TcpStream, data: &[u8]) -> io::Result<()> {
-        writer.write_all(data).await
-    }
-
-    async fn shutdown(writer: &mut TcpStream) -> io::Result<()> {
-        writer.shutdown(Shutdown::Write)
-    }
-
-    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(future: F) {
-        smol::spawn(future).detach();
-    }
-
-    async fn sleep_until(deadline: Instant) {
-        smol::Timer::at(deadline).await;
-    }
+nsq_sansio::__futures_io_runtime! {
+    runtime: Smol ("smol"),
+    stream: smol::net::TcpStream,
+    spawn: |future| smol::spawn(future).detach(),
+    sleep_until: |deadline| smol::Timer::at(deadline),
 }

@@ -6,6 +6,10 @@
 //! names. Each producer or consumer runs one engine task that owns the sans-IO state machine;
 //! per connection a task reads the socket and another writes it; handles talk to the engine over
 //! channels. The engine decides nothing itself: it carries out what the state machine says.
+//!
+//! To run on another executor, implement [`Runtime`]; if its TCP stream is a cloneable
+//! futures-io stream, implement the smaller [`FuturesIoRuntime`] instead (connect, shutdown,
+//! spawn, sleep) and reads and writes come with it.
 
 mod consumer;
 mod io;
@@ -59,18 +63,104 @@ pub trait Runtime: Send + Sync + 'static {
     }
 }
 
-/// Reads into a `BytesMut` through a `futures::io::AsyncRead`, for runtimes built on
-/// futures-io (async-std, smol).
-pub async fn read_buf<R: futures_util::io::AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-) -> stdio::Result<usize> {
-    use futures_util::io::AsyncReadExt;
-    let start = buf.len();
-    buf.resize(buf.capacity().max(start + 1), 0);
-    let result = reader.read(&mut buf[start..]).await;
-    buf.truncate(start + *result.as_ref().unwrap_or(&0));
-    result
+/// What a runtime whose TCP stream is a cloneable futures-io stream (async-std, smol) provides;
+/// every such runtime is a [`Runtime`] through this trait, with reads and writes written once.
+pub trait FuturesIoRuntime: Send + Sync + 'static {
+    /// The TCP stream; one clone reads while another writes.
+    type Stream: futures_util::io::AsyncRead + futures_util::io::AsyncWrite + Clone + Unpin + Send + Sync + 'static;
+
+    /// Connects to `addr` (`host:port`) with TCP_NODELAY set.
+    fn connect(addr: String) -> impl Future<Output = stdio::Result<Self::Stream>> + Send;
+
+    /// Shuts down the write direction (TCP FIN).
+    fn shutdown(stream: &Self::Stream) -> stdio::Result<()>;
+
+    /// Runs `future` to completion in the background.
+    fn spawn<F: Future<Output = ()> + Send + 'static>(future: F);
+
+    /// Completes at `deadline`.
+    fn sleep_until(deadline: Instant) -> impl Future<Output = ()> + Send;
+}
+
+impl<T: FuturesIoRuntime> Runtime for T {
+    type Reader = T::Stream;
+    type Writer = T::Stream;
+
+    async fn connect(addr: String) -> stdio::Result<(T::Stream, T::Stream)> {
+        let stream = <T as FuturesIoRuntime>::connect(addr).await?;
+        Ok((stream.clone(), stream))
+    }
+
+    async fn read(reader: &mut T::Stream, buf: &mut BytesMut) -> stdio::Result<usize> {
+        use futures_util::io::AsyncReadExt;
+        let start = buf.len();
+        buf.resize(buf.capacity().max(start + 1), 0);
+        let result = reader.read(&mut buf[start..]).await;
+        buf.truncate(start + *result.as_ref().unwrap_or(&0));
+        result
+    }
+
+    async fn write_all(writer: &mut T::Stream, data: &[u8]) -> stdio::Result<()> {
+        futures_util::io::AsyncWriteExt::write_all(writer, data).await
+    }
+
+    async fn shutdown(writer: &mut T::Stream) -> stdio::Result<()> {
+        <T as FuturesIoRuntime>::shutdown(writer)
+    }
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(future: F) {
+        <T as FuturesIoRuntime>::spawn(future);
+    }
+
+    fn sleep_until(deadline: Instant) -> impl Future<Output = ()> + Send {
+        <T as FuturesIoRuntime>::sleep_until(deadline)
+    }
+}
+
+/// Defines a runtime crate's public types for a futures-io runtime whose `TcpStream` has the
+/// inherent `connect`, `set_nodelay` and `shutdown` of async-std's and smol's: the unit struct
+/// implementing [`FuturesIoRuntime`], and the `Producer` and `Consumer` aliases on it.
+/// `nsq-async-std` and `nsq-smol` are this macro plus their spawn and timer.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __futures_io_runtime {
+    (
+        runtime: $name:ident ($label:literal),
+        stream: $stream:ty,
+        spawn: |$future:ident| $spawn:expr,
+        sleep_until: |$deadline:ident| $sleep:expr $(,)?
+    ) => {
+        #[doc = concat!($label, "'s TCP, timer and spawn, for the driver.")]
+        #[derive(Debug, Clone, Copy)]
+        pub struct $name;
+
+        impl $crate::driver::FuturesIoRuntime for $name {
+            type Stream = $stream;
+
+            async fn connect(addr: String) -> std::io::Result<$stream> {
+                let stream = <$stream>::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                Ok(stream)
+            }
+
+            fn shutdown(stream: &$stream) -> std::io::Result<()> {
+                stream.shutdown(std::net::Shutdown::Write)
+            }
+
+            fn spawn<F: std::future::Future<Output = ()> + Send + 'static>($future: F) {
+                $spawn;
+            }
+
+            async fn sleep_until($deadline: std::time::Instant) {
+                $sleep.await;
+            }
+        }
+
+        #[doc = concat!("A producer on ", $label, ": see [`nsq_sansio::driver::Producer`].")]
+        pub type Producer = $crate::driver::Producer<$name>;
+        #[doc = concat!("A consumer on ", $label, ": see [`nsq_sansio::driver::Consumer`].")]
+        pub type Consumer = $crate::driver::Consumer<$name>;
+    };
 }
 
 /// An error from the async API.
