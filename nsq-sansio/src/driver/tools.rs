@@ -119,10 +119,20 @@ pub async fn bench<R: Runtime>(client: &str) -> ExitCode {
     match run_bench::<R>(BenchArgs::parse()).await {
         Ok(result) => {
             println!("RESULT client={client} {result}");
+            if let Some(kib) = peak_rss_kib() {
+                eprintln!("bench: peak_rss_kib={kib}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => report("bench", Err(e)),
     }
+}
+
+/// The process's peak resident set size (`VmHWM`), where /proc says it (Linux).
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn report(tool: &str, result: Result<(), String>) -> ExitCode {
