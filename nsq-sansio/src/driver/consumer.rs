@@ -14,7 +14,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tracing::{debug, warn, Instrument};
 
 use super::io::{IoEvent, Sockets};
-use super::message::{Answer, Handler, Message};
+use super::message::{Answer, Answers, Handler, Message};
 use super::{Error, Runtime};
 use crate::{Channel, Config, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
 
@@ -261,7 +261,8 @@ impl Stream for Messages {
 enum Input {
     Command(Command),
     Io(IoEvent),
-    Answer(Answer),
+    /// Answers from message handles, moved into `Engine::answer_batch`.
+    Answers,
     Timeout,
     Closed,
 }
@@ -269,13 +270,20 @@ enum Input {
 struct Engine<R: Runtime> {
     state: ConsumerState,
     commands: mpsc::UnboundedReceiver<Command>,
-    answers_tx: mpsc::UnboundedSender<Answer>,
-    answers: mpsc::UnboundedReceiver<Answer>,
+    answers: Arc<Answers>,
+    answer_batch: Vec<Answer>,
     sockets: Sockets<R>,
     messages: Option<mpsc::UnboundedSender<Message>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     shutdown: bool,
+}
+
+impl<R: Runtime> Drop for Engine<R> {
+    fn drop(&mut self) {
+        // Messages still held elsewhere must not queue answers nobody will read.
+        self.answers.close();
+    }
 }
 
 impl<R: Runtime> Engine<R> {
@@ -286,12 +294,11 @@ impl<R: Runtime> Engine<R> {
         messages: mpsc::UnboundedSender<Message>,
         failed: Arc<Mutex<Option<FailedHook>>>,
     ) -> Self {
-        let (answers_tx, answers) = mpsc::unbounded();
         Self {
             state,
             commands,
-            answers_tx,
-            answers,
+            answers: Arc::default(),
+            answer_batch: Vec::new(),
             sockets: Sockets::new(config.dial_timeout, config.write_timeout),
             messages: Some(messages),
             failed,
@@ -324,7 +331,8 @@ impl<R: Runtime> Engine<R> {
                         commands.next().await.map_or(Input::Closed, Input::Command)
                     }
                 };
-                let answers = self.answers.next().map(|a| a.map_or(Input::Closed, Input::Answer));
+                let (queue, batch) = (&self.answers, &mut self.answer_batch);
+                let answers = futures_util::future::poll_fn(|cx| queue.poll_take(cx, batch)).map(|()| Input::Answers);
                 let io = self.sockets.next().map(|io| io.map_or(Input::Closed, Input::Io));
                 let sleep = async move {
                     match timer {
@@ -342,17 +350,19 @@ impl<R: Runtime> Engine<R> {
                     Either::Right(_) => Input::Timeout,
                 }
             };
-            self.handle(input);
+            // One clock read per batch of inputs: they arrived together.
+            let now = R::now();
+            self.handle(input, now);
             // Take whatever else is ready before writing, so FINs leave together.
             while let Some(input) = self.try_next() {
-                self.handle(input);
+                self.handle(input, now);
             }
         }
     }
 
     fn try_next(&mut self) -> Option<Input> {
-        if let Some(Some(answer)) = self.answers.next().now_or_never() {
-            return Some(Input::Answer(answer));
+        if self.answers.try_take(&mut self.answer_batch) {
+            return Some(Input::Answers);
         }
         if let Some(io) = self.sockets.try_next() {
             return Some(Input::Io(io));
@@ -365,8 +375,7 @@ impl<R: Runtime> Engine<R> {
         None
     }
 
-    fn handle(&mut self, input: Input) {
-        let now = R::now();
+    fn handle(&mut self, input: Input, now: std::time::Instant) {
         match input {
             Input::Timeout => self.state.handle_timeout(now),
             Input::Closed => {
@@ -375,10 +384,14 @@ impl<R: Runtime> Engine<R> {
                     self.state.stop(now);
                 }
             }
-            Input::Answer(a) => {
-                if let Err(e) = self.state.respond(a.conn, &a.id, a.attempts, a.response, now) {
-                    debug!(id = %a.id, %e, "answer refused");
+            Input::Answers => {
+                let mut batch = std::mem::take(&mut self.answer_batch);
+                for a in batch.drain(..) {
+                    if let Err(e) = self.state.respond(a.conn, &a.id, a.attempts, a.response, now) {
+                        debug!(id = %a.id, %e, "answer refused");
+                    }
                 }
+                self.answer_batch = batch;
             }
             Input::Command(Command::Source(source, reply)) => {
                 let result = match source {
@@ -424,7 +437,7 @@ impl<R: Runtime> Engine<R> {
         match event {
             ConsumerEvent::Message { conn, message } => {
                 let nsqd = self.sockets.addr(conn);
-                let message = Message::new(message, conn, nsqd, self.answers_tx.clone());
+                let message = Message::new(message, conn, nsqd, self.answers.clone());
                 if let Some(tx) = &self.messages {
                     // Nobody consumes: the message is requeued when dropped here.
                     let _ = tx.unbounded_send(message);

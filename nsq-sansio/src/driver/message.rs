@@ -3,11 +3,12 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_channel::mpsc;
+use futures_util::task::AtomicWaker;
 
 use crate::{ConnId, MessageId, Response};
 
@@ -31,7 +32,7 @@ struct Shared {
     id: MessageId,
     attempts: u16,
     nsqd: Arc<str>,
-    responses: mpsc::UnboundedSender<Answer>,
+    responses: Arc<Answers>,
     answered: AtomicBool,
     auto_response: AtomicBool,
 }
@@ -46,12 +47,7 @@ pub(crate) struct Answer {
 }
 
 impl Message {
-    pub(crate) fn new(
-        inner: crate::Message,
-        conn: ConnId,
-        nsqd: Arc<str>,
-        responses: mpsc::UnboundedSender<Answer>,
-    ) -> Self {
+    pub(crate) fn new(inner: crate::Message, conn: ConnId, nsqd: Arc<str>, responses: Arc<Answers>) -> Self {
         let shared = Arc::new(Shared {
             conn,
             id: inner.id,
@@ -144,8 +140,59 @@ impl Message {
 impl Shared {
     fn send(&self, response: Response) {
         let answer = Answer { conn: self.conn, id: self.id, attempts: self.attempts, response };
+        self.responses.push(answer);
+    }
+}
+
+/// Answers on their way from message handles to the consumer engine: a vector behind a mutex
+/// and one waker. A burst of FINs costs a lock each, no allocation, and wakes the engine once;
+/// the engine takes them all in one swap.
+#[derive(Debug, Default)]
+pub(crate) struct Answers {
+    queue: Mutex<Vec<Answer>>,
+    waker: AtomicWaker,
+    closed: AtomicBool,
+}
+
+impl Answers {
+    fn push(&self, answer: Answer) {
         // The consumer is gone: nsqd requeues the message after its timeout anyway.
-        let _ = self.responses.unbounded_send(answer);
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.push(answer);
+        }
+        self.waker.wake();
+    }
+
+    /// Moves every queued answer into `batch` (which must be empty); false if there were none.
+    pub(crate) fn try_take(&self, batch: &mut Vec<Answer>) -> bool {
+        match self.queue.lock() {
+            Ok(mut queue) if !queue.is_empty() => {
+                std::mem::swap(&mut *queue, batch);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Like [`try_take`](Self::try_take), waiting for an answer.
+    pub(crate) fn poll_take(&self, cx: &mut Context<'_>, batch: &mut Vec<Answer>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.try_take(batch) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Drops every later answer: the engine that would read them has ended.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.clear();
+        }
     }
 }
 

@@ -221,10 +221,12 @@ impl<R: Runtime> Engine<R> {
                     Either::Right(_) => Input::Timeout,
                 }
             };
-            self.handle(input);
+            // One clock read per batch of inputs: they arrived together.
+            let now = R::now();
+            self.handle(input, now);
             // Take whatever else is ready before writing, so it leaves in one write.
             while let Some(input) = self.try_next() {
-                self.handle(input);
+                self.handle(input, now);
             }
         }
     }
@@ -239,8 +241,7 @@ impl<R: Runtime> Engine<R> {
         self.sockets.try_next().map(Input::Io)
     }
 
-    fn handle(&mut self, input: Input) {
-        let now = R::now();
+    fn handle(&mut self, input: Input, now: std::time::Instant) {
         match input {
             Input::Timeout => self.state.handle_timeout(now),
             Input::Closed | Input::Command(Command::Shutdown) => {
