@@ -61,6 +61,7 @@ macro_rules! scenario_tests {
             garbage_from_the_server_is_a_clean_error,
             producer_survives_a_huge_frame_length,
             graceful_stop_waits_for_in_flight_messages,
+            slow_handler_holds_at_most_max_in_flight,
             auth_good_and_bad,
             stream_consumer,
             compression_and_tls_round_trips,
@@ -470,6 +471,41 @@ pub async fn graceful_stop_waits_for_in_flight_messages<R: Runtime>() {
     assert_eq!(nsqd.stats().requeued, 0);
     wait_for::<R>("the connection closed", || nsqd.clients() == 0).await;
     assert!(matches!(consumer.connect_to_nsqd(nsqd.addr()).await, Err(Error::Consumer(_) | Error::Stopped)));
+}
+
+/// A handler slower than delivery never makes the client hold more than max_in_flight
+/// messages: what nsqd has delivered and not seen answered stays within it.
+pub async fn slow_handler_holds_at_most_max_in_flight<R: Runtime>() {
+    const MAX_IN_FLIGHT: u64 = 4;
+    let nsqd = Arc::new(FakeNsqd::start_default().unwrap());
+    for i in 0..24 {
+        nsqd.publish("slow", format!("{i}").as_bytes());
+    }
+    let consumer = Consumer::<R>::new(
+        "slow",
+        "ch",
+        config(|c| {
+            c.max_in_flight(MAX_IN_FLIGHT as u32);
+        }),
+    )
+    .unwrap();
+    let most = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (n, m) = (nsqd.clone(), most.clone());
+    consumer.add_handler(move |_m: Message| {
+        let stats = n.stats();
+        let outstanding = stats.delivered - stats.finished - stats.requeued;
+        m.fetch_max(outstanding, Ordering::SeqCst);
+        async move {
+            sleep::<R>(Duration::from_millis(15)).await;
+            Ok::<_, std::io::Error>(())
+        }
+    });
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("24 FINs", || nsqd.stats().finished == 24).await;
+    consumer.stop().await;
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= MAX_IN_FLIGHT, "{most} messages outstanding with max_in_flight {MAX_IN_FLIGHT}");
+    assert!(most >= 2, "the handler was slow enough for messages to queue up ({most})");
 }
 
 /// AUTH with a good secret works; a wrong secret is a typed fatal error.
