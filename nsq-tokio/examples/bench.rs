@@ -1,6 +1,10 @@
 //! Throughput benchmark on tokio: see `nsq_sansio::driver::tools` for the flags.
+//!
+//! One client on one thread: the engine, its socket tasks and the handlers wake each other
+//! without crossing threads, which halves the CPU per message against the multi-threaded
+//! scheduler (BENCHMARKS.md has both).
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     nsq_sansio::driver::tools::bench::<nsq_tokio::Tokio>("nsq-tokio").await
 }

@@ -84,7 +84,7 @@ pub struct BenchArgs {
     /// Message size in bytes.
     #[arg(long, default_value_t = 200)]
     pub size: usize,
-    /// Un-acknowledged PUBs at most (pub).
+    /// Concurrent publishing tasks, hence un-acknowledged PUBs at most (pub).
     #[arg(long, default_value_t = 200)]
     pub outstanding: usize,
     /// Messages per MPUB (mpub).
@@ -291,18 +291,25 @@ async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
             producer.connect().await.map_err(|e| e.to_string())?;
             let startup = started.elapsed();
             let clock = Instant::now();
-            let mut pending = futures_util::stream::FuturesUnordered::new();
-            for _ in 0..n {
-                if pending.len() >= args.outstanding.max(1) {
-                    if let Some(r) = pending.next().await {
-                        let r: Result<(), Error> = r;
-                        r.map_err(|e| e.to_string())?;
+            // W tasks, each publishing its share one at a time: W un-acknowledged PUBs.
+            let tasks = (args.outstanding.max(1) as u64).min(n.max(1));
+            let (done_tx, mut done_rx) = mpsc::unbounded::<Result<(), Error>>();
+            for task in 0..tasks {
+                let share = n / tasks + u64::from(task < n % tasks);
+                let (p, b, t, done) = (producer.clone(), body.clone(), args.topic.clone(), done_tx.clone());
+                R::spawn(async move {
+                    let mut result = Ok(());
+                    for _ in 0..share {
+                        result = p.publish(&t, b.clone()).await;
+                        if result.is_err() {
+                            break;
+                        }
                     }
-                }
-                let (p, b, t) = (producer.clone(), body.clone(), args.topic.clone());
-                pending.push(async move { p.publish(t, b).await });
+                    let _ = done.unbounded_send(result);
+                });
             }
-            while let Some(r) = pending.next().await {
+            drop(done_tx);
+            while let Some(r) = done_rx.next().await {
                 r.map_err(|e| e.to_string())?;
             }
             let secs = clock.elapsed();
