@@ -5,11 +5,13 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
-use nsq_sansio::{decode, Channel, Config, ConnectionState, Event, Frame, Message, MessageId, Topic};
+use bytes::BytesMut;
+mod common;
+
+use common::load::{frames, subscribed};
+use nsq_sansio::{decode, ConnectionState, Event, Frame};
 
 struct Counting;
 
@@ -43,18 +45,6 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// `n` message frames with 200-byte bodies and distinct ids, as one read buffer.
-fn frames(n: usize, round: usize) -> BytesMut {
-    let mut buf = BytesMut::with_capacity(n * 240);
-    for i in 0..n {
-        let mut id = [b'0'; 16];
-        id[..8].copy_from_slice(format!("{round:04}{i:04}").as_bytes());
-        let msg = Message { id: MessageId(id), timestamp: 1, attempts: 1, body: Bytes::from(vec![b'x'; 200]) };
-        Frame::Message(msg).encode(&mut buf);
-    }
-    buf
-}
-
 /// Feeds one buffer, FINs every message, writes (drops) the output; returns allocations made.
 fn round(conn: &mut ConnectionState, now: Instant, input: BytesMut) -> usize {
     let before = allocs();
@@ -73,24 +63,14 @@ fn round(conn: &mut ConnectionState, now: Instant, input: BytesMut) -> usize {
 #[test]
 fn no_allocation_per_message_when_consuming_and_finishing() {
     let now = Instant::now();
-    let mut config = Config::new();
-    config.set("max_in_flight", "2500").unwrap();
-    let mut conn = ConnectionState::new(Arc::new(config), "127.0.0.1", now);
-    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap()).unwrap();
-    let mut ok = BytesMut::new();
-    Frame::Response(Bytes::from_static(b"OK")).encode(&mut ok);
-    conn.handle_input(now, ok.clone());
-    conn.handle_input(now, ok);
-    conn.ready(2500).unwrap();
-    while conn.poll_event().is_some() {}
-    while conn.poll_transmit().is_some() {}
+    let mut conn = subscribed(now, 2500);
 
     // Warm up: buffers and tables grow to their working size.
     for r in 0..3 {
-        round(&mut conn, now, frames(2000, r));
+        round(&mut conn, now, frames(2000, r, 200));
     }
-    let small = round(&mut conn, now, frames(500, 10));
-    let large = round(&mut conn, now, frames(2000, 11));
+    let small = round(&mut conn, now, frames(500, 10, 200));
+    let large = round(&mut conn, now, frames(2000, 11, 200));
     assert_eq!(conn.in_flight(), 0);
     assert_eq!(conn.stats().messages_finished, 3 * 2000 + 500 + 2000);
     // One allocation per read buffer (bytes shares it on the first split), none per message.
@@ -103,7 +83,7 @@ fn the_decoder_allocates_nothing_per_frame() {
     let mut total = 0;
     let mut decode_all = |n: usize, round: usize| {
         let built = allocs();
-        let mut rx = frames(n, round);
+        let mut rx = frames(n, round, 200);
         assert!(allocs() > built, "the counter sees this thread's allocations");
         let before = allocs();
         let mut bodies = 0;

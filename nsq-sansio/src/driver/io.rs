@@ -181,56 +181,46 @@ pub(crate) trait Machine {
     fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant);
     fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut);
     fn handle_eof(&mut self, conn: ConnId, now: Instant);
-    fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, String>, now: Instant);
+    /// Only consumers query lookupd.
+    fn handle_lookupd_response(&mut self, _query: QueryId, _response: Result<Bytes, String>, _now: Instant) {}
     fn poll_action(&mut self) -> Option<Action>;
     fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes>;
 }
 
-impl Machine for ConsumerState {
-    fn handle_connected(&mut self, conn: ConnId, now: Instant) {
-        self.handle_connected(conn, now)
-    }
-    fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant) {
-        self.handle_connect_failed(conn, error, now)
-    }
-    fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
-        self.handle_input(conn, now, data)
-    }
-    fn handle_eof(&mut self, conn: ConnId, now: Instant) {
-        self.handle_eof(conn, now)
-    }
+/// Implements [`Machine`] by calling the state machine's inherent methods of the same names.
+macro_rules! machine {
+    ($ty:ty $(, $extra:item)*) => {
+        impl Machine for $ty {
+            fn handle_connected(&mut self, conn: ConnId, now: Instant) {
+                self.handle_connected(conn, now)
+            }
+            fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant) {
+                self.handle_connect_failed(conn, error, now)
+            }
+            fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
+                self.handle_input(conn, now, data)
+            }
+            fn handle_eof(&mut self, conn: ConnId, now: Instant) {
+                self.handle_eof(conn, now)
+            }
+            fn poll_action(&mut self) -> Option<Action> {
+                self.poll_action()
+            }
+            fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
+                self.poll_transmit_for(conn)
+            }
+            $($extra)*
+        }
+    };
+}
+
+machine!(ProducerState);
+machine!(
+    ConsumerState,
     fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, String>, now: Instant) {
         self.handle_lookupd_response(query, response, now)
     }
-    fn poll_action(&mut self) -> Option<Action> {
-        self.poll_action()
-    }
-    fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
-        self.poll_transmit_for(conn)
-    }
-}
-
-impl Machine for ProducerState {
-    fn handle_connected(&mut self, conn: ConnId, now: Instant) {
-        self.handle_connected(conn, now)
-    }
-    fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant) {
-        self.handle_connect_failed(conn, error, now)
-    }
-    fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
-        self.handle_input(conn, now, data)
-    }
-    fn handle_eof(&mut self, conn: ConnId, now: Instant) {
-        self.handle_eof(conn, now)
-    }
-    fn handle_lookupd_response(&mut self, _query: QueryId, _response: Result<Bytes, String>, _now: Instant) {}
-    fn poll_action(&mut self) -> Option<Action> {
-        self.poll_action()
-    }
-    fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
-        self.poll_transmit_for(conn)
-    }
-}
+);
 
 /// An engine's sockets: dials, writers, and the reports coming back from their tasks.
 pub(crate) struct Sockets<R: Runtime> {

@@ -106,3 +106,4 @@ pub(crate) fn parse(wire: &[u8]) -> Option<(Owned, usize)> {
         _ => None,
     }
 }
+pub(crate) mod load;
