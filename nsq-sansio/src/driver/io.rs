@@ -277,8 +277,12 @@ impl<R: Runtime> Sockets<R> {
     pub(crate) fn apply(&mut self, event: IoEvent, machine: &mut impl Machine, now: Instant) {
         match event {
             IoEvent::Connected(conn, writer) => {
-                self.writers.insert(conn, writer);
-                machine.handle_connected(conn, now);
+                // A connection the core closed while it was being dialled is dropped here,
+                // which closes the socket and ends its reader.
+                if self.addrs.contains_key(&conn) {
+                    self.writers.insert(conn, writer);
+                    machine.handle_connected(conn, now);
+                }
             }
             IoEvent::ConnectFailed(conn, error) => machine.handle_connect_failed(conn, error, now),
             IoEvent::Read(conn, bytes) => machine.handle_input(conn, now, bytes),
