@@ -5,7 +5,7 @@
 //! catches the client's mistakes instead of sharing them.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -108,10 +108,16 @@ struct Msg {
     body: Vec<u8>,
 }
 
+/// nsqd's default `--output-buffer-size`: messages gather in a buffer this large.
+const OUTPUT_BUFFER: usize = 16 * 1024;
+
 struct ClientInfo {
     sock: TcpStream,
-    /// Every byte to the client goes through here: plain, TLS, and/or a compressor.
+    /// Every byte to the client goes through here: a buffer as large as nsqd's, then plain,
+    /// TLS, and/or a compressor.
     out: Box<dyn Write + Send>,
+    /// Messages were written to `out` and not flushed yet.
+    unflushed: bool,
     sub: Option<(String, String)>,
     rdy: u64,
     in_flight: u64,
@@ -351,10 +357,16 @@ fn tick(st: &mut State, shared: &Shared) {
                 data.extend_from_slice(&m.attempts.to_be_bytes());
                 data.extend_from_slice(&m.id);
                 data.extend_from_slice(&m.body);
-                let _ = send(&mut c.out, &frame(2, &data));
+                // Buffered, as nsqd's output buffer does; flushed once the pass is done.
+                let _ = c.out.write_all(&frame(2, &data));
+                c.unflushed = true;
             }
             progress = true;
         }
+    }
+    for c in st.clients.values_mut().filter(|c| c.unflushed) {
+        c.unflushed = false;
+        let _ = c.out.flush();
     }
     let _ = shared;
 }
@@ -411,7 +423,8 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
             id,
             ClientInfo {
                 sock: sock.try_clone()?,
-                out: Box::new(sock.try_clone()?),
+                out: Box::new(BufWriter::with_capacity(OUTPUT_BUFFER, sock.try_clone()?)),
+                unflushed: false,
                 sub: None,
                 rdy: 0,
                 in_flight: 0,
@@ -820,7 +833,7 @@ fn upgrade_client(
     }
     let mut st = lock(shared);
     if let Some(c) = st.clients.get_mut(&client) {
-        c.out = write;
+        c.out = Box::new(BufWriter::with_capacity(OUTPUT_BUFFER, write));
     }
     Ok(Box::new(BufReader::new(read)))
 }
