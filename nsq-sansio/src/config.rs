@@ -305,6 +305,9 @@ impl Config {
     );
 
     /// Local address to dial from (`local_addr`, default: chosen by the OS).
+    ///
+    /// Accepted and validated as go-nsq does, but the runtime crates do not bind to it yet:
+    /// their sockets always get an address chosen by the OS.
     pub fn local_addr(&mut self, value: Option<SocketAddr>) -> &mut Self {
         self.local_addr = value;
         self
