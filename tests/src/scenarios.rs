@@ -93,6 +93,18 @@ async fn sleep<R: Runtime>(d: Duration) {
     R::sleep_until(R::now() + d).await;
 }
 
+/// A consumer of `topic`/`ch` with the given max_in_flight and every other option default.
+fn consumer<R: Runtime>(topic: &str, max_in_flight: u32) -> Consumer<R> {
+    Consumer::new(
+        topic,
+        "ch",
+        config(|c| {
+            c.max_in_flight(max_in_flight);
+        }),
+    )
+    .unwrap()
+}
+
 fn config(f: impl FnOnce(&mut Config)) -> Config {
     let mut c = Config::new();
     f(&mut c);
@@ -132,14 +144,7 @@ pub async fn publish_and_consume<R: Runtime>() {
     for i in 0..20 {
         producer.publish("scen", format!("m{i:02}")).await.unwrap();
     }
-    let consumer = Consumer::<R>::new(
-        "scen",
-        "ch",
-        config(|c| {
-            c.max_in_flight(5);
-        }),
-    )
-    .unwrap();
+    let consumer = consumer::<R>("scen", 5);
     let seen = Seen::default();
     consumer.add_concurrent_handlers(recording_handler(&seen), 3);
     consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
@@ -157,14 +162,7 @@ pub async fn multi_and_deferred_publish<R: Runtime>() {
     let producer = Producer::<R>::new(nsqd.addr(), Config::new());
     producer.multi_publish("batch", ["a", "b", "c"]).await.unwrap();
     producer.deferred_publish("batch", Duration::from_millis(300), "later").await.unwrap();
-    let consumer = Consumer::<R>::new(
-        "batch",
-        "ch",
-        config(|c| {
-            c.max_in_flight(10);
-        }),
-    )
-    .unwrap();
+    let consumer = consumer::<R>("batch", 10);
     let seen = Seen::default();
     consumer.add_handler(recording_handler(&seen));
     consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
@@ -213,14 +211,7 @@ pub async fn nsqd_restart_loses_nothing<R: Runtime>() {
     for i in 0..30 {
         nsqd.publish("restart", format!("{i}").as_bytes());
     }
-    let consumer = Consumer::<R>::new(
-        "restart",
-        "ch",
-        config(|c| {
-            c.max_in_flight(2);
-        }),
-    )
-    .unwrap();
+    let consumer = consumer::<R>("restart", 2);
     let seen = Seen::default();
     let slow = seen.clone();
     consumer.add_handler(move |m: Message| {
@@ -439,14 +430,7 @@ pub async fn graceful_stop_waits_for_in_flight_messages<R: Runtime>() {
     for i in 0..3 {
         nsqd.publish("stop", format!("{i}").as_bytes());
     }
-    let consumer = Consumer::<R>::new(
-        "stop",
-        "ch",
-        config(|c| {
-            c.max_in_flight(3);
-        }),
-    )
-    .unwrap();
+    let consumer = consumer::<R>("stop", 3);
     let started = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let (s, d) = (started.clone(), done.clone());
@@ -481,14 +465,7 @@ pub async fn slow_handler_holds_at_most_max_in_flight<R: Runtime>() {
     for i in 0..24 {
         nsqd.publish("slow", format!("{i}").as_bytes());
     }
-    let consumer = Consumer::<R>::new(
-        "slow",
-        "ch",
-        config(|c| {
-            c.max_in_flight(MAX_IN_FLIGHT as u32);
-        }),
-    )
-    .unwrap();
+    let consumer = consumer::<R>("slow", MAX_IN_FLIGHT as u32);
     let most = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (n, m) = (nsqd.clone(), most.clone());
     consumer.add_handler(move |_m: Message| {
@@ -549,14 +526,7 @@ pub async fn stream_consumer<R: Runtime>() {
     for i in 0..5 {
         nsqd.publish("stream", format!("{i}").as_bytes());
     }
-    let consumer = Consumer::<R>::new(
-        "stream",
-        "ch",
-        config(|c| {
-            c.max_in_flight(2);
-        }),
-    )
-    .unwrap();
+    let consumer = consumer::<R>("stream", 2);
     let messages = consumer.messages();
     consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
     let bodies: Vec<Vec<u8>> = messages
