@@ -106,7 +106,8 @@ pub struct Config {
     pub(crate) msg_timeout: Option<Duration>,
     pub(crate) auth_secret: Option<String>,
     pub(crate) max_frame_size: u32,
-    pub(crate) rng_seed: u64,
+    /// `None`: a fresh seed from the operating system's entropy for every state machine.
+    pub(crate) rng_seed: Option<u64>,
 }
 
 impl Default for Config {
@@ -142,7 +143,7 @@ impl Default for Config {
             msg_timeout: None,
             auth_secret: None,
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
-            rng_seed: 0,
+            rng_seed: None,
         }
     }
 }
@@ -261,7 +262,9 @@ impl Config {
             }
             "auth_secret" => self.auth_secret = (!value.is_empty()).then(|| value.to_owned()),
             "max_frame_size" => return self.max_frame_size(int("max_frame_size", v, "1024..=4294967295")?),
-            "rng_seed" => self.rng_seed = int("rng_seed", v, "0..=18446744073709551615")?,
+            "rng_seed" => {
+                self.rng_seed = if v.is_empty() { None } else { Some(int("rng_seed", v, "0..=18446744073709551615")?) }
+            }
             _ => return Err(ConfigError::UnknownOption(option)),
         }
         Ok(self)
@@ -488,10 +491,15 @@ impl Config {
         Ok(self)
     }
 
-    /// Seed of the generator behind backoff jitter, lookupd jitter and RDY rotation, so runs
-    /// can be reproduced (`rng_seed`, not a go-nsq option; default 0).
+    /// Fixes the seed of the generator behind every random choice of a producer or consumer
+    /// (backoff and redial jitter, lookupd poll jitter, RDY rotation), so a run can be
+    /// reproduced, e.g. in tests (`rng_seed`, not a go-nsq option).
+    ///
+    /// By default (unset, or set to the empty string by name) each state machine seeds its
+    /// generator from the operating system's entropy, so processes started together draw
+    /// different jitter and spread their retries instead of repeating them in step.
     pub fn rng_seed(&mut self, value: u64) -> &mut Self {
-        self.rng_seed = value;
+        self.rng_seed = Some(value);
         self
     }
 }

@@ -4,12 +4,60 @@
 //! event, [`Event::Closed`](crate::Event::Closed) with a [`ConnectionError`]. A problem caused by
 //! the caller is returned from the call as a [`CommandError`] and changes nothing.
 
+use std::fmt;
+use std::io;
+
 use crate::protocol::frame::{FrameError, ServerError};
 use crate::transport::TransportError;
 use crate::MessageId;
 
+/// An error the operating system reported for a socket (connect, read or write), kept as its
+/// kind and text so it can be cloned, compared and handed to every caller it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketError {
+    kind: io::ErrorKind,
+    message: String,
+}
+
+impl SocketError {
+    /// An error of `kind` described by `message`.
+    pub fn new(kind: io::ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+
+    /// The kind, e.g. [`io::ErrorKind::ConnectionRefused`] or [`io::ErrorKind::TimedOut`].
+    pub fn kind(&self) -> io::ErrorKind {
+        self.kind
+    }
+
+    /// The text the operating system (or the adapter) gave.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for SocketError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SocketError {}
+
+impl From<io::Error> for SocketError {
+    fn from(e: io::Error) -> Self {
+        Self { kind: e.kind(), message: e.to_string() }
+    }
+}
+
+impl From<&io::Error> for SocketError {
+    fn from(e: &io::Error) -> Self {
+        Self { kind: e.kind(), message: e.to_string() }
+    }
+}
+
 /// Why a connection ended.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectionError {
     /// The application closed the connection (after a graceful drain, or at once).
@@ -37,9 +85,19 @@ pub enum ConnectionError {
     /// beyond the IDENTIFY.
     #[error("TLS was required by the configuration but nsqd did not negotiate it")]
     TlsNotNegotiated,
-    /// The socket could not be connected, or failed (reported by the adapter).
-    #[error("{0}")]
-    Io(String),
+    /// The socket could not be connected to `addr` (refused, unknown host, timed out),
+    /// reported by the adapter through `handle_connect_failed`.
+    #[error("dial {addr}: {error}")]
+    Dial {
+        /// The address dialled.
+        addr: String,
+        /// What the operating system said.
+        error: SocketError,
+    },
+    /// Reading or writing the connected socket failed (reset by the peer, broken pipe, a write
+    /// timeout), reported by the adapter through `handle_io_error`.
+    #[error("socket: {0}")]
+    Io(SocketError),
     /// nsqd requires AUTH but no `auth_secret` is configured.
     #[error("nsqd requires AUTH but no auth_secret is configured")]
     AuthRequired,
@@ -50,19 +108,28 @@ impl ConnectionError {
     pub fn is_local_close(&self) -> bool {
         matches!(self, Self::LocallyClosed)
     }
+
+    /// Whether the dial itself failed (nothing was ever connected).
+    pub fn is_dial(&self) -> bool {
+        matches!(self, Self::Dial { .. })
+    }
 }
 
 /// Why a publish did not succeed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
     /// nsqd refused the publish.
     #[error("nsqd refused the publish: {0}")]
     Server(ServerError),
-    /// The connection ended before nsqd acknowledged the publish; it may or may not have been
-    /// stored.
-    #[error("connection lost before the publish was acknowledged")]
-    ConnectionLost,
+    /// The publish was written but the connection ended, for the reason given, before nsqd
+    /// answered: it may or may not have been stored.
+    #[error("connection lost before the publish was acknowledged: {0}")]
+    ConnectionLost(ConnectionError),
+    /// The connection could not be made (dial, TLS, AUTH or another handshake failure, given
+    /// here), so the publish was never sent and nsqd did not store it.
+    #[error("not sent: {0}")]
+    NotConnected(ConnectionError),
     /// The publish was refused locally before anything was written.
     #[error(transparent)]
     Command(#[from] CommandError),

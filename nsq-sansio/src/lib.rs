@@ -74,6 +74,7 @@ pub mod fuzzing;
 mod lookupd;
 mod producer;
 mod protocol;
+mod rng;
 mod timer;
 mod transport;
 
@@ -84,7 +85,7 @@ pub use connection::{
     DEFAULT_MAX_RDY_COUNT,
 };
 pub use consumer::{ConsumerError, ConsumerEvent, ConsumerState, ConsumerStats, Response};
-pub use error::{CommandError, ConnectionError, PublishError};
+pub use error::{CommandError, ConnectionError, PublishError, SocketError};
 pub use lookupd::{
     parse_response as parse_lookup_response, Lookup, LookupProducer, LookupdAddress, LookupdError, MAX_LOOKUPD_RESPONSE,
 };

@@ -25,6 +25,9 @@ pub enum LookupdError {
         /// Why.
         reason: &'static str,
     },
+    /// lookupd could not be reached, or the exchange failed (refused, timed out, reset).
+    #[error("{0}")]
+    Io(crate::SocketError),
     /// The response ended before it was complete.
     #[error("truncated lookupd response")]
     Truncated,

@@ -296,7 +296,7 @@ fn publishes_are_matched_in_order_and_fail_on_connection_loss() {
     // A fatal error fails its own publish and every later one.
     let (_, events) = feed(&mut conn, now, &error_frame(b"E_BAD_MESSAGE PUB message too big 2048 > 1024"));
     match &events[..] {
-        [Event::Published { id: i1, result: Err(PublishError::Server(e)) }, Event::Published { id: i2, result: Err(PublishError::ConnectionLost) }, Event::Closed(ConnectionError::Server(_))] =>
+        [Event::Published { id: i1, result: Err(PublishError::Server(e)) }, Event::Published { id: i2, result: Err(PublishError::ConnectionLost(ConnectionError::Server(_))) }, Event::Closed(ConnectionError::Server(_))] =>
         {
             assert_eq!((*i1, *i2), (b, c));
             assert_eq!(e.code, ErrorCode::BadMessage);
@@ -331,10 +331,26 @@ fn eof_fails_outstanding_publishes() {
     let id = conn.publish(&Topic::new("t").unwrap(), Bytes::from_static(b"a")).unwrap();
     conn.handle_eof(now);
     let (_, events) = drain(&mut conn);
+    // Held for the handshake, it was never sent: not stored.
     assert!(matches!(
         &events[..],
-        [Event::Published { id: i, result: Err(PublishError::ConnectionLost) }, Event::Closed(ConnectionError::ServerClosed)] if *i == id
+        [Event::Published { id: i, result: Err(PublishError::NotConnected(ConnectionError::ServerClosed)) }, Event::Closed(ConnectionError::ServerClosed)] if *i == id
     ));
+    // Sent after the handshake: lost, maybe stored.
+    let mut conn = ConnectionState::new(config(), "127.0.0.1", now);
+    conn.handle_input(now, BytesMut::from(&b"\0\0\0\x06\0\0\0\0OK"[..]));
+    let id = conn.publish(&Topic::new("t").unwrap(), Bytes::from_static(b"a")).unwrap();
+    drain(&mut conn);
+    conn.handle_io_error(now, std::io::Error::from(std::io::ErrorKind::ConnectionReset).into());
+    let (_, events) = drain(&mut conn);
+    assert!(
+        matches!(
+            &events[..],
+            [Event::Published { id: i, result: Err(PublishError::ConnectionLost(ConnectionError::Io(e))) }, Event::Closed(ConnectionError::Io(_))]
+                if *i == id && e.kind() == std::io::ErrorKind::ConnectionReset
+        ),
+        "{events:?}"
+    );
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nsq_sansio::{
-    Action, Channel, Config, ConnId, ConnectionError, ConsumerError, ConsumerEvent, ConsumerState, Frame, Message,
-    MessageId, QueryId, Response, Topic,
+    Action, Channel, Config, ConnId, ConnectionError, ConsumerError, ConsumerEvent, ConsumerState, ErrorCode, Frame,
+    LookupdError, Message, MessageId, QueryId, Response, ServerError, SocketError, Topic,
 };
 use proptest::prelude::*;
 
@@ -20,6 +20,10 @@ fn frame(f: Frame) -> BytesMut {
 
 fn ok() -> BytesMut {
     frame(Frame::Response(Bytes::from_static(b"OK")))
+}
+
+fn refused() -> std::io::Error {
+    std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
 }
 
 /// The scripted world around one `ConsumerState`.
@@ -40,6 +44,7 @@ struct Sim {
 impl Sim {
     fn new(cfg: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::new();
+        config.rng_seed(1);
         cfg(&mut config);
         let now = Instant::now();
         let consumer = ConsumerState::new(Topic::new("t").unwrap(), Channel::new("c").unwrap(), Arc::new(config), now);
@@ -340,7 +345,7 @@ fn stop_gives_up_on_stuck_handlers_after_a_bound() {
 }
 
 #[test]
-fn a_dropped_direct_nsqd_is_redialled_with_backoff() {
+fn a_dropped_direct_nsqd_is_redialled_with_jittered_backoff() {
     let mut sim = Sim::new(|_| {});
     let a = sim.connect("127.0.0.1:4150");
     sim.consumer.handle_eof(a, sim.now);
@@ -349,28 +354,108 @@ fn a_dropped_direct_nsqd_is_redialled_with_backoff() {
     assert!(sim.events.iter().any(
         |e| matches!(e, ConsumerEvent::Disconnected { conn, error: ConnectionError::ServerClosed, .. } if *conn == a)
     ));
-    // Redials fail twice: 1 s, then 2 s, then 4 s later.
-    let mut dial_times = Vec::new();
-    let mut last = a;
-    for _ in 0..3 {
+    // Every redial fails: each waits a random time in [d/2, d), d = 1 s doubling up to the cap
+    // (lookupd_poll_interval, 60 s).
+    let mut last = (a, sim.now);
+    for n in 1..=9u32 {
         let before = sim.dialled.len();
         while sim.dialled.len() == before {
-            sim.advance(Duration::from_millis(100));
+            sim.advance(Duration::from_millis(10));
         }
         let conn = *sim.dialled.keys().last().unwrap();
-        assert_ne!(conn, last, "a new ConnId for every dial");
-        last = conn;
-        dial_times.push(sim.elapsed());
-        sim.consumer.handle_connect_failed(conn, "refused".into(), sim.now);
+        assert_ne!(conn, last.0, "a new ConnId for every dial");
+        let waited = sim.now - last.1;
+        let d = Duration::from_secs(1 << (n - 1)).min(Duration::from_secs(60));
+        assert!(waited >= d / 2 && waited <= d + Duration::from_millis(10), "redial {n} after {waited:?}, d = {d:?}");
+        sim.consumer.handle_connect_failed(conn, refused(), sim.now);
         sim.drain();
+        match sim.events.last() {
+            Some(ConsumerEvent::ConnectFailed {
+                conn: c,
+                error: ConnectionError::Dial { addr, error },
+                retry_at: Some(at),
+                ..
+            }) => {
+                assert_eq!(
+                    (*c, addr.as_str(), error.kind()),
+                    (conn, "127.0.0.1:4150", std::io::ErrorKind::ConnectionRefused)
+                );
+                assert!(*at > sim.now);
+            }
+            other => panic!("{other:?}"),
+        }
+        last = (conn, sim.now);
     }
-    let secs: Vec<u64> = dial_times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64().round() as u64).collect();
-    assert_eq!(secs, [2, 4]);
     // Removing the address stops the redials.
     sim.consumer.disconnect_from_nsqd("127.0.0.1:4150", sim.now).unwrap();
     let dialled = sim.dialled.len();
     sim.advance(Duration::from_secs(120));
     assert_eq!(sim.dialled.len(), dialled);
+}
+
+#[test]
+fn redial_jitter_differs_between_consumers() {
+    // Two consumers with the default seed (from the OS) lose a connection at the same instant;
+    // their redials do not come at the same time.
+    let redial_after = |seed: Option<u64>| {
+        let mut sim = Sim::new(|c| {
+            if let Some(seed) = seed {
+                c.rng_seed(seed);
+            }
+        });
+        if seed.is_none() {
+            // Undo the fixed seed of the test harness: back to the default.
+            sim = Sim::with_config(Config::new());
+        }
+        let a = sim.connect("127.0.0.1:4150");
+        sim.consumer.handle_eof(a, sim.now);
+        sim.drain();
+        let t = sim.now;
+        while sim.dialled.len() == 1 {
+            sim.advance(Duration::from_millis(1));
+        }
+        sim.now - t
+    };
+    let draws: HashSet<Duration> = (0..8).map(|_| redial_after(None)).collect();
+    assert!(draws.len() > 1, "all redials at {draws:?}");
+    assert_eq!(redial_after(Some(5)), redial_after(Some(5)), "a fixed seed reproduces");
+}
+
+#[test]
+fn a_failed_first_connect_is_reported_with_its_cause_and_not_retried() {
+    let mut sim = Sim::new(|_| {});
+    sim.consumer.connect_to_nsqd("127.0.0.1:4150", sim.now).unwrap();
+    sim.drain();
+    let conn = *sim.dialled.keys().last().unwrap();
+    sim.consumer.handle_connect_failed(conn, refused(), sim.now);
+    sim.drain();
+    match &sim.events[..] {
+        [ConsumerEvent::ConnectFailed { conn: c, addr, error, retry_at: None }] => {
+            assert_eq!((*c, addr.as_str()), (conn, "127.0.0.1:4150"));
+            assert!(error.to_string().starts_with("dial 127.0.0.1:4150: "), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    sim.advance(Duration::from_secs(600));
+    assert_eq!(sim.dialled.len(), 1, "not retried");
+    // The address is forgotten: it can be given again.
+    sim.consumer.connect_to_nsqd("127.0.0.1:4150", sim.now).unwrap();
+
+    // A refused handshake (E_AUTH_FAILED) is a failed first connect too.
+    let mut sim = Sim::new(|_| {});
+    sim.consumer.connect_to_nsqd("127.0.0.1:4150", sim.now).unwrap();
+    sim.drain();
+    let conn = *sim.dialled.keys().last().unwrap();
+    sim.consumer.handle_connected(conn, sim.now);
+    sim.input(conn, frame(Frame::Error(ServerError::parse(b"E_AUTH_FAILED AUTH failed"))));
+    match &sim.events[..] {
+        [ConsumerEvent::ConnectFailed { error: ConnectionError::Server(e), retry_at: None, .. }] => {
+            assert_eq!(e.code, ErrorCode::AuthFailed)
+        }
+        other => panic!("{other:?}"),
+    }
+    sim.advance(Duration::from_secs(600));
+    assert_eq!(sim.dialled.len(), 1, "not retried");
 }
 
 fn lookup_response(producers: &[(&str, u16)]) -> Bytes {
@@ -389,16 +474,38 @@ fn lookup_response(producers: &[(&str, u16)]) -> Bytes {
     ))
 }
 
+impl Sim {
+    fn with_config(config: Config) -> Self {
+        let mut sim = Self::new(|_| {});
+        sim.consumer =
+            ConsumerState::new(Topic::new("t").unwrap(), Channel::new("c").unwrap(), Arc::new(config), sim.now);
+        sim
+    }
+
+    /// Answers the last lookupd query with `producers`.
+    fn answer(&mut self, producers: &[(&str, u16)]) {
+        let (q, _) = self.queries.last().unwrap().clone();
+        self.consumer.handle_lookupd_response(q, Ok(lookup_response(producers)), self.now);
+        self.drain();
+    }
+
+    fn dials_of(&self, addr: &str) -> Vec<ConnId> {
+        self.dialled.iter().filter(|(_, a)| *a == addr).map(|(&c, _)| c).collect()
+    }
+}
+
 #[test]
 fn lookupd_discovers_producers_and_polls_on_an_interval() {
     let mut sim = Sim::new(|_| {});
+    // The first lookupd is queried when it is added, not when the consumer was made.
+    sim.advance(Duration::from_secs(100));
+    let t0 = sim.now;
     sim.consumer.connect_to_nsqlookupd("127.0.0.1:4161", sim.now).unwrap();
     sim.drain();
     assert_eq!(sim.queries.len(), 1, "first query at once");
-    let (q, addr) = sim.queries[0].clone();
+    let (_, addr) = sim.queries[0].clone();
     assert_eq!(addr, "127.0.0.1:4161");
-    sim.consumer.handle_lookupd_response(q, Ok(lookup_response(&[("10.0.0.1", 4150), ("10.0.0.2", 4150)])), sim.now);
-    sim.drain();
+    sim.answer(&[("10.0.0.1", 4150), ("10.0.0.2", 4150)]);
     let addrs: Vec<&String> = sim.dialled.values().collect();
     assert_eq!(addrs, ["10.0.0.1:4150", "10.0.0.2:4150"]);
     let conns: Vec<ConnId> = sim.dialled.keys().copied().collect();
@@ -406,36 +513,232 @@ fn lookupd_discovers_producers_and_polls_on_an_interval() {
         sim.accept(c);
     }
     // The next poll comes after the interval plus up to 30% jitter.
-    let t0 = sim.now;
     while sim.queries.len() == 1 {
         sim.advance(Duration::from_secs(1));
     }
     let waited = sim.now - t0;
     assert!(waited >= Duration::from_secs(60) && waited <= Duration::from_secs(79), "{waited:?}");
     // Known producers are not dialled twice; a new one is.
-    let (q, _) = sim.queries[1].clone();
-    sim.consumer.handle_lookupd_response(q, Ok(lookup_response(&[("10.0.0.2", 4150), ("10.0.0.3", 4150)])), sim.now);
-    sim.drain();
+    sim.answer(&[("10.0.0.2", 4150), ("10.0.0.3", 4150)]);
     assert_eq!(sim.dialled.len(), 3);
-    // A lookupd-discovered nsqd that drops is not redialled by itself: lookupd is asked again.
+    // A lookupd-discovered nsqd that drops is not redialled by itself: lookupd is asked again,
+    // once, within a second.
+    sim.advance(Duration::from_secs(20));
+    let t1 = sim.now;
     sim.consumer.handle_eof(conns[0], sim.now);
     sim.drain();
-    assert_eq!(sim.queries.len(), 3);
-    let (q, _) = sim.queries[2].clone();
-    sim.consumer.handle_lookupd_response(q, Ok(lookup_response(&[("10.0.0.2", 4150)])), sim.now);
-    sim.drain();
+    assert_eq!(sim.queries.len(), 2, "not at once");
+    while sim.queries.len() == 2 {
+        sim.advance(Duration::from_millis(10));
+    }
+    assert!(sim.now - t1 <= Duration::from_secs(1));
+    sim.answer(&[("10.0.0.2", 4150)]);
     assert_eq!(sim.dialled.len(), 3, "10.0.0.1 is no longer listed");
     // Errors are reported and retried at the next poll.
-    let t1 = sim.now;
+    let t2 = sim.now;
     while sim.queries.len() == 3 {
         sim.advance(Duration::from_secs(1));
     }
-    assert!(sim.now - t1 <= Duration::from_secs(61));
+    assert!(sim.now - t2 <= Duration::from_secs(61));
     let (q, _) = sim.queries[3].clone();
-    sim.consumer.handle_lookupd_response(q, Err("connection refused".into()), sim.now);
+    sim.consumer.handle_lookupd_response(q, Err(SocketError::from(refused())), sim.now);
     sim.consumer.handle_lookupd_response(QueryId(999), Ok(Bytes::new()), sim.now);
     sim.drain();
-    assert!(sim.events.iter().any(|e| matches!(e, ConsumerEvent::LookupdFailed { .. })));
+    assert!(sim.events.iter().any(|e| matches!(e, ConsumerEvent::LookupdFailed { error: LookupdError::Io(e), .. } if e.kind() == std::io::ErrorKind::ConnectionRefused)));
+    assert_eq!(sim.queries.len(), 4, "one lookupd: nothing else to try until the next poll");
+}
+
+#[test]
+fn a_dead_nsqd_that_lookupd_lists_is_dialled_once_per_poll_and_never_causes_a_query() {
+    // lookupd lists a live nsqd and one whose port refuses; polls every second.
+    let mut sim = Sim::new(|c| {
+        c.set("lookupd_poll_interval", "1s").unwrap();
+    });
+    sim.consumer.connect_to_nsqlookupd("127.0.0.1:4161", sim.now).unwrap();
+    sim.drain();
+    let listed = [("10.0.0.1", 4150), ("10.0.0.9", 4150)];
+    let t0 = sim.now;
+    let mut handled = 0;
+    while sim.now - t0 < Duration::from_secs(60) {
+        // Answer every query, refuse every dial of the dead one, accept the live one.
+        while handled < sim.queries.len() {
+            handled += 1;
+            let (q, _) = sim.queries[handled - 1].clone();
+            sim.consumer.handle_lookupd_response(q, Ok(lookup_response(&listed)), sim.now);
+            sim.drain();
+        }
+        for conn in sim.live() {
+            match sim.dialled[&conn].as_str() {
+                "10.0.0.9:4150" => {
+                    sim.consumer.handle_connect_failed(conn, refused(), sim.now);
+                    sim.drain();
+                }
+                _ if !sim.written.contains_key(&conn) => sim.accept(conn),
+                _ => {}
+            }
+        }
+        sim.advance(Duration::from_millis(50));
+    }
+    // One query at once, then one per interval after the first jittered one: 60 at most.
+    assert!(sim.queries.len() <= 61, "{} lookupd queries in a minute", sim.queries.len());
+    assert!(sim.queries.len() >= 45, "{} lookupd queries in a minute", sim.queries.len());
+    let dead = sim.dials_of("10.0.0.9:4150").len();
+    assert!(dead <= sim.queries.len(), "{dead} dials of the dead nsqd for {} polls", sim.queries.len());
+    assert_eq!(sim.dials_of("10.0.0.1:4150").len(), 1);
+    assert!(sim.events.iter().any(|e| matches!(e, ConsumerEvent::ConnectFailed { retry_at: Some(_), .. })));
+}
+
+#[test]
+fn a_refused_handshake_never_causes_a_query() {
+    let mut sim = Sim::new(|_| {});
+    sim.consumer.connect_to_nsqlookupd("127.0.0.1:4161", sim.now).unwrap();
+    sim.drain();
+    sim.answer(&[("10.0.0.1", 4150)]);
+    let conn = *sim.dialled.keys().last().unwrap();
+    sim.consumer.handle_connected(conn, sim.now);
+    sim.input(conn, frame(Frame::Error(ServerError::parse(b"E_AUTH_FAILED AUTH failed"))));
+    sim.advance(Duration::from_secs(50));
+    assert_eq!(sim.queries.len(), 1);
+    assert_eq!(sim.dialled.len(), 1);
+    // The next poll lists it again: dialled again.
+    sim.advance(Duration::from_secs(30));
+    assert_eq!(sim.queries.len(), 2);
+    sim.answer(&[("10.0.0.1", 4150)]);
+    assert_eq!(sim.dialled.len(), 2);
+}
+
+#[test]
+fn many_lost_connections_cause_one_query_and_only_healthy_ones_redial_before_the_next_poll() {
+    let mut sim = Sim::new(|c| {
+        c.set("max_in_flight", "10").unwrap();
+    });
+    sim.consumer.connect_to_nsqlookupd("127.0.0.1:4161", sim.now).unwrap();
+    sim.drain();
+    let listed: Vec<(String, u16)> = (1..=5).map(|i| (format!("10.0.0.{i}"), 4150)).collect();
+    let listed: Vec<(&str, u16)> = listed.iter().map(|(h, p)| (h.as_str(), *p)).collect();
+    sim.answer(&listed);
+    let conns: Vec<ConnId> = sim.dialled.keys().copied().collect();
+    for &c in &conns {
+        sim.accept(c);
+    }
+    sim.advance(Duration::from_secs(30));
+    // The whole fleet restarts at once: every connection drops.
+    for &c in &conns {
+        sim.consumer.handle_eof(c, sim.now);
+    }
+    sim.drain();
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(sim.queries.len(), 2, "one query for five lost connections");
+    sim.answer(&listed);
+    assert_eq!(sim.dialled.len(), 10, "long-lived connections are redialled at once");
+    // They are all refused: no query, and no dial before the next poll.
+    let redials: Vec<ConnId> = sim.dialled.keys().skip(5).copied().collect();
+    for &c in &redials {
+        sim.consumer.handle_connect_failed(c, refused(), sim.now);
+    }
+    sim.drain();
+    sim.advance(Duration::from_secs(20));
+    assert_eq!((sim.queries.len(), sim.dialled.len()), (2, 10));
+}
+
+#[test]
+fn a_flapping_nsqd_waits_for_the_poll() {
+    // An nsqd that accepts the SUB and drops the connection at once.
+    let mut sim = Sim::new(|_| {});
+    sim.consumer.connect_to_nsqlookupd("127.0.0.1:4161", sim.now).unwrap();
+    sim.drain();
+    sim.answer(&[("10.0.0.1", 4150)]);
+    for round in 0..5 {
+        let conn = *sim.dialled.keys().last().unwrap();
+        sim.accept(conn);
+        sim.consumer.handle_eof(conn, sim.now);
+        sim.drain();
+        // One query follows each drop of a connection that was up...
+        let queries = sim.queries.len();
+        sim.advance(Duration::from_secs(1));
+        assert_eq!(sim.queries.len(), queries + 1, "round {round}");
+        sim.answer(&[("10.0.0.1", 4150)]);
+        // ...but a connection that did not stay up is redialled only at a poll.
+        let dials = sim.dialled.len();
+        assert_eq!(dials, round + 1, "round {round}");
+        while sim.dialled.len() == dials {
+            sim.advance(Duration::from_secs(1));
+            if sim.queries.len() > queries + 1 && sim.dialled.len() == dials {
+                sim.answer(&[("10.0.0.1", 4150)]);
+            }
+        }
+    }
+    // 5 connections in 5 polls (60-78 s apart): about one per poll interval.
+    assert!(sim.elapsed() >= Duration::from_secs(4 * 60), "{:?}", sim.elapsed());
+}
+
+#[test]
+fn a_failed_lookupd_query_tries_the_next_lookupd_at_most_three() {
+    let mut sim = Sim::new(|_| {});
+    for i in 1..=4 {
+        sim.consumer.connect_to_nsqlookupd(&format!("127.0.0.{i}:4161"), sim.now).unwrap();
+    }
+    sim.drain();
+    assert_eq!(sim.queries.len(), 1);
+    for expected in 2..=3 {
+        let (q, _) = sim.queries.last().unwrap().clone();
+        sim.consumer.handle_lookupd_response(q, Err(SocketError::from(refused())), sim.now);
+        sim.drain();
+        assert_eq!(sim.queries.len(), expected, "the next lookupd at once");
+    }
+    let (q, _) = sim.queries.last().unwrap().clone();
+    sim.consumer.handle_lookupd_response(q, Err(SocketError::from(refused())), sim.now);
+    sim.drain();
+    assert_eq!(sim.queries.len(), 3, "three per poll");
+    let addrs: Vec<&str> = sim.queries.iter().map(|(_, a)| a.as_str()).collect();
+    assert_eq!(addrs, ["127.0.0.1:4161", "127.0.0.2:4161", "127.0.0.3:4161"]);
+    // An unanswered query fails after 60 s and the next lookupd is tried.
+    sim.advance(Duration::from_secs(80));
+    assert_eq!(sim.queries.len(), 4);
+    sim.advance(Duration::from_secs(60));
+    assert_eq!(sim.queries.len(), 6, "the timed-out query, then the next poll");
+    assert!(sim.events.iter().any(|e| matches!(e, ConsumerEvent::LookupdFailed { error: LookupdError::Io(e), .. } if e.kind() == std::io::ErrorKind::TimedOut)));
+}
+
+#[test]
+fn disconnecting_from_a_lookupd_found_nsqd_keeps_it_away() {
+    let mut sim = Sim::new(|_| {});
+    sim.consumer.connect_to_nsqlookupd("127.0.0.1:4161", sim.now).unwrap();
+    sim.drain();
+    sim.answer(&[("10.0.0.1", 4150)]);
+    let conn = *sim.dialled.keys().last().unwrap();
+    sim.accept(conn);
+    sim.consumer.disconnect_from_nsqd("10.0.0.1:4150", sim.now).unwrap();
+    sim.drain();
+    sim.input(conn, frame(Frame::Response(Bytes::from_static(b"CLOSE_WAIT"))));
+    assert_eq!(sim.closed, [conn]);
+    sim.advance(Duration::from_secs(100));
+    sim.answer(&[("10.0.0.1", 4150)]);
+    assert_eq!(sim.dialled.len(), 1, "not dialled again");
+    sim.consumer.connect_to_nsqd("10.0.0.1:4150", sim.now).unwrap();
+    sim.drain();
+    assert_eq!(sim.dialled.len(), 2, "until asked for by name");
+    assert_eq!(
+        sim.consumer.disconnect_from_nsqd("10.9.9.9:4150", sim.now),
+        Err(ConsumerError::NotConnected("10.9.9.9:4150".into()))
+    );
+}
+
+#[test]
+fn two_default_consumers_poll_lookupd_at_different_times() {
+    let second_poll = || {
+        let mut sim = Sim::with_config(Config::new());
+        sim.consumer.connect_to_nsqlookupd("127.0.0.1:4161", sim.now).unwrap();
+        sim.drain();
+        let t0 = sim.now;
+        while sim.queries.len() == 1 {
+            let at = sim.consumer.poll_timeout().unwrap();
+            sim.advance_to(at);
+        }
+        sim.now - t0
+    };
+    let times: HashSet<Duration> = (0..4).map(|_| second_poll()).collect();
+    assert!(times.len() > 1, "{times:?}");
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nsq_sansio::{
-    Action, CommandError, Config, ConnId, ConnectionError, Frame, ProducerEvent, ProducerState, PublishError,
-    ServerError, Topic, TxId,
+    Action, CommandError, Config, ConnId, ConnectionError, ErrorCode, Frame, ProducerEvent, ProducerState,
+    PublishError, ServerError, Topic, TxId,
 };
 use proptest::prelude::*;
 
@@ -38,7 +38,7 @@ impl Sim {
     fn new() -> Self {
         let now = Instant::now();
         Self {
-            p: ProducerState::new("127.0.0.1:4150", Arc::new(Config::new()), now),
+            p: ProducerState::new("127.0.0.1:4150", Arc::new(Config::new().rng_seed(1).clone()), now),
             now,
             dialled: Vec::new(),
             closed: Vec::new(),
@@ -129,8 +129,13 @@ fn responses_match_in_order_and_an_error_fails_its_own_publish_and_the_rest() {
     sim.input(error(b"E_BAD_MESSAGE PUB message too big 2048 > 1024"));
     assert_eq!(sim.results[&txs[0]], Ok(()));
     assert!(matches!(&sim.results[&txs[1]], Err(PublishError::Server(e)) if e.message.contains("too big")));
-    assert_eq!(sim.results[&txs[2]], Err(PublishError::ConnectionLost));
-    assert_eq!(sim.results[&txs[3]], Err(PublishError::ConnectionLost));
+    // The rest were sent, then the connection closed: lost, with the error as the cause.
+    for tx in &txs[2..] {
+        assert!(matches!(
+            &sim.results[tx],
+            Err(PublishError::ConnectionLost(ConnectionError::Server(e))) if e.message.contains("too big")
+        ));
+    }
     assert_eq!(sim.closed, [sim.dialled[0]]);
     // The next publish dials a new connection.
     sim.publish(b"e");
@@ -146,19 +151,110 @@ fn connection_loss_and_connect_failure_resolve_every_publish() {
     let b = sim.publish(b"b");
     sim.p.handle_eof(sim.conn(), sim.now);
     sim.drain();
-    assert_eq!(sim.results[&a], Err(PublishError::ConnectionLost));
-    assert_eq!(sim.results[&b], Err(PublishError::ConnectionLost));
+    for tx in [a, b] {
+        assert_eq!(sim.results[&tx], Err(PublishError::ConnectionLost(ConnectionError::ServerClosed)));
+    }
     assert!(sim.events.iter().any(|e| matches!(e, ProducerEvent::Disconnected(_, ConnectionError::ServerClosed))));
 
+    // A refused dial: the publish was never sent, and the error says why.
     let c = sim.publish(b"c");
-    sim.p.handle_connect_failed(sim.conn(), "connection refused".into(), sim.now);
+    let conn = sim.conn();
+    sim.p.handle_connect_failed(conn, refused(), sim.now);
     sim.drain();
-    assert_eq!(sim.results[&c], Err(PublishError::ConnectionLost));
-    assert!(sim
-        .events
-        .iter()
-        .any(|e| matches!(e, ProducerEvent::Disconnected(_, ConnectionError::Io(m)) if m == "connection refused")));
+    match &sim.results[&c] {
+        Err(PublishError::NotConnected(ConnectionError::Dial { addr, error })) => {
+            assert_eq!((addr.as_str(), error.kind()), ("127.0.0.1:4150", std::io::ErrorKind::ConnectionRefused));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(sim.events.iter().any(
+        |e| matches!(e, ProducerEvent::ConnectFailed { conn: c, error: ConnectionError::Dial { .. }, .. } if *c == conn)
+    ));
     assert_eq!(sim.p.outstanding(), 0);
+}
+
+fn refused() -> std::io::Error {
+    std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
+}
+
+#[test]
+fn after_a_failed_dial_publishes_fail_at_once_for_a_bounded_jittered_while() {
+    let mut sim = Sim::new();
+    let t = Topic::new("t").unwrap();
+    // A publisher that retries every millisecond against an nsqd that refuses, for a minute.
+    let start = sim.now;
+    let mut dial_times = Vec::new();
+    let mut failures = 0;
+    while sim.now - start < Duration::from_secs(60) {
+        let tx = sim.p.publish(&t, Bytes::from_static(b"x"), sim.now).unwrap();
+        sim.drain();
+        if sim.dialled.len() > dial_times.len() {
+            dial_times.push(sim.now);
+            let conn = sim.conn();
+            sim.p.handle_connect_failed(conn, refused(), sim.now);
+            sim.drain();
+        }
+        assert!(matches!(&sim.results[&tx], Err(PublishError::NotConnected(ConnectionError::Dial { .. }))));
+        failures += 1;
+        sim.now += Duration::from_millis(1);
+    }
+    assert_eq!(failures, 60_000, "every publish answered at once");
+    // Dials: 100 ms doubling, jittered to [d/2, d), capped at 5 s.
+    for (n, w) in dial_times.windows(2).enumerate() {
+        let d = Duration::from_millis(100 << n.min(6)).min(Duration::from_secs(5));
+        let gap = w[1] - w[0];
+        assert!(gap >= d / 2 && gap <= d + Duration::from_millis(1), "dial {n}: {gap:?} for d = {d:?}");
+    }
+    assert!(dial_times.len() <= 30, "{} dials in a minute", dial_times.len());
+    assert!(sim.p.held_error(sim.now).is_some());
+    // nsqd comes back: the next dial after the hold connects, and publishing works again.
+    sim.now += Duration::from_secs(5);
+    let tx = sim.publish(b"back");
+    sim.accept();
+    sim.input(response(b"OK"));
+    assert_eq!(sim.results[&tx], Ok(()));
+    assert!(sim.p.held_error(sim.now).is_none());
+}
+
+#[test]
+fn a_refused_handshake_fails_publishes_with_its_cause() {
+    let mut sim = Sim::new();
+    let tx = sim.publish(b"a");
+    let conn = sim.conn();
+    sim.p.handle_connected(conn, sim.now);
+    sim.drain();
+    sim.input(error(b"E_AUTH_FAILED AUTH failed"));
+    match &sim.results[&tx] {
+        Err(PublishError::NotConnected(ConnectionError::Server(e))) => assert_eq!(e.code, ErrorCode::AuthFailed),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn stop_before_the_identify_answer_lets_queued_publishes_finish() {
+    let mut sim = Sim::new();
+    let a = sim.publish(b"a");
+    let b = sim.publish(b"b");
+    sim.p.stop(sim.now);
+    sim.drain();
+    assert!(sim.results.is_empty(), "nothing failed: {:?}", sim.results);
+    // The dial completes, nsqd answers IDENTIFY: the publishes go out and are acknowledged.
+    sim.accept();
+    assert!(sim.wire().ends_with(b"PUB fixture_pub\n\0\0\0\x01b"));
+    sim.input(response(b"OK"));
+    sim.input(response(b"OK"));
+    assert_eq!((sim.results[&a].clone(), sim.results[&b].clone()), (Ok(()), Ok(())));
+    assert!(sim.p.is_stopped());
+    assert_eq!(sim.closed.len(), 1);
+    // Stopped before the dial completes, and the dial fails: the cause, not a generic loss.
+    let mut sim = Sim::new();
+    let a = sim.publish(b"a");
+    sim.p.stop(sim.now);
+    let conn = sim.conn();
+    sim.p.handle_connect_failed(conn, refused(), sim.now);
+    sim.drain();
+    assert!(matches!(&sim.results[&a], Err(PublishError::NotConnected(ConnectionError::Dial { .. }))));
+    assert!(sim.p.is_stopped());
 }
 
 #[test]

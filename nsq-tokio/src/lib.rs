@@ -10,7 +10,7 @@
 //! use nsq_tokio::{Config, Consumer, Message, Producer};
 //!
 //! # async fn run() -> Result<(), nsq_tokio::Error> {
-//! let producer = Producer::new("127.0.0.1:4150", Config::new());
+//! let producer = Producer::new("127.0.0.1:4150", Config::new())?;
 //! producer.publish("events", "hello").await?;
 //!
 //! let consumer = Consumer::new("events", "archive", Config::new())?;

@@ -140,7 +140,7 @@ fn recording_handler(seen: &Seen) -> impl Fn(Message) -> std::future::Ready<Resu
 /// PUB round trip: every message published is consumed and finished exactly once.
 pub async fn publish_and_consume<R: Runtime>() {
     let nsqd = FakeNsqd::start_default().unwrap();
-    let producer = Producer::<R>::new(nsqd.addr(), Config::new());
+    let producer = Producer::<R>::new(nsqd.addr(), Config::new()).unwrap();
     for i in 0..20 {
         producer.publish("scen", format!("m{i:02}")).await.unwrap();
     }
@@ -159,7 +159,7 @@ pub async fn publish_and_consume<R: Runtime>() {
 /// MPUB and DPUB round trip.
 pub async fn multi_and_deferred_publish<R: Runtime>() {
     let nsqd = FakeNsqd::start_default().unwrap();
-    let producer = Producer::<R>::new(nsqd.addr(), Config::new());
+    let producer = Producer::<R>::new(nsqd.addr(), Config::new()).unwrap();
     producer.multi_publish("batch", ["a", "b", "c"]).await.unwrap();
     producer.deferred_publish("batch", Duration::from_millis(300), "later").await.unwrap();
     let consumer = consumer::<R>("batch", 10);
@@ -251,7 +251,7 @@ pub async fn outstanding_publishes_fail_when_the_server_dies<R: Runtime>() {
             }
         }
     });
-    let producer = Producer::<R>::new(addr, Config::new());
+    let producer = Producer::<R>::new(addr, Config::new()).unwrap();
     let publishes: Vec<_> = (0..5)
         .map(|i| {
             let p = producer.clone();
@@ -408,7 +408,7 @@ pub async fn garbage_from_the_server_is_a_clean_error<R: Runtime>() {
 /// A huge frame length from nsqd fails the producer's publish cleanly; the next one reconnects.
 pub async fn producer_survives_a_huge_frame_length<R: Runtime>() {
     let nsqd = FakeNsqd::start_default().unwrap();
-    let producer = Producer::<R>::new(nsqd.addr(), Config::new());
+    let producer = Producer::<R>::new(nsqd.addr(), Config::new()).unwrap();
     producer.connect().await.unwrap();
     nsqd.inject(b"\x7f\xff\xff\xff\x00\x00\x00\x00");
     wait_for::<R>("the connection to drop", || nsqd.clients() == 0).await;
@@ -497,16 +497,21 @@ pub async fn auth_good_and_bad<R: Runtime>() {
         config(|c| {
             c.auth_secret("good-secret");
         }),
-    );
+    )
+    .unwrap();
     good.publish("authed", "x").await.unwrap();
     let bad = Producer::<R>::new(
         nsqd.addr(),
         config(|c| {
             c.auth_secret("wrong");
         }),
-    );
+    )
+    .unwrap();
+    // The publish was never sent, and says why.
     match bad.publish("authed", "x").await {
-        Err(Error::Publish(PublishError::ConnectionLost)) | Err(Error::Connection(_)) => {}
+        Err(Error::Publish(PublishError::NotConnected(ConnectionError::Server(e)))) => {
+            assert_eq!(e.code, ErrorCode::AuthFailed)
+        }
         other => panic!("{other:?}"),
     }
     match bad.connect().await {
@@ -515,7 +520,7 @@ pub async fn auth_good_and_bad<R: Runtime>() {
         }
         other => panic!("{other:?}"),
     }
-    let none = Producer::<R>::new(nsqd.addr(), Config::new());
+    let none = Producer::<R>::new(nsqd.addr(), Config::new()).unwrap();
     assert!(matches!(none.connect().await, Err(Error::Connection(ConnectionError::AuthRequired))));
     assert_eq!(nsqd.stats().published["authed"], 1);
 }
@@ -561,7 +566,7 @@ pub async fn compression_and_tls_round_trips<R: Runtime>() {
         }
         config.max_in_flight(10);
         let topic = format!("variant{i}");
-        let producer = Producer::<R>::new(nsqd.addr(), config.clone());
+        let producer = Producer::<R>::new(nsqd.addr(), config.clone()).unwrap();
         producer.multi_publish(&topic, ["a", "b"]).await.unwrap_or_else(|e| panic!("{options:?}: {e}"));
         if let Err(e) = producer.publish(&topic, "c".repeat(100_000)).await {
             panic!("{options:?}: {e}; reconnect says {:?}", producer.connect().await);
@@ -585,7 +590,7 @@ pub async fn tls_with_a_wrong_ca_is_refused<R: Runtime>() {
     let nsqd = FakeNsqd::start(FakeNsqdOptions { tls: Some(pki.server.clone()), ..Default::default() }).unwrap();
     let mut config = Config::new();
     config.set("tls_v1", "true").unwrap().set("tls_root_ca_file", &other.ca_file.display().to_string()).unwrap();
-    let producer = Producer::<R>::new(nsqd.addr(), config);
+    let producer = Producer::<R>::new(nsqd.addr(), config).unwrap();
     match producer.connect().await {
         Err(Error::Connection(ConnectionError::Transport(e))) => {
             assert!(e.to_string().contains("TLS"), "{e}")

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use tracing::{debug, trace};
 
-use crate::error::{CommandError, ConnectionError, PublishError};
+use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::protocol::command::Command;
 use crate::protocol::frame::{self, Frame, ServerError, CLOSE_WAIT, OK};
 use crate::protocol::identify::{IdentifyRequest, IdentifyResponse};
@@ -191,6 +191,9 @@ pub struct ConnectionState {
     negotiated: Option<IdentifyResponse>,
     subscribed: bool,
     cls_sent: bool,
+    /// `close` was called mid-handshake with publishes held: they go out once the handshake
+    /// is done, then the connection closes.
+    close_requested: bool,
     max_rdy: u32,
     rdy: u32,
     rdy_remaining: u32,
@@ -225,6 +228,7 @@ impl ConnectionState {
             negotiated: None,
             subscribed: false,
             cls_sent: false,
+            close_requested: false,
             max_rdy: DEFAULT_MAX_RDY_COUNT,
             rdy: 0,
             rdy_remaining: 0,
@@ -267,6 +271,15 @@ impl ConnectionState {
             self.finish_close(ConnectionError::LocallyClosed);
         } else {
             self.fail(ConnectionError::ServerClosed);
+        }
+    }
+
+    /// Reading or writing the socket failed (reset by the peer, broken pipe, a write timeout):
+    /// the connection ends with [`ConnectionError::Io`] carrying the cause.
+    pub fn handle_io_error(&mut self, now: Instant, error: SocketError) {
+        self.advance_clock(now);
+        if self.phase != Phase::Closed {
+            self.fail(ConnectionError::Io(error));
         }
     }
 
@@ -394,8 +407,15 @@ impl ConnectionState {
     /// message timeout passes (after which nsqd requeues whatever is left). Then it ends with
     /// [`Event::Closed`]`(`[`ConnectionError::LocallyClosed`]`)`. New commands are refused from
     /// now on; FIN, REQ and TOUCH for in-flight messages are still accepted.
+    ///
+    /// Called mid-handshake, it closes at once unless publishes are waiting for the handshake:
+    /// those go out when it completes and are answered before the connection closes (within
+    /// the same bound).
     pub fn close(&mut self, now: Instant) {
         self.advance_clock(now);
+        if self.close_requested {
+            return;
+        }
         match self.phase {
             Phase::Closed | Phase::Closing => return,
             Phase::Ready if self.subscribed => {
@@ -404,7 +424,13 @@ impl ConnectionState {
                 Command::Cls.encode(&mut self.tx);
             }
             Phase::Ready => {}
-            // Mid-handshake there is nothing to drain.
+            // Mid-handshake with publishes held: finish the handshake, send them, then close.
+            _ if self.outstanding_publishes() > 0 => {
+                self.close_requested = true;
+                self.timers.set(Timer::Drain, deadline(self.now, self.msg_timeout()));
+                return;
+            }
+            // Mid-handshake there is nothing else to drain.
             _ => return self.finish_close(ConnectionError::LocallyClosed),
         }
         self.phase = Phase::Closing;
@@ -413,8 +439,15 @@ impl ConnectionState {
         self.maybe_finish_close();
     }
 
+    /// Ends the connection at once because of `reason` (e.g. the dial failed).
+    pub(crate) fn fail_with(&mut self, now: Instant, reason: ConnectionError) {
+        self.advance_clock(now);
+        self.finish_close(reason);
+    }
+
     /// Ends the connection at once, without draining. In-flight messages are requeued by nsqd
-    /// after their timeout; outstanding publishes fail with [`PublishError::ConnectionLost`].
+    /// after their timeout; outstanding publishes fail with [`PublishError::ConnectionLost`]
+    /// (or [`PublishError::NotConnected`] if the handshake had not finished).
     pub fn abort(&mut self, now: Instant) {
         self.advance_clock(now);
         if self.phase != Phase::Closed {
@@ -548,6 +581,7 @@ impl ConnectionState {
     fn check_open(&self) -> Result<(), CommandError> {
         match self.phase {
             Phase::Closing | Phase::Closed => Err(CommandError::Closed),
+            _ if self.close_requested => Err(CommandError::Closed),
             _ => Ok(()),
         }
     }
@@ -752,6 +786,11 @@ impl ConnectionState {
             let held = self.held.split();
             self.tx.unsplit(held);
         }
+        if self.close_requested {
+            // The drain deadline armed by `close` still runs.
+            self.phase = Phase::Closing;
+            self.maybe_finish_close();
+        }
     }
 
     fn handle_error(&mut self, err: ServerError) {
@@ -807,6 +846,8 @@ impl ConnectionState {
         if self.phase == Phase::Closed {
             return;
         }
+        // Before the handshake finished, held publishes were never sent.
+        let sent = matches!(self.phase, Phase::Ready | Phase::Closing);
         self.phase = Phase::Closed;
         self.timers.clear();
         self.held.clear();
@@ -816,7 +857,12 @@ impl ConnectionState {
         }
         for expect in self.expect.drain(..) {
             if let Expect::Publish(id) = expect {
-                self.events.push_back(Event::Published { id, result: Err(PublishError::ConnectionLost) });
+                let error = if sent {
+                    PublishError::ConnectionLost(reason.clone())
+                } else {
+                    PublishError::NotConnected(reason.clone())
+                };
+                self.events.push_back(Event::Published { id, result: Err(error) });
             }
         }
         self.in_flight.clear();

@@ -6,17 +6,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tracing::{debug, warn};
 
 use crate::action::{Action, ConnId, QueryId};
 use crate::config::BackoffStrategy;
-use crate::connection::deadline;
-use crate::error::{CommandError, ConnectionError};
-use crate::lookupd::LookupdAddress;
+use crate::error::{CommandError, ConnectionError, SocketError};
+use crate::lookupd::LookupdError;
+use crate::rng::Rng;
 use crate::{Channel, Config, Message, MessageId, Topic};
 
+pub(crate) use state::host_of;
 use state::Consumer;
-pub(crate) use state::{host_of, Rng};
 
 /// What a consumer tells the application.
 #[derive(Debug)]
@@ -44,7 +43,22 @@ pub enum ConsumerEvent {
         /// Its nsqd address.
         addr: String,
     },
-    /// A connection ended.
+    /// A connection never subscribed: the dial failed ([`ConnectionError::Dial`]: refused,
+    /// unknown host, timed out) or nsqd refused the handshake (TLS, AUTH, IDENTIFY, SUB).
+    ConnectFailed {
+        /// The connection.
+        conn: ConnId,
+        /// Its nsqd address.
+        addr: String,
+        /// The cause.
+        error: ConnectionError,
+        /// When the address is tried again: the redial of a direct address, the next lookupd
+        /// poll for an address lookupd lists. `None`: it is not retried (the first attempt at
+        /// an address given to `connect_to_nsqd` — the application decides — or the consumer
+        /// is stopping).
+        retry_at: Option<Instant>,
+    },
+    /// A subscribed connection ended.
     Disconnected {
         /// The connection.
         conn: ConnId,
@@ -53,12 +67,13 @@ pub enum ConsumerEvent {
         /// Why.
         error: ConnectionError,
     },
-    /// A lookupd query failed; it is retried at the next poll.
+    /// A lookupd query failed. The next lookupd (if any) is tried at once, up to three per
+    /// poll; otherwise the query waits for the next poll.
     LookupdFailed {
         /// The lookupd address.
         addr: String,
         /// What went wrong.
-        error: String,
+        error: LookupdError,
     },
     /// `stop` finished: every connection closed, lookupd polling ended.
     Stopped,
@@ -124,10 +139,28 @@ pub struct ConsumerStats {
 
 /// A consumer of one topic/channel: its nsqd connections, RDY, backoff and lookupd polling.
 ///
-/// Sources are direct nsqd addresses and/or lookupd addresses. A direct nsqd that drops is
-/// redialled with backoff (1 s, doubling, capped at `lookupd_poll_interval`) for as long as it
-/// stays listed; an nsqd found through lookupd is reconnected only while lookupd still lists it
-/// (a lost connection triggers an immediate lookupd query), as go-nsq does.
+/// # Failures
+///
+/// Sources are direct nsqd addresses and/or lookupd addresses. Every attempt that never
+/// subscribes (refused, unknown host, dial timeout, TLS or AUTH refused, `E_BAD_*`) arrives as
+/// [`ConsumerEvent::ConnectFailed`] with its cause; the loss of a subscribed connection as
+/// [`ConsumerEvent::Disconnected`]. Then:
+///
+/// - The first attempt at an address given to [`connect_to_nsqd`](Self::connect_to_nsqd) is
+///   not retried if it fails: the application hears why and decides (go-nsq's
+///   `ConnectToNSQD` returns the error).
+/// - A direct nsqd whose connection was up and dropped is redialled after a random delay in
+///   `[d/2, d)`, where `d` starts at 1 s and doubles per attempt that does not stay subscribed
+///   for 10 s, capped at `lookupd_poll_interval`.
+/// - An nsqd found through lookupd is dialled when a lookupd poll lists it, so a dead one is
+///   tried at most once per `lookupd_poll_interval`; a failed dial never triggers a query. A
+///   subscribed connection that drops triggers one extra query (after a random delay below
+///   1 s, merged with any query under way) and is redialled if lookupd still lists it.
+/// - A failed lookupd query ([`ConsumerEvent::LookupdFailed`]) is retried at once on the next
+///   lookupd, at most three per poll; a query unanswered for 60 s counts as failed.
+///
+/// The generator behind every jitter is seeded from the operating system unless
+/// [`Config::rng_seed`] fixes it, so a fleet started together spreads its retries.
 ///
 /// RDY: each subscribed connection gets `max_in_flight / connections` (at least 1, at most the
 /// negotiated `max_rdy_count`), and the sum of RDY never exceeds `max_in_flight`. With fewer
@@ -153,12 +186,15 @@ impl ConsumerState {
         Self { inner: Consumer::new(topic, channel, config, now) }
     }
 
-    /// Adds a direct nsqd connection (`host:port`); it is redialled with backoff if it drops.
+    /// Adds a direct nsqd connection (`host:port`). The outcome of the first attempt arrives as
+    /// [`ConsumerEvent::Connected`] or [`ConsumerEvent::ConnectFailed`] (and the address is
+    /// then forgotten); once connected, it is redialled with backoff if it drops.
     pub fn connect_to_nsqd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
         self.inner.connect_to_nsqd(addr, now)
     }
 
-    /// Removes a direct nsqd: its connection closes gracefully and is not redialled.
+    /// Closes the connection to an nsqd (given directly or found through lookupd) gracefully;
+    /// it is not dialled again, even when lookupd lists it, until `connect_to_nsqd` names it.
     pub fn disconnect_from_nsqd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
         self.inner.disconnect_from_nsqd(addr, now)
     }
@@ -204,9 +240,10 @@ impl ConsumerState {
         self.inner.handle_connected(conn, now)
     }
 
-    /// The adapter could not connect `conn`.
-    pub fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant) {
-        self.inner.handle_connect_failed(conn, error, now)
+    /// The adapter could not connect `conn` (pass the `std::io::Error` of the dial; a dial
+    /// timeout is [`std::io::ErrorKind::TimedOut`]).
+    pub fn handle_connect_failed(&mut self, conn: ConnId, error: impl Into<SocketError>, now: Instant) {
+        self.inner.handle_connect_failed(conn, error.into(), now)
     }
 
     /// Bytes read from `conn`'s socket.
@@ -214,13 +251,19 @@ impl ConsumerState {
         self.inner.handle_input(conn, now, data)
     }
 
-    /// `conn`'s socket reached EOF or failed.
+    /// `conn`'s socket reached end of file: nsqd closed it.
     pub fn handle_eof(&mut self, conn: ConnId, now: Instant) {
         self.inner.handle_eof(conn, now)
     }
 
-    /// The complete response to a lookupd query, or the transport error that prevented it.
-    pub fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, String>, now: Instant) {
+    /// Reading or writing `conn`'s socket failed (pass the `std::io::Error`).
+    pub fn handle_io_error(&mut self, conn: ConnId, error: impl Into<SocketError>, now: Instant) {
+        self.inner.handle_io_error(conn, error.into(), now)
+    }
+
+    /// The complete response to a lookupd query, or the socket error that prevented it (a
+    /// `std::io::Error` converts with `.into()`).
+    pub fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, SocketError>, now: Instant) {
         self.inner.handle_lookupd_response(query, response, now)
     }
 
@@ -296,116 +339,4 @@ pub(crate) fn backoff_duration(config: &Config, level: u32, rng: &mut Rng) -> Du
         BackoffStrategy::Exponential => exp,
         BackoffStrategy::FullJitter => exp.mul_f64(rng.unit()),
     }
-}
-
-/// The lookupds of a consumer and their polling schedule.
-#[derive(Debug)]
-pub(crate) struct Lookupd {
-    addrs: Vec<LookupdAddress>,
-    next: usize,
-    next_query: u64,
-    /// Queries under way and the lookupd each went to.
-    pending: Vec<(QueryId, LookupdAddress)>,
-    first_poll: Option<Instant>,
-}
-
-impl Lookupd {
-    pub(crate) fn new(_config: &Config, _rng: &mut Rng, _now: Instant) -> Self {
-        Self { addrs: Vec::new(), next: 0, next_query: 0, pending: Vec::new(), first_poll: None }
-    }
-
-    pub(crate) fn has_lookupds(&self) -> bool {
-        !self.addrs.is_empty()
-    }
-}
-
-impl Consumer {
-    fn connect_to_nsqlookupd(&mut self, addr: &str, _now: Instant) -> Result<(), ConsumerError> {
-        if self.is_stopping() {
-            return Err(ConsumerError::Stopped);
-        }
-        let parsed = parse_lookupd(addr)?;
-        if self.lookupd.addrs.contains(&parsed) {
-            return Err(ConsumerError::AlreadyConnected(addr.to_owned()));
-        }
-        let first = self.lookupd.addrs.is_empty();
-        self.lookupd.addrs.push(parsed);
-        if first {
-            // The first lookupd is queried at once; polling (with jitter) follows.
-            self.poll_lookupd_now();
-        }
-        Ok(())
-    }
-
-    fn disconnect_from_nsqlookupd(&mut self, addr: &str, _now: Instant) -> Result<(), ConsumerError> {
-        let parsed = parse_lookupd(addr)?;
-        let Some(i) = self.lookupd.addrs.iter().position(|a| *a == parsed) else {
-            return Err(ConsumerError::NotConnected(addr.to_owned()));
-        };
-        self.lookupd.addrs.remove(i);
-        if self.lookupd.addrs.is_empty() {
-            self.set_lookupd_timer(None);
-        }
-        Ok(())
-    }
-
-    /// Queries the next lookupd now, then schedules the next poll.
-    fn poll_lookupd_now(&mut self) {
-        self.poll_lookupd();
-    }
-
-    /// Queries the next lookupd in turn and schedules the next poll.
-    fn poll_lookupd(&mut self) {
-        if self.is_stopping() || self.lookupd.addrs.is_empty() {
-            return self.set_lookupd_timer(None);
-        }
-        let index = self.lookupd.next % self.lookupd.addrs.len();
-        self.lookupd.next = index + 1;
-        let addr = self.lookupd.addrs[index].clone();
-        let query = QueryId(self.lookupd.next_query);
-        self.lookupd.next_query += 1;
-        let request = addr.request(self.topic_name(), &self.config().user_agent);
-        self.push_action(Action::QueryLookupd { query, addr: addr.host_port().to_owned(), request });
-        self.lookupd.pending.push((query, addr));
-        let interval = self.config().lookupd_poll_interval;
-        let now = self.now();
-        let at = match self.lookupd.first_poll {
-            None => {
-                // go-nsq jitters only the first interval, so many consumers started together
-                // spread their polls.
-                let jitter = interval.mul_f64(self.config().lookupd_poll_jitter * self.rng().unit());
-                self.lookupd.first_poll = Some(now);
-                deadline(now, interval + jitter)
-            }
-            Some(_) => deadline(now, interval),
-        };
-        self.set_lookupd_timer(Some(at));
-    }
-
-    fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, String>, _now: Instant) {
-        let Some(pos) = self.lookupd.pending.iter().position(|(q, _)| *q == query) else {
-            return;
-        };
-        let (_, addr) = self.lookupd.pending.swap_remove(pos);
-        if self.is_stopping() {
-            return;
-        }
-        let parsed = response.and_then(|bytes| crate::lookupd::parse_response(&bytes).map_err(|e| e.to_string()));
-        match parsed {
-            Ok(lookup) => {
-                debug!(lookupd = %addr, producers = lookup.producers.len(), "lookupd answered");
-                for producer in &lookup.producers {
-                    self.discovered(&producer.tcp_address());
-                }
-            }
-            Err(error) => {
-                warn!(lookupd = %addr, %error, "lookupd query failed");
-                self.push_event(ConsumerEvent::LookupdFailed { addr: addr.to_string(), error });
-            }
-        }
-    }
-}
-
-fn parse_lookupd(addr: &str) -> Result<LookupdAddress, ConsumerError> {
-    LookupdAddress::parse(addr).map_err(|e| ConsumerError::BadAddress { addr: addr.to_owned(), reason: e.to_string() })
 }

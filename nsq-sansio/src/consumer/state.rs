@@ -1,6 +1,8 @@
 //! The consumer state machine: connections, RDY distribution, backoff, stop.
 
-use std::collections::{BTreeMap, VecDeque};
+mod sources;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,13 +12,12 @@ use tracing::{debug, info, trace, warn};
 use super::{ConsumerError, ConsumerEvent, ConsumerStats, Response};
 use crate::action::{Action, ConnId};
 use crate::connection::{deadline, ConnectionState, Event};
-use crate::error::{CommandError, ConnectionError};
+use crate::error::{CommandError, ConnectionError, SocketError};
+use crate::rng::Rng;
 use crate::timer::TimerTable;
 use crate::{Channel, Config, MessageId, Topic};
 
-/// Delay before redialling a direct nsqd the first time; doubles per failure up to
-/// `lookupd_poll_interval`.
-const RECONNECT_BASE: Duration = Duration::from_secs(1);
+pub(crate) use sources::Lookupd;
 /// How long `stop` waits for in-flight messages before closing regardless.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Retry delay of a backoff resume that found no connection to test.
@@ -28,6 +29,8 @@ enum Timer {
     Backoff,
     Reconnect,
     Lookupd,
+    Recheck,
+    LookupdExpiry,
     Stop,
 }
 
@@ -45,17 +48,29 @@ struct Conn {
     connected: bool,
     /// nsqd accepted the SUB.
     subscribed: bool,
+    /// When nsqd accepted the SUB.
+    subscribed_at: Option<Instant>,
     /// The RDY count this connection holds (last sent).
     rdy: u32,
     last_rdy_at: Instant,
 }
 
-/// A direct nsqd address to redial.
+/// An address given to `connect_to_nsqd`.
 #[derive(Debug)]
-struct Redial {
+struct Direct {
     addr: String,
-    at: Instant,
+    /// A connection to it subscribed once: later failures are redialled, not reported as the
+    /// failure of `connect_to_nsqd`.
+    confirmed: bool,
+}
+
+/// The dial history of one nsqd address.
+#[derive(Debug, Default)]
+struct DialState {
+    /// Attempts in a row that failed or did not stay up for `STABLE_AFTER`.
     failures: u32,
+    /// When a direct address is dialled again.
+    retry_at: Option<Instant>,
 }
 
 /// See [`ConsumerState`](super::ConsumerState).
@@ -67,9 +82,12 @@ pub(crate) struct Consumer {
     conns: BTreeMap<ConnId, Conn>,
     next_conn: u64,
     /// Addresses given to `connect_to_nsqd`: redialled while listed.
-    direct: Vec<String>,
-    redials: Vec<Redial>,
-    pub(super) lookupd: super::Lookupd,
+    direct: Vec<Direct>,
+    /// What happened at each address lately: how soon it may be dialled again.
+    dials: BTreeMap<String, DialState>,
+    /// Lookupd-found addresses the application disconnected from: not dialled again.
+    excluded: BTreeSet<String>,
+    lookupd: Lookupd,
     max_in_flight: u32,
     total_rdy: u64,
     need_redistribute: bool,
@@ -77,7 +95,7 @@ pub(crate) struct Consumer {
     /// Set while waiting out a backoff period (go-nsq's `inBackoffTimeout`).
     backoff_until: Option<Instant>,
     rng: Rng,
-    timers: TimerTable<Timer, 5>,
+    timers: TimerTable<Timer, 7>,
     events: VecDeque<ConsumerEvent>,
     actions: VecDeque<Action>,
     /// Bytes a connection queued before it closed (its last FINs, CLS), still to be written.
@@ -92,8 +110,6 @@ impl Consumer {
     pub(crate) fn new(topic: Topic, channel: Channel, config: Arc<Config>, now: Instant) -> Self {
         let mut timers = TimerTable::default();
         timers.set(Timer::Redistribute, deadline(now, config.rdy_redistribute_interval));
-        let mut rng = Rng::new(config.rng_seed);
-        let lookupd = super::Lookupd::new(&config, &mut rng, now);
         Self {
             topic,
             channel,
@@ -101,13 +117,14 @@ impl Consumer {
             conns: BTreeMap::new(),
             next_conn: 0,
             direct: Vec::new(),
-            redials: Vec::new(),
-            lookupd,
+            dials: BTreeMap::new(),
+            excluded: BTreeSet::new(),
+            lookupd: Lookupd::default(),
             total_rdy: 0,
             need_redistribute: false,
             backoff_level: 0,
             backoff_until: None,
-            rng,
+            rng: Rng::from_seed(config.rng_seed),
             timers,
             events: VecDeque::new(),
             actions: VecDeque::new(),
@@ -120,42 +137,7 @@ impl Consumer {
         }
     }
 
-    // ---- sources -----------------------------------------------------------------------------
-
-    pub(crate) fn connect_to_nsqd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
-        self.advance(now);
-        self.check_running()?;
-        check_addr(addr)?;
-        if self.direct.iter().any(|a| a == addr) || self.conn_for(addr).is_some() {
-            return Err(ConsumerError::AlreadyConnected(addr.to_owned()));
-        }
-        self.direct.push(addr.to_owned());
-        self.open(addr);
-        Ok(())
-    }
-
-    pub(crate) fn disconnect_from_nsqd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
-        self.advance(now);
-        let Some(i) = self.direct.iter().position(|a| a == addr) else {
-            return Err(ConsumerError::NotConnected(addr.to_owned()));
-        };
-        self.direct.remove(i);
-        self.redials.retain(|r| r.addr != addr);
-        if let Some(id) = self.conn_for(addr) {
-            self.close_conn(id);
-        }
-        self.arm_reconnect_timer();
-        Ok(())
-    }
-
-    /// Opens a connection to a lookupd-discovered nsqd unless one exists.
-    pub(super) fn discovered(&mut self, addr: &str) {
-        if self.stopping || self.conn_for(addr).is_some() {
-            return;
-        }
-        info!(topic = %self.topic, channel = %self.channel, %addr, "lookupd listed a new nsqd");
-        self.open(addr);
-    }
+    // ---- connections -------------------------------------------------------------------------
 
     fn open(&mut self, addr: &str) {
         let id = ConnId(self.next_conn);
@@ -166,10 +148,18 @@ impl Consumer {
         if let Err(e) = state.subscribe(&self.topic, &self.channel) {
             warn!(%addr, %e, "cannot subscribe");
         }
-        debug!(conn = %id, %addr, "connecting");
+        info!(conn = %id, %addr, "connecting to nsqd");
         self.conns.insert(
             id,
-            Conn { addr: addr.to_owned(), state, connected: false, subscribed: false, rdy: 0, last_rdy_at: self.now },
+            Conn {
+                addr: addr.to_owned(),
+                state,
+                connected: false,
+                subscribed: false,
+                subscribed_at: None,
+                rdy: 0,
+                last_rdy_at: self.now,
+            },
         );
         self.actions.push_back(Action::Connect { conn: id, addr: addr.to_owned() });
     }
@@ -183,13 +173,22 @@ impl Consumer {
         }
     }
 
-    pub(crate) fn handle_connect_failed(&mut self, id: ConnId, error: String, now: Instant) {
+    pub(crate) fn handle_connect_failed(&mut self, id: ConnId, error: SocketError, now: Instant) {
         self.advance(now);
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.state.abort(now);
             // The Closed event carries the connect error instead of LocallyClosed.
             while conn.state.poll_event().is_some() {}
-            self.on_closed(id, ConnectionError::Io(error));
+            let addr = conn.addr.clone();
+            self.on_closed(id, ConnectionError::Dial { addr, error });
+        }
+    }
+
+    pub(crate) fn handle_io_error(&mut self, id: ConnId, error: SocketError, now: Instant) {
+        self.advance(now);
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.state.handle_io_error(now, error);
+            self.process(id);
         }
     }
 
@@ -234,7 +233,13 @@ impl Consumer {
             self.redial_due();
         }
         if self.timers.expire(Timer::Lookupd, now) {
-            self.poll_lookupd();
+            self.poll_due();
+        }
+        if self.timers.expire(Timer::Recheck, now) {
+            self.recheck_due();
+        }
+        if self.timers.expire(Timer::LookupdExpiry, now) {
+            self.lookupd_expired();
         }
         if self.timers.expire(Timer::Stop, now) {
             warn!(topic = %self.topic, channel = %self.channel, "stop timeout: closing with messages in flight");
@@ -310,9 +315,10 @@ impl Consumer {
         }
         info!(topic = %self.topic, channel = %self.channel, "stopping");
         self.stopping = true;
-        self.redials.clear();
         self.timers.stop(Timer::Reconnect);
         self.timers.stop(Timer::Lookupd);
+        self.timers.stop(Timer::Recheck);
+        self.timers.stop(Timer::LookupdExpiry);
         self.timers.stop(Timer::Backoff);
         self.timers.stop(Timer::Redistribute);
         self.timers.set(Timer::Stop, deadline(now, STOP_TIMEOUT));
@@ -406,41 +412,6 @@ impl Consumer {
         self.conns.iter().find(|(_, c)| c.addr == addr).map(|(&id, _)| id)
     }
 
-    pub(super) fn config(&self) -> &Config {
-        &self.config
-    }
-
-    pub(super) fn topic_name(&self) -> &Topic {
-        &self.topic
-    }
-
-    pub(super) fn now(&self) -> Instant {
-        self.now
-    }
-
-    pub(super) fn push_action(&mut self, action: Action) {
-        self.actions.push_back(action);
-    }
-
-    pub(super) fn push_event(&mut self, event: ConsumerEvent) {
-        self.events.push_back(event);
-    }
-
-    pub(super) fn rng(&mut self) -> &mut Rng {
-        &mut self.rng
-    }
-
-    pub(super) fn set_lookupd_timer(&mut self, at: Option<Instant>) {
-        match at {
-            Some(at) if !self.stopping => self.timers.set(Timer::Lookupd, at),
-            _ => self.timers.stop(Timer::Lookupd),
-        }
-    }
-
-    pub(super) fn is_stopping(&self) -> bool {
-        self.stopping
-    }
-
     /// Handles the events a connection produced.
     fn process(&mut self, id: ConnId) {
         loop {
@@ -453,9 +424,10 @@ impl Consumer {
             match event {
                 Event::Subscribed => {
                     conn.subscribed = true;
+                    conn.subscribed_at = Some(self.now);
                     let addr = conn.addr.clone();
                     info!(conn = %id, %addr, "subscribed");
-                    self.redials.retain(|r| r.addr != addr);
+                    self.on_subscribed(&addr);
                     self.events.push_back(ConsumerEvent::Connected { conn: id, addr });
                     // Lower the others' share first so the new one can get its own.
                     let ids: Vec<ConnId> = self.conns.keys().copied().filter(|&c| c != id).collect();
@@ -509,58 +481,18 @@ impl Consumer {
             }
         }
         self.total_rdy -= u64::from(conn.rdy);
-        info!(conn = %id, addr = %conn.addr, %error, left = self.conns.len(), "connection closed");
         self.actions.push_back(Action::Close { conn: id });
         let left = self.conns.len() as u64;
         if conn.rdy > 0 && (left == u64::from(self.max_in_flight) || self.in_backoff()) {
             self.need_redistribute = true;
         }
-        let addr = conn.addr;
-        self.events.push_back(ConsumerEvent::Disconnected { conn: id, addr: addr.clone(), error });
-        if self.stopping {
-            return self.maybe_stopped();
+        if conn.subscribed {
+            info!(conn = %id, addr = %conn.addr, %error, left, "connection closed");
+            let event = ConsumerEvent::Disconnected { conn: id, addr: conn.addr.clone(), error: error.clone() };
+            self.events.push_back(event);
         }
-        if self.direct.contains(&addr) {
-            self.schedule_redial(addr);
-        } else if self.lookupd.has_lookupds() {
-            // Reconnect only if lookupd still lists it: ask now.
-            self.poll_lookupd_now();
-        }
-    }
-
-    fn schedule_redial(&mut self, addr: String) {
-        let failures = self.redials.iter().find(|r| r.addr == addr).map_or(0, |r| r.failures);
-        let delay = RECONNECT_BASE
-            .saturating_mul(1u32 << failures.min(16))
-            .min(self.config.lookupd_poll_interval.max(RECONNECT_BASE));
-        info!(%addr, ?delay, "redialling nsqd");
-        self.redials.retain(|r| r.addr != addr);
-        self.redials.push(Redial { addr, at: deadline(self.now, delay), failures: failures + 1 });
-        self.arm_reconnect_timer();
-    }
-
-    fn redial_due(&mut self) {
-        let now = self.now;
-        let (due, later): (Vec<Redial>, Vec<Redial>) = self.redials.drain(..).partition(|r| r.at <= now);
-        self.redials = later;
-        for redial in due {
-            if self.direct.contains(&redial.addr) && self.conn_for(&redial.addr).is_none() {
-                // Keep the failure count until the connection subscribes.
-                self.redials.push(Redial { at: deadline(now, Duration::from_secs(86_400 * 365)), ..redial });
-                if let Some(r) = self.redials.last() {
-                    let addr = r.addr.clone();
-                    self.open(&addr);
-                }
-            }
-        }
-        self.arm_reconnect_timer();
-    }
-
-    fn arm_reconnect_timer(&mut self) {
-        match self.redials.iter().map(|r| r.at).min() {
-            Some(at) => self.timers.set(Timer::Reconnect, at),
-            None => self.timers.stop(Timer::Reconnect),
-        }
+        self.after_close(id, conn.addr, conn.subscribed_at, error);
+        self.maybe_stopped();
     }
 
     fn maybe_stopped(&mut self) {
@@ -742,39 +674,7 @@ enum Signal {
     Continue,
 }
 
-/// A small, seedable generator (SplitMix64) for jitter and random choices: deterministic under
-/// test, no OS entropy in the core.
-#[derive(Debug, Clone)]
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A uniform index below `n` (`n` > 0; 0 otherwise).
-    pub(crate) fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            return 0;
-        }
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// A uniform float in `[0, 1)`.
-    pub(crate) fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-fn check_addr(addr: &str) -> Result<(), ConsumerError> {
+pub(super) fn check_addr(addr: &str) -> Result<(), ConsumerError> {
     match addr.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
         _ => Err(ConsumerError::BadAddress { addr: addr.to_owned(), reason: "expected host:port".to_owned() }),

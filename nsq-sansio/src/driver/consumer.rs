@@ -16,7 +16,7 @@ use tracing::{debug, warn, Instrument};
 use super::io::{IoEvent, Sockets};
 use super::message::{Answer, Answers, Handler, Message};
 use super::{Error, Runtime};
-use crate::{Channel, Config, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
+use crate::{Channel, Config, ConnectionError, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
 
 type FailedHook = Arc<dyn Fn(&crate::Message) + Send + Sync>;
 
@@ -24,8 +24,18 @@ type FailedHook = Arc<dyn Fn(&crate::Message) + Send + Sync>;
 ///
 /// Two ways to consume, both first class: handlers ([`add_handler`](Self::add_handler),
 /// [`add_concurrent_handlers`](Self::add_concurrent_handlers)), or the
-/// [`messages`](Self::messages) stream. Add handlers (or take the stream) before connecting.
+/// [`messages`](Self::messages) stream. Add handlers (or take the stream) before connecting:
+/// connecting without either is refused with [`Error::NoHandlers`].
 /// Cheap to clone. Dropping the last clone stops the consumer gracefully.
+///
+/// # Failures
+///
+/// [`connect_to_nsqd`](Self::connect_to_nsqd) resolves once the first connection subscribed,
+/// or with the error that prevented it ([`Error::Connection`]: the dial's "connection
+/// refused", a TLS or certificate failure, `E_AUTH_FAILED`, ...); a failed address is not
+/// retried. Once connected, a lost connection is redialled with jittered backoff, and a lookupd
+/// poll redials what lookupd lists; see [`ConsumerState`] for the exact schedule. Failures
+/// after the first connect are logged through `tracing`.
 pub struct Consumer<R: Runtime> {
     handle: Arc<Handle>,
     _runtime: PhantomData<fn() -> R>,
@@ -59,6 +69,7 @@ impl Drop for Handle {
 }
 
 enum Command {
+    /// Resolved at once, except a direct nsqd: when its first connection subscribed or failed.
     Source(Source, oneshot::Sender<Result<(), Error>>),
     MaxInFlight(u32),
     Stats(oneshot::Sender<ConsumerStats>),
@@ -226,9 +237,17 @@ impl<R: Runtime> Consumer<R> {
     }
 
     async fn source(&self, source: Source) -> Result<(), Error> {
+        if matches!(source, Source::Nsqd(_) | Source::Lookupd(_)) && !self.is_consuming() {
+            return Err(Error::NoHandlers);
+        }
         let (tx, rx) = oneshot::channel();
         self.handle.commands.unbounded_send(Command::Source(source, tx)).map_err(|_| Error::Stopped)?;
         rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    /// Whether handlers were added or the stream taken: something will receive the messages.
+    fn is_consuming(&self) -> bool {
+        self.handle.messages.lock().map_or(true, |slot| slot.is_none())
     }
 
     fn shared_queue(&self) -> Option<Arc<AsyncMutex<mpsc::UnboundedReceiver<Message>>>> {
@@ -276,6 +295,8 @@ struct Engine<R: Runtime> {
     messages: Option<mpsc::UnboundedSender<Message>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
+    /// `connect_to_nsqd` calls waiting for their address's first connection.
+    connect_waiters: Vec<(String, oneshot::Sender<Result<(), Error>>)>,
     shutdown: bool,
 }
 
@@ -303,6 +324,7 @@ impl<R: Runtime> Engine<R> {
             messages: Some(messages),
             failed,
             stop_waiters: Vec::new(),
+            connect_waiters: Vec::new(),
             shutdown: false,
         }
     }
@@ -395,7 +417,11 @@ impl<R: Runtime> Engine<R> {
             }
             Input::Command(Command::Source(source, reply)) => {
                 let result = match source {
-                    Source::Nsqd(addr) => self.state.connect_to_nsqd(&addr, now),
+                    Source::Nsqd(addr) => match self.state.connect_to_nsqd(&addr, now) {
+                        // Answered when the first connection subscribes or fails.
+                        Ok(()) => return self.connect_waiters.push((addr, reply)),
+                        Err(e) => Err(e),
+                    },
                     Source::NoNsqd(addr) => self.state.disconnect_from_nsqd(&addr, now),
                     Source::Lookupd(addr) => self.state.connect_to_nsqlookupd(&addr, now),
                     Source::NoLookupd(addr) => self.state.disconnect_from_nsqlookupd(&addr, now),
@@ -433,6 +459,19 @@ impl<R: Runtime> Engine<R> {
         }
     }
 
+    /// Answers the `connect_to_nsqd` calls waiting for `addr`.
+    fn answer_connect(&mut self, addr: &str, result: Result<(), ConnectionError>) {
+        let mut i = 0;
+        while i < self.connect_waiters.len() {
+            if self.connect_waiters[i].0 == addr {
+                let (_, reply) = self.connect_waiters.swap_remove(i);
+                let _ = reply.send(result.clone().map_err(Error::Connection));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     fn on_event(&mut self, event: ConsumerEvent) {
         match event {
             ConsumerEvent::Message { conn, message } => {
@@ -452,14 +491,24 @@ impl<R: Runtime> Engine<R> {
                     }
                 }
             }
-            ConsumerEvent::Connected { conn, addr } => debug!(%conn, %addr, "subscribed"),
+            ConsumerEvent::Connected { conn, addr } => {
+                debug!(%conn, %addr, "subscribed");
+                self.answer_connect(&addr, Ok(()));
+            }
+            ConsumerEvent::ConnectFailed { conn, addr, error, .. } => {
+                debug!(%conn, %addr, %error, "connection failed");
+                self.answer_connect(&addr, Err(error));
+            }
             ConsumerEvent::Disconnected { conn, addr, error } => {
                 debug!(%conn, %addr, %error, "disconnected")
             }
-            ConsumerEvent::LookupdFailed { addr, error } => {
-                warn!(%addr, %error, "lookupd query failed")
+            ConsumerEvent::Stopped => {
+                for (_, reply) in self.connect_waiters.drain(..) {
+                    let _ = reply.send(Err(Error::Stopped));
+                }
             }
-            _ => {}
+            // The core logged these already.
+            ConsumerEvent::LookupdFailed { .. } => {}
         }
     }
 }

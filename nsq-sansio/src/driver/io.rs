@@ -12,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use tracing::{debug, trace, Instrument};
 
 use super::{with_timeout, Runtime};
-use crate::{Action, ConnId, ConsumerState, ProducerState, QueryId};
+use crate::{Action, ConnId, ConsumerState, ProducerState, QueryId, SocketError};
 
 /// Read buffer growth per read: large enough to drain a busy socket in few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
@@ -27,13 +27,16 @@ const LOOKUPD_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub(crate) enum IoEvent {
     Connected(ConnId, Writer),
-    ConnectFailed(ConnId, String),
+    ConnectFailed(ConnId, SocketError),
     Read(ConnId, BytesMut),
     Eof(ConnId),
+    /// Reading or writing failed.
+    Failed(ConnId, SocketError),
     Written(ConnId),
-    /// The writer wrote everything it was given and shut the socket down.
+    /// The writer task ended: it wrote everything it was given and shut the socket down, or a
+    /// write failed.
     WriterDone(ConnId),
-    Lookupd(QueryId, Result<Bytes, String>),
+    Lookupd(QueryId, Result<Bytes, SocketError>),
 }
 
 /// The engine's end of a connection: bytes to write go in; dropping it closes the socket
@@ -44,6 +47,8 @@ pub(crate) struct Writer {
     _stop_reader: oneshot::Sender<()>,
     /// A write is under way; the engine polls the core again once it is done.
     pub(crate) busy: bool,
+    /// The writer task has ended (a write failed): nothing more will be written or flushed.
+    done: bool,
 }
 
 impl Writer {
@@ -74,14 +79,14 @@ pub(crate) fn spawn_connection<R: Runtime>(
             Ok(halves) => halves,
             Err(e) => {
                 debug!(%e, "connect failed");
-                let _ = reports.control.unbounded_send(IoEvent::ConnectFailed(conn, format!("{addr}: {e}")));
+                let _ = reports.control.unbounded_send(IoEvent::ConnectFailed(conn, e.into()));
                 return;
             }
         };
         debug!("connected");
         let (bytes_tx, mut bytes_rx) = mpsc::unbounded::<Bytes>();
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
-        let writer_handle = Writer { bytes: bytes_tx, _stop_reader: stop_tx, busy: false };
+        let writer_handle = Writer { bytes: bytes_tx, _stop_reader: stop_tx, busy: false, done: false };
         if reports.control.unbounded_send(IoEvent::Connected(conn, writer_handle)).is_err() {
             return;
         }
@@ -92,7 +97,8 @@ pub(crate) fn spawn_connection<R: Runtime>(
                     trace!(len = bytes.len(), "write");
                     if let Err(e) = with_timeout::<R, _>(write_timeout, R::write_all(&mut writer, &bytes)).await {
                         debug!(%e, "write failed");
-                        let _ = control.unbounded_send(IoEvent::Eof(conn));
+                        let _ = control.unbounded_send(IoEvent::Failed(conn, e.into()));
+                        let _ = control.unbounded_send(IoEvent::WriterDone(conn));
                         return;
                     }
                     if control.unbounded_send(IoEvent::Written(conn)).is_err() {
@@ -136,10 +142,10 @@ pub(crate) fn spawn_connection<R: Runtime>(
                 Ok(_) => IoEvent::Read(conn, buf.split()),
                 Err(e) => {
                     debug!(%e, "read failed");
-                    IoEvent::Eof(conn)
+                    IoEvent::Failed(conn, e.into())
                 }
             };
-            let eof = matches!(event, IoEvent::Eof(_));
+            let eof = matches!(event, IoEvent::Eof(_) | IoEvent::Failed(..));
             if reads.send(event).await.is_err() || eof {
                 return;
             }
@@ -170,7 +176,7 @@ pub(crate) fn spawn_lookupd<R: Runtime>(
                 }
             }
         };
-        let result = with_timeout::<R, _>(LOOKUPD_TIMEOUT, exchange).await.map_err(|e| format!("{addr}: {e}"));
+        let result = with_timeout::<R, _>(LOOKUPD_TIMEOUT, exchange).await.map_err(SocketError::from);
         let _ = control.unbounded_send(IoEvent::Lookupd(query, result));
     });
 }
@@ -178,11 +184,12 @@ pub(crate) fn spawn_lookupd<R: Runtime>(
 /// What the engines need of a state machine to carry out its I/O.
 pub(crate) trait Machine {
     fn handle_connected(&mut self, conn: ConnId, now: Instant);
-    fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant);
+    fn handle_connect_failed(&mut self, conn: ConnId, error: SocketError, now: Instant);
     fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut);
     fn handle_eof(&mut self, conn: ConnId, now: Instant);
+    fn handle_io_error(&mut self, conn: ConnId, error: SocketError, now: Instant);
     /// Only consumers query lookupd.
-    fn handle_lookupd_response(&mut self, _query: QueryId, _response: Result<Bytes, String>, _now: Instant) {}
+    fn handle_lookupd_response(&mut self, _query: QueryId, _response: Result<Bytes, SocketError>, _now: Instant) {}
     fn poll_action(&mut self) -> Option<Action>;
     fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes>;
 }
@@ -194,8 +201,11 @@ macro_rules! machine {
             fn handle_connected(&mut self, conn: ConnId, now: Instant) {
                 self.handle_connected(conn, now)
             }
-            fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant) {
+            fn handle_connect_failed(&mut self, conn: ConnId, error: SocketError, now: Instant) {
                 self.handle_connect_failed(conn, error, now)
+            }
+            fn handle_io_error(&mut self, conn: ConnId, error: SocketError, now: Instant) {
+                self.handle_io_error(conn, error, now)
             }
             fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
                 self.handle_input(conn, now, data)
@@ -217,7 +227,7 @@ macro_rules! machine {
 machine!(ProducerState);
 machine!(
     ConsumerState,
-    fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, String>, now: Instant) {
+    fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, SocketError>, now: Instant) {
         self.handle_lookupd_response(query, response, now)
     }
 );
@@ -287,12 +297,18 @@ impl<R: Runtime> Sockets<R> {
             IoEvent::ConnectFailed(conn, error) => machine.handle_connect_failed(conn, error, now),
             IoEvent::Read(conn, bytes) => machine.handle_input(conn, now, bytes),
             IoEvent::Eof(conn) => machine.handle_eof(conn, now),
+            IoEvent::Failed(conn, error) => machine.handle_io_error(conn, error, now),
             IoEvent::Written(conn) => {
                 if let Some(w) = self.writers.get_mut(&conn) {
                     w.busy = false;
                 }
             }
             IoEvent::WriterDone(conn) => {
+                // Ended before the core closed the connection (a write failed): its close
+                // then has nothing to wait for.
+                if let Some(w) = self.writers.get_mut(&conn) {
+                    w.done = true;
+                }
                 self.flushing.remove(&conn);
             }
             IoEvent::Lookupd(query, response) => machine.handle_lookupd_response(query, response, now),
@@ -322,9 +338,12 @@ impl<R: Runtime> Sockets<R> {
                     self.addrs.remove(&conn);
                     // The connection's last bytes go out before the writer closes.
                     if let Some(mut writer) = self.writers.remove(&conn) {
-                        self.flushing.insert(conn);
-                        if let Some(bytes) = machine.poll_transmit_for(conn) {
-                            writer.send(bytes);
+                        let last = machine.poll_transmit_for(conn);
+                        if !writer.done {
+                            self.flushing.insert(conn);
+                            if let Some(bytes) = last {
+                                writer.send(bytes);
+                            }
                         }
                     }
                 }

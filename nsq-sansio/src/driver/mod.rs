@@ -188,13 +188,19 @@ pub enum Error {
     /// The producer or consumer has stopped.
     #[error("stopped")]
     Stopped,
+    /// A consumer was asked to connect before it had a handler or its message stream was
+    /// taken: nothing would receive the messages.
+    #[error("no handler: add a handler or take the message stream before connecting")]
+    NoHandlers,
 }
 
 impl From<Error> for stdio::Error {
     fn from(e: Error) -> Self {
         let kind = match &e {
-            Error::Name(_) | Error::Config(_) | Error::Command(_) => stdio::ErrorKind::InvalidInput,
-            Error::Publish(PublishError::ConnectionLost) | Error::Connection(_) => stdio::ErrorKind::ConnectionAborted,
+            Error::Name(_) | Error::Config(_) | Error::Command(_) | Error::NoHandlers => stdio::ErrorKind::InvalidInput,
+            Error::Publish(PublishError::ConnectionLost(_) | PublishError::NotConnected(_)) | Error::Connection(_) => {
+                stdio::ErrorKind::ConnectionAborted
+            }
             _ => stdio::ErrorKind::Other,
         };
         Self::new(kind, e)

@@ -20,9 +20,14 @@ use crate::{Config, ProducerEvent, ProducerState, Topic, TxId};
 /// are pipelined on it (no lock is held across a round trip).
 ///
 /// The connection is made at the first publish (or by [`connect`](Self::connect)) and made
-/// again after it is lost. A publish resolves once nsqd acknowledged it, refused it, or the
-/// connection was lost first ([`PublishError::ConnectionLost`](crate::PublishError::ConnectionLost)):
-/// nothing waits forever.
+/// again after it is lost. A publish resolves once nsqd acknowledged it, refused it
+/// ([`PublishError::Server`](crate::PublishError::Server)), or failed with the cause:
+/// [`PublishError::NotConnected`](crate::PublishError::NotConnected) when the connection could
+/// not be made (the dial's "connection refused", a TLS or AUTH failure: not stored),
+/// [`PublishError::ConnectionLost`](crate::PublishError::ConnectionLost) when it broke before
+/// nsqd answered (maybe stored). Nothing waits forever. After a failed dial, publishes fail at
+/// once with that error for a short, growing, jittered while (see
+/// [`ProducerState`](crate::ProducerState)) instead of dialling again.
 /// Dropping the last clone stops the producer after outstanding publishes resolve.
 pub struct Producer<R: Runtime> {
     handle: Arc<Handle>,
@@ -68,15 +73,16 @@ enum Publish {
 
 impl<R: Runtime> Producer<R> {
     /// A producer for the nsqd at `addr` (`host:port`). Spawns its engine task; connects at the
-    /// first publish.
-    pub fn new(addr: impl Into<String>, config: Config) -> Self {
+    /// first publish. Refuses a configuration that does not [`validate`](Config::validate).
+    pub fn new(addr: impl Into<String>, config: Config) -> Result<Self, Error> {
         Self::with_auto_batch(addr, config, 0)
     }
 
     /// Like [`new`](Self::new), and PUBs to one topic that queue up while a write is in flight
     /// go out as one MPUB of at most `max_batch` messages. Each caller still gets its own
     /// result; an MPUB is atomic, so a batch succeeds or fails as a whole.
-    pub fn with_auto_batch(addr: impl Into<String>, config: Config, max_batch: usize) -> Self {
+    pub fn with_auto_batch(addr: impl Into<String>, config: Config, max_batch: usize) -> Result<Self, Error> {
+        config.validate()?;
         let addr = addr.into();
         let config = super::with_identity(config);
         let (commands, rx) = mpsc::unbounded();
@@ -85,10 +91,11 @@ impl<R: Runtime> Producer<R> {
         let engine = Engine::<R>::new(state, config, rx);
         let span = tracing::debug_span!("nsq_producer", nsqd = %addr);
         R::spawn(engine.run().instrument(span));
-        Self { handle: Arc::new(Handle { addr, commands }), _runtime: PhantomData }
+        Ok(Self { handle: Arc::new(Handle { addr, commands }), _runtime: PhantomData })
     }
 
-    /// Connects now and waits for the handshake, instead of at the first publish.
+    /// Connects now and waits for the handshake, instead of at the first publish; returns the
+    /// error that prevented it (refused, unknown host, TLS, AUTH).
     pub async fn connect(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Connect(tx))?;
@@ -308,7 +315,7 @@ impl<R: Runtime> Engine<R> {
                     let _ = waiter.send(Ok(()));
                 }
             }
-            ProducerEvent::Disconnected(conn, error) => {
+            ProducerEvent::Disconnected(conn, error) | ProducerEvent::ConnectFailed { conn, error, .. } => {
                 debug!(%conn, %error, "producer disconnected");
                 self.connected = false;
                 for waiter in self.connect_waiters.drain(..) {

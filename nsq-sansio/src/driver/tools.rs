@@ -1,6 +1,11 @@
 //! The command-line tools every runtime crate ships as examples (`to_nsq`, `nsq_tail`,
 //! `bench`), defined once. Each runtime's example is a `main` that starts its runtime and calls
 //! one of these with its [`Runtime`]. Flag names follow nsq's own tools.
+//!
+//! The tools log to stderr through `tracing-subscriber`, at the level `RUST_LOG` names (default
+//! `info`): connections made and lost, lookupd queries and their failures, backoff, errors. They
+//! exit 1 at once, with the cause, when the first connection to an nsqd given on the command
+//! line fails.
 
 use std::io::BufRead;
 use std::process::ExitCode;
@@ -106,17 +111,23 @@ pub struct BenchArgs {
 
 /// Runs `to_nsq` with the process arguments; exits 0 only once every line is acknowledged.
 pub async fn to_nsq<R: Runtime>() -> ExitCode {
-    report("to_nsq", run_to_nsq::<R>(ToNsqArgs::parse()).await)
+    let args = ToNsqArgs::parse();
+    init_logging();
+    report("to_nsq", run_to_nsq::<R>(args).await)
 }
 
 /// Runs `nsq_tail` with the process arguments.
 pub async fn nsq_tail<R: Runtime>() -> ExitCode {
-    report("nsq_tail", run_nsq_tail::<R>(NsqTailArgs::parse()).await)
+    let args = NsqTailArgs::parse();
+    init_logging();
+    report("nsq_tail", run_nsq_tail::<R>(args).await)
 }
 
 /// Runs `bench` with the process arguments; prints one `RESULT client=<client> ...` line.
 pub async fn bench<R: Runtime>(client: &str) -> ExitCode {
-    match run_bench::<R>(BenchArgs::parse()).await {
+    let args = BenchArgs::parse();
+    init_logging();
+    match run_bench::<R>(args).await {
         Ok(result) => {
             println!("RESULT client={client} {result}");
             if let Some(kib) = peak_rss_kib() {
@@ -126,6 +137,13 @@ pub async fn bench<R: Runtime>(client: &str) -> ExitCode {
         }
         Err(e) => report("bench", Err(e)),
     }
+}
+
+/// Logs to stderr at the level `RUST_LOG` names, `info` by default.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// The process's peak resident set size (`VmHWM`), where /proc says it (Linux).
@@ -206,8 +224,12 @@ async fn run_to_nsq<R: Runtime>(args: ToNsqArgs) -> Result<(), String> {
         _ => return Err("--delimiter must be one byte".into()),
     };
     let topic = crate::Topic::new(&args.topic).map_err(|e| e.to_string())?;
-    let producers: Vec<Producer<R>> =
-        args.nsqd_tcp_address.iter().map(|a| Producer::new(a.clone(), config.clone())).collect();
+    let producers = args
+        .nsqd_tcp_address
+        .iter()
+        .map(|a| Producer::<R>::new(a.clone(), config.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
     // Fail fast, with the nsqd's own words, when one cannot be reached.
     for producer in &producers {
         producer.connect().await.map_err(|e| e.to_string())?;
@@ -276,6 +298,9 @@ async fn run_nsq_tail<R: Runtime>(args: NsqTailArgs) -> Result<(), String> {
         }
     }
     let _ = stdout.lock().flush();
+    // Messages delivered but not printed go back to nsqd now (dropping them requeues them), so
+    // the stop below has nothing to wait for.
+    drop(messages);
     consumer.stop().await;
     Ok(())
 }
@@ -287,7 +312,8 @@ async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
     let config = Config::new();
     let (secs, startup) = match args.mode.as_str() {
         "pub" => {
-            let producer = Producer::<R>::with_auto_batch(args.nsqd_tcp_address.clone(), config, args.auto_batch);
+            let producer = Producer::<R>::with_auto_batch(args.nsqd_tcp_address.clone(), config, args.auto_batch)
+                .map_err(|e| e.to_string())?;
             producer.connect().await.map_err(|e| e.to_string())?;
             let startup = started.elapsed();
             let clock = Instant::now();
@@ -317,7 +343,7 @@ async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
             (secs, startup)
         }
         "mpub" => {
-            let producer = Producer::<R>::new(args.nsqd_tcp_address.clone(), config);
+            let producer = Producer::<R>::new(args.nsqd_tcp_address.clone(), config).map_err(|e| e.to_string())?;
             producer.connect().await.map_err(|e| e.to_string())?;
             let startup = started.elapsed();
             let batch: Vec<Bytes> = vec![body.clone(); args.batch.max(1)];

@@ -93,7 +93,7 @@ pub fn consumer(max_in_flight: u8, ops: Vec<Op>) {
             }
             Op::ConnectFailed(i) => {
                 if let Some(conn) = pick(&dialled, i) {
-                    c.handle_connect_failed(conn, "refused".into(), now);
+                    c.handle_connect_failed(conn, std::io::Error::from(std::io::ErrorKind::ConnectionRefused), now);
                 }
             }
             Op::Answer(i, kind) => {

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 pub use tls::{TlsOptions, TlsVersion};
 
 /// A failure inside a transport layer. Always fatal for the connection.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
     /// TLS failed: handshake, certificate verification, a bad record or an alert.

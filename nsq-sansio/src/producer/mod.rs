@@ -1,16 +1,20 @@
 //! [`ProducerState`]: publishes to one nsqd, responses matched FIFO to their callers.
 
+mod link;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tracing::debug;
 
 use crate::action::{Action, ConnId};
-use crate::connection::{check_body, ConnectionState, Event, PublishId, DEFAULT_MAX_DEFER};
-use crate::error::{CommandError, ConnectionError, PublishError};
+use crate::connection::{check_body, DEFAULT_MAX_DEFER};
+use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
+use crate::rng::Rng;
 use crate::{Config, Topic};
+
+use link::{Link, LinkEvent};
 
 /// Identifies one publish of a [`ProducerState`]; [`ProducerEvent::Published`] carries it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -29,7 +33,18 @@ pub enum ProducerEvent {
     },
     /// A connection finished its handshake.
     Connected(ConnId),
-    /// A connection ended.
+    /// A connection never finished its handshake: the dial failed ([`ConnectionError::Dial`])
+    /// or nsqd refused the handshake (TLS, AUTH, IDENTIFY). Its publishes failed with
+    /// [`PublishError::NotConnected`] carrying the same error.
+    ConnectFailed {
+        /// The connection.
+        conn: ConnId,
+        /// The cause.
+        error: ConnectionError,
+        /// Until then, a publish fails at once with this error instead of dialling again.
+        retry_at: Instant,
+    },
+    /// A connection that had finished its handshake ended.
     Disconnected(ConnId, ConnectionError),
     /// `stop` finished: every transaction resolved and the connection closed.
     Stopped,
@@ -40,8 +55,21 @@ pub enum ProducerEvent {
 /// Publishing while disconnected opens a connection at once ([`Action::Connect`]) and queues
 /// the command until its handshake is done. Responses are matched to publishes in order; each
 /// resolves exactly once, as [`ProducerEvent::Published`]: `Ok` only when nsqd acknowledged it.
-/// When the connection ends, every outstanding publish resolves with
-/// [`PublishError::ConnectionLost`] and the next publish opens a new connection.
+///
+/// # Failures
+///
+/// - The dial or the handshake fails (refused, unknown host, timeout, TLS, AUTH): the queued
+///   publishes fail with [`PublishError::NotConnected`] carrying the cause (they were never
+///   sent), and [`ProducerEvent::ConnectFailed`] says until when the nsqd is left alone: for a
+///   random time in `[d/2, d)`, `d` = 100 ms doubling per failure in a row up to 5 s, a publish
+///   fails at once with the same error instead of dialling again, so a publishing loop cannot
+///   turn a dead nsqd into a dial storm. The next publish after that dials again.
+/// - A connection that was up ends: its unanswered publishes fail with
+///   [`PublishError::ConnectionLost`] carrying the cause (they may or may not have been
+///   stored), and the next publish dials at once.
+/// - nsqd refuses a publish (`E_BAD_TOPIC`, `E_BAD_MESSAGE`, ...): that publish fails with
+///   [`PublishError::Server`]; nsqd closes the connection after such errors, so the publishes
+///   behind it fail with `ConnectionLost`.
 ///
 /// Commands queued between two [`poll_transmit`](Self::poll_transmit) calls go out as one
 /// buffer: an adapter that polls only when its previous write finished coalesces writes without
@@ -53,14 +81,15 @@ pub enum ProducerEvent {
 #[derive(Debug)]
 pub struct ProducerState {
     config: Arc<Config>,
-    addr: String,
-    conn: Option<Link>,
+    link: Link,
+    rng: Rng,
     next_conn: u64,
     next_tx: u64,
     /// PUBs held back for batching: topic and (tx, body), in order.
     batch: Vec<(Topic, TxId, Bytes)>,
     max_batch: usize,
     events: VecDeque<ProducerEvent>,
+    link_events: VecDeque<LinkEvent>,
     actions: VecDeque<Action>,
     /// Bytes a connection queued before it closed, still to be written.
     final_writes: Vec<(ConnId, Bytes)>,
@@ -69,29 +98,20 @@ pub struct ProducerState {
     now: Instant,
 }
 
-/// The current connection and the transactions it carries.
-#[derive(Debug)]
-struct Link {
-    id: ConnId,
-    state: ConnectionState,
-    connected: bool,
-    /// Transactions by the connection's publish ids; an MPUB batch maps to several.
-    txs: VecDeque<(PublishId, Vec<TxId>)>,
-}
-
 impl ProducerState {
     /// A producer for the nsqd at `addr` (`host:port`). Nothing happens until the first publish
     /// or [`connect`](Self::connect).
     pub fn new(addr: impl Into<String>, config: Arc<Config>, now: Instant) -> Self {
         Self {
+            rng: Rng::from_seed(config.rng_seed),
             config,
-            addr: addr.into(),
-            conn: None,
+            link: Link::new(addr.into()),
             next_conn: 0,
             next_tx: 0,
             batch: Vec::new(),
             max_batch: 0,
             events: VecDeque::new(),
+            link_events: VecDeque::new(),
             actions: VecDeque::new(),
             final_writes: Vec::new(),
             stopping: false,
@@ -106,11 +126,12 @@ impl ProducerState {
         self.max_batch = max_batch;
     }
 
-    /// Connects now instead of at the first publish.
+    /// Connects now instead of at the first publish (even while a failed nsqd is left alone:
+    /// this is the application asking).
     pub fn connect(&mut self, now: Instant) -> Result<(), CommandError> {
         self.advance(now);
         self.check_running()?;
-        self.link();
+        self.ensure_conn();
         Ok(())
     }
 
@@ -120,15 +141,17 @@ impl ProducerState {
         self.check_running()?;
         check_body(&body)?;
         let tx = self.next_tx();
+        if self.refuse_while_held(tx) {
+            return Ok(tx);
+        }
         if self.max_batch > 1 {
-            self.link();
+            self.ensure_conn();
             self.batch.push((topic.clone(), tx, body));
             return Ok(tx);
         }
         self.flush_batch();
-        let link = self.link();
-        let id = link.state.publish(topic, body)?;
-        link.txs.push_back((id, vec![tx]));
+        self.ensure_conn();
+        self.queue(vec![tx], |state| state.publish(topic, body))?;
         Ok(tx)
     }
 
@@ -142,9 +165,11 @@ impl ProducerState {
         bodies.iter().try_for_each(check_body)?;
         self.flush_batch();
         let tx = self.next_tx();
-        let link = self.link();
-        let id = link.state.multi_publish(topic, &bodies)?;
-        link.txs.push_back((id, vec![tx]));
+        if self.refuse_while_held(tx) {
+            return Ok(tx);
+        }
+        self.ensure_conn();
+        self.queue(vec![tx], |state| state.multi_publish(topic, &bodies))?;
         Ok(tx)
     }
 
@@ -167,9 +192,11 @@ impl ProducerState {
         }
         self.flush_batch();
         let tx = self.next_tx();
-        let link = self.link();
-        let id = link.state.deferred_publish(topic, delay, body)?;
-        link.txs.push_back((id, vec![tx]));
+        if self.refuse_while_held(tx) {
+            return Ok(tx);
+        }
+        self.ensure_conn();
+        self.queue(vec![tx], |state| state.deferred_publish(topic, delay, body))?;
         Ok(tx)
     }
 
@@ -182,58 +209,55 @@ impl ProducerState {
         }
         self.stopping = true;
         self.flush_batch();
-        match &mut self.conn {
-            Some(link) => {
-                link.state.close(now);
-                self.process();
-            }
-            None => self.finish_stop(),
+        if self.link.has_conn() {
+            self.link.close(now);
+            self.process();
+        } else {
+            self.finish_stop();
         }
     }
 
     /// The adapter connected the socket of `conn`.
     pub fn handle_connected(&mut self, conn: ConnId, now: Instant) {
         self.advance(now);
-        if let Some(link) = self.conn.as_mut().filter(|l| l.id == conn) {
-            link.connected = true;
-        }
+        self.link.handle_connected(conn);
     }
 
-    /// The adapter could not connect `conn`: its publishes fail with
-    /// [`PublishError::ConnectionLost`].
-    pub fn handle_connect_failed(&mut self, conn: ConnId, error: String, now: Instant) {
+    /// The adapter could not connect `conn` (pass the `std::io::Error` of the dial; a dial
+    /// timeout is [`std::io::ErrorKind::TimedOut`]): its publishes fail with
+    /// [`PublishError::NotConnected`] carrying [`ConnectionError::Dial`].
+    pub fn handle_connect_failed(&mut self, conn: ConnId, error: impl Into<SocketError>, now: Instant) {
         self.advance(now);
-        if let Some(link) = self.conn.as_mut().filter(|l| l.id == conn) {
-            link.state.abort(now);
-            self.process_with(Some(ConnectionError::Io(error)));
-        }
+        self.link.handle_connect_failed(conn, error.into(), now);
+        self.process();
     }
 
     /// Bytes read from `conn`'s socket.
     pub fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
         self.advance(now);
-        if let Some(link) = self.conn.as_mut().filter(|l| l.id == conn) {
-            link.state.handle_input(now, data);
-            self.process();
-        }
+        self.link.handle_input(conn, now, data);
+        self.process();
     }
 
-    /// `conn`'s socket reached EOF or failed.
+    /// `conn`'s socket reached end of file: nsqd closed it.
     pub fn handle_eof(&mut self, conn: ConnId, now: Instant) {
         self.advance(now);
-        if let Some(link) = self.conn.as_mut().filter(|l| l.id == conn) {
-            link.state.handle_eof(now);
-            self.process();
-        }
+        self.link.handle_eof(conn, now);
+        self.process();
+    }
+
+    /// Reading or writing `conn`'s socket failed (pass the `std::io::Error`).
+    pub fn handle_io_error(&mut self, conn: ConnId, error: impl Into<SocketError>, now: Instant) {
+        self.advance(now);
+        self.link.handle_io_error(conn, error.into(), now);
+        self.process();
     }
 
     /// Lets timers fire. Calling it early or twice does nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.advance(now);
-        if let Some(link) = &mut self.conn {
-            link.state.handle_timeout(now);
-            self.process();
-        }
+        self.link.handle_timeout(now);
+        self.process();
     }
 
     /// Bytes to write to a connection's socket: everything queued since the last call, as one
@@ -254,7 +278,7 @@ impl ProducerState {
         if let Some(i) = self.final_writes.iter().position(|(c, _)| *c == conn) {
             return Some(self.final_writes.remove(i).1);
         }
-        if self.conn.as_ref().is_some_and(|l| l.id == conn) {
+        if self.link.conn_id() == Some(conn) {
             return self.poll_link().map(|(_, bytes)| bytes);
         }
         None
@@ -263,12 +287,11 @@ impl ProducerState {
     /// What the live connection has to write.
     fn poll_link(&mut self) -> Option<(ConnId, Bytes)> {
         self.flush_batch();
-        let link = self.conn.as_mut().filter(|l| l.connected)?;
-        let bytes = link.state.poll_transmit()?;
-        let id = link.id;
+        let id = self.link.conn_id()?;
+        let bytes = self.link.poll_transmit(id);
         // A transport failure while encoding surfaces as an event.
         self.process();
-        Some((id, bytes))
+        Some((id, bytes?))
     }
 
     /// I/O to carry out.
@@ -286,7 +309,7 @@ impl ProducerState {
     /// When to call [`handle_timeout`](Self::handle_timeout) next.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.conn.as_ref().and_then(|l| l.state.poll_timeout())
+        self.link.poll_timeout()
     }
 
     /// Whether [`stop`](Self::stop) has completed.
@@ -296,7 +319,23 @@ impl ProducerState {
 
     /// Publishes not yet resolved.
     pub fn outstanding(&self) -> usize {
-        self.batch.len() + self.conn.as_ref().map_or(0, |l| l.txs.iter().map(|(_, t)| t.len()).sum())
+        self.batch.len() + self.link.outstanding()
+    }
+
+    /// The nsqd address.
+    pub fn addr(&self) -> &str {
+        self.link.addr()
+    }
+
+    /// Whether a connection has finished its handshake and takes publishes now.
+    pub fn is_connected(&self) -> bool {
+        self.link.is_ready()
+    }
+
+    /// Why the last connection attempt failed, while the nsqd is being left alone after it
+    /// (see [`ProducerEvent::ConnectFailed`]).
+    pub fn held_error(&self, now: Instant) -> Option<&ConnectionError> {
+        self.link.held_until(now).and(self.link.last_error())
     }
 
     fn advance(&mut self, now: Instant) {
@@ -317,20 +356,39 @@ impl ProducerState {
         tx
     }
 
-    /// The live connection, opened if there is none.
-    fn link(&mut self) -> &mut Link {
-        let link = match self.conn.take() {
-            Some(link) => link,
-            None => {
-                let id = ConnId(self.next_conn);
-                self.next_conn += 1;
-                let host = crate::consumer::host_of(&self.addr);
-                let state = ConnectionState::new(self.config.clone(), host, self.now);
-                self.actions.push_back(Action::Connect { conn: id, addr: self.addr.clone() });
-                Link { id, state, connected: false, txs: VecDeque::new() }
-            }
+    /// Opens a connection if there is none.
+    fn ensure_conn(&mut self) {
+        if self.link.has_conn() {
+            return;
+        }
+        let id = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.link.open(id, &self.config, self.now);
+        self.actions.push_back(Action::Connect { conn: id, addr: self.link.addr().to_owned() });
+    }
+
+    /// Queues a publish on the current connection for `txs`.
+    fn queue(
+        &mut self,
+        txs: Vec<TxId>,
+        encode: impl FnOnce(&mut crate::ConnectionState) -> Result<crate::PublishId, CommandError>,
+    ) -> Result<(), CommandError> {
+        let state = self.link.state().ok_or(CommandError::Closed)?;
+        let id = encode(state)?;
+        self.link.track(id, txs);
+        Ok(())
+    }
+
+    /// While a failed nsqd is left alone, fails `tx` at once with the failure's cause.
+    fn refuse_while_held(&mut self, tx: TxId) -> bool {
+        if self.link.has_conn() || self.link.held_until(self.now).is_none() {
+            return false;
+        }
+        let Some(error) = self.link.last_error().cloned() else {
+            return false;
         };
-        self.conn.insert(link)
+        self.events.push_back(ProducerEvent::Published { tx, result: Err(PublishError::NotConnected(error)) });
+        true
     }
 
     /// Encodes held PUBs: runs of one topic become one MPUB (or a PUB when alone).
@@ -346,15 +404,15 @@ impl ProducerState {
             let (group, tail) = rest.split_at(run);
             rest = tail;
             let txs: Vec<TxId> = group.iter().map(|(_, tx, _)| *tx).collect();
-            let link = self.link();
+            self.ensure_conn();
             let queued = if let [(_, _, body)] = group {
-                link.state.publish(topic, body.clone())
+                self.queue(txs.clone(), |state| state.publish(topic, body.clone()))
             } else {
                 let bodies: Vec<Bytes> = group.iter().map(|(_, _, b)| b.clone()).collect();
-                link.state.multi_publish(topic, &bodies)
+                self.queue(txs.clone(), |state| state.multi_publish(topic, &bodies))
             };
             match queued {
-                Ok(id) => link.txs.push_back((id, txs)),
+                Ok(()) => {}
                 Err(e) => {
                     for tx in txs {
                         self.events
@@ -365,47 +423,24 @@ impl ProducerState {
         }
     }
 
+    /// Maps the link's events.
     fn process(&mut self) {
-        self.process_with(None);
-    }
-
-    /// Maps the connection's events; `close_error` replaces the reason of a Closed event.
-    fn process_with(&mut self, close_error: Option<ConnectionError>) {
-        let Some(link) = &mut self.conn else { return };
-        let mut close_error = close_error;
-        while let Some(event) = link.state.poll_event() {
+        self.link.process(self.now, &mut self.rng, &mut self.link_events, &mut self.final_writes);
+        while let Some(event) = self.link_events.pop_front() {
             match event {
-                Event::Ready(_) => self.events.push_back(ProducerEvent::Connected(link.id)),
-                Event::Published { id, result } => {
-                    let Some(pos) = link.txs.iter().position(|(p, _)| *p == id) else {
-                        continue;
+                LinkEvent::Published { tx, result } => self.events.push_back(ProducerEvent::Published { tx, result }),
+                LinkEvent::Connected(conn) => self.events.push_back(ProducerEvent::Connected(conn)),
+                LinkEvent::Closed { conn, error, was_ready, retry_at } => {
+                    self.actions.push_back(Action::Close { conn });
+                    let event = match retry_at {
+                        Some(retry_at) if !was_ready => ProducerEvent::ConnectFailed { conn, error, retry_at },
+                        _ => ProducerEvent::Disconnected(conn, error),
                     };
-                    if let Some((_, txs)) = link.txs.remove(pos) {
-                        for tx in txs {
-                            self.events.push_back(ProducerEvent::Published { tx, result: result.clone() });
-                        }
-                    }
-                }
-                Event::Closed(reason) => {
-                    let reason = close_error.take().unwrap_or(reason);
-                    debug!(conn = %link.id, addr = %self.addr, %reason, "producer connection closed");
-                    // Anything the connection did not resolve (it resolves every publish it
-                    // took) is lost with it.
-                    for (_, txs) in link.txs.drain(..) {
-                        for tx in txs {
-                            self.events
-                                .push_back(ProducerEvent::Published { tx, result: Err(PublishError::ConnectionLost) });
-                        }
-                    }
-                    self.actions.push_back(Action::Close { conn: link.id });
-                    self.events.push_back(ProducerEvent::Disconnected(link.id, reason));
-                    self.conn = None;
+                    self.events.push_back(event);
                     if self.stopping {
                         self.finish_stop();
                     }
-                    return;
                 }
-                _ => {}
             }
         }
     }

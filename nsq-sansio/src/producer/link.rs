@@ -1,0 +1,257 @@
+//! [`Link`]: a producer's line to one nsqd. Its current connection, the publishes it carries,
+//! and its dial history: how soon it may be dialled again after failing.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tracing::{debug, info, warn};
+
+use crate::action::ConnId;
+use crate::connection::{deadline, ConnectionState, Event, PublishId};
+use crate::error::{ConnectionError, PublishError, SocketError};
+use crate::rng::{RetryDelay, Rng};
+use crate::Config;
+
+use super::TxId;
+
+/// Delay before an nsqd that could not be connected is dialled again; doubles per failure.
+pub(crate) const REDIAL_BASE: Duration = Duration::from_millis(100);
+/// The longest delay between two dials of an nsqd that keeps failing.
+pub(crate) const REDIAL_CAP: Duration = Duration::from_secs(5);
+
+/// What a link reports to the producer that owns it.
+#[derive(Debug)]
+pub(crate) enum LinkEvent {
+    /// A publish resolved.
+    Published { tx: TxId, result: Result<(), PublishError> },
+    /// The handshake finished.
+    Connected(ConnId),
+    /// A connection ended; `was_ready` says whether its handshake had finished. The owner
+    /// emits `Action::Close` for it.
+    Closed { conn: ConnId, error: ConnectionError, was_ready: bool, retry_at: Option<Instant> },
+}
+
+/// A live connection and the transactions it carries.
+#[derive(Debug)]
+struct Conn {
+    id: ConnId,
+    state: ConnectionState,
+    /// The socket is connected: bytes may be written.
+    connected: bool,
+    /// The handshake finished.
+    ready: bool,
+    /// Transactions by the connection's publish ids; a batch maps to several.
+    txs: VecDeque<(PublishId, Vec<TxId>)>,
+}
+
+/// One nsqd of a producer.
+#[derive(Debug)]
+pub(crate) struct Link {
+    addr: String,
+    conn: Option<Conn>,
+    /// Dials in a row that did not reach the end of the handshake.
+    failures: u32,
+    /// Not dialled again before this.
+    retry_at: Option<Instant>,
+    /// Why the last attempt failed.
+    last_error: Option<ConnectionError>,
+}
+
+impl Link {
+    pub(crate) fn new(addr: String) -> Self {
+        Self { addr, conn: None, failures: 0, retry_at: None, last_error: None }
+    }
+
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The current connection, if any.
+    pub(crate) fn conn_id(&self) -> Option<ConnId> {
+        self.conn.as_ref().map(|c| c.id)
+    }
+
+    /// Whether the handshake of the current connection finished.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.ready && c.state.is_ready())
+    }
+
+    /// Whether a connection exists (dialling, handshaking or ready).
+    pub(crate) fn has_conn(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Until when the link waits before the next dial, after failures.
+    pub(crate) fn held_until(&self, now: Instant) -> Option<Instant> {
+        self.retry_at.filter(|&at| at > now)
+    }
+
+    /// Why the last attempt failed.
+    pub(crate) fn last_error(&self) -> Option<&ConnectionError> {
+        self.last_error.as_ref()
+    }
+
+    /// Publishes carried by the current connection and not yet resolved.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.conn.as_ref().map_or(0, |c| c.txs.iter().map(|(_, t)| t.len()).sum())
+    }
+
+    /// Starts a connection as `id`; the owner emits `Action::Connect`.
+    pub(crate) fn open(&mut self, id: ConnId, config: &Arc<Config>, now: Instant) {
+        let host = crate::consumer::host_of(&self.addr);
+        let state = ConnectionState::new(config.clone(), host, now);
+        info!(conn = %id, addr = %self.addr, "connecting to nsqd");
+        self.conn = Some(Conn { id, state, connected: false, ready: false, txs: VecDeque::new() });
+    }
+
+    /// The current connection's state, to queue publishes on.
+    pub(crate) fn state(&mut self) -> Option<&mut ConnectionState> {
+        self.conn.as_mut().map(|c| &mut c.state)
+    }
+
+    /// Records that `txs` wait for the answer to publish `id` of the current connection.
+    pub(crate) fn track(&mut self, id: PublishId, txs: Vec<TxId>) {
+        if let Some(conn) = &mut self.conn {
+            conn.txs.push_back((id, txs));
+        }
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conn.as_mut().filter(|c| c.id == id)
+    }
+
+    pub(crate) fn handle_connected(&mut self, id: ConnId) {
+        if let Some(conn) = self.conn_mut(id) {
+            conn.connected = true;
+        }
+    }
+
+    pub(crate) fn handle_connect_failed(&mut self, id: ConnId, error: SocketError, now: Instant) {
+        let addr = self.addr.clone();
+        if let Some(conn) = self.conn_mut(id) {
+            conn.state.fail_with(now, ConnectionError::Dial { addr, error });
+        }
+    }
+
+    pub(crate) fn handle_input(&mut self, id: ConnId, now: Instant, data: BytesMut) {
+        if let Some(conn) = self.conn_mut(id) {
+            conn.state.handle_input(now, data);
+        }
+    }
+
+    pub(crate) fn handle_eof(&mut self, id: ConnId, now: Instant) {
+        if let Some(conn) = self.conn_mut(id) {
+            conn.state.handle_eof(now);
+        }
+    }
+
+    pub(crate) fn handle_io_error(&mut self, id: ConnId, error: SocketError, now: Instant) {
+        if let Some(conn) = self.conn_mut(id) {
+            conn.state.handle_io_error(now, error);
+        }
+    }
+
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if let Some(conn) = &mut self.conn {
+            if conn.state.poll_timeout().is_some_and(|at| at <= now) {
+                conn.state.handle_timeout(now);
+            }
+        }
+    }
+
+    /// Starts a graceful close of the current connection.
+    pub(crate) fn close(&mut self, now: Instant) {
+        if let Some(conn) = &mut self.conn {
+            conn.state.close(now);
+        }
+    }
+
+    /// What the current connection has to write, once its socket is connected.
+    pub(crate) fn poll_transmit(&mut self, id: ConnId) -> Option<Bytes> {
+        let conn = self.conn.as_mut().filter(|c| c.id == id && c.connected)?;
+        conn.state.poll_transmit()
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.conn.as_ref().and_then(|c| c.state.poll_timeout())
+    }
+
+    /// Maps the connection's events into `out`. When the connection ended, its last bytes go
+    /// to `final_writes` and the dial history is updated with a jittered delay from `rng`.
+    pub(crate) fn process(
+        &mut self,
+        now: Instant,
+        rng: &mut Rng,
+        out: &mut VecDeque<LinkEvent>,
+        final_writes: &mut Vec<(ConnId, Bytes)>,
+    ) {
+        let Some(conn) = &mut self.conn else { return };
+        while let Some(event) = conn.state.poll_event() {
+            match event {
+                Event::Ready(_) => {
+                    conn.ready = true;
+                    self.failures = 0;
+                    self.retry_at = None;
+                    self.last_error = None;
+                    info!(conn = %conn.id, addr = %self.addr, "connected to nsqd");
+                    out.push_back(LinkEvent::Connected(conn.id));
+                }
+                Event::Published { id, result } => {
+                    let Some(pos) = conn.txs.iter().position(|(p, _)| *p == id) else {
+                        continue;
+                    };
+                    if let Some((_, txs)) = conn.txs.remove(pos) {
+                        for tx in txs {
+                            out.push_back(LinkEvent::Published { tx, result: result.clone() });
+                        }
+                    }
+                }
+                Event::Closed(error) => {
+                    // The connection resolves every publish it took before this event; anything
+                    // left would be a bug, and still must not hang.
+                    for (_, txs) in conn.txs.drain(..) {
+                        for tx in txs {
+                            let result = Err(PublishError::ConnectionLost(error.clone()));
+                            out.push_back(LinkEvent::Published { tx, result });
+                        }
+                    }
+                    if conn.connected && error.is_local_close() {
+                        // What the connection queued last (a final PUB's bytes) goes out before
+                        // the socket closes.
+                        let mut last = BytesMut::new();
+                        while let Some(bytes) = conn.state.poll_transmit() {
+                            last.extend_from_slice(&bytes);
+                        }
+                        if !last.is_empty() {
+                            final_writes.push((conn.id, last.freeze()));
+                        }
+                    }
+                    let (id, was_ready) = (conn.id, conn.ready);
+                    let retry_at = if was_ready || error.is_local_close() {
+                        debug!(conn = %id, addr = %self.addr, %error, "connection to nsqd closed");
+                        None
+                    } else {
+                        self.failures = self.failures.saturating_add(1);
+                        let policy = RetryDelay { base: REDIAL_BASE, cap: REDIAL_CAP };
+                        let at = deadline(now, policy.delay(self.failures, rng));
+                        warn!(conn = %id, addr = %self.addr, %error, "could not connect to nsqd");
+                        self.retry_at = Some(at);
+                        Some(at)
+                    };
+                    self.last_error = Some(error.clone());
+                    self.conn = None;
+                    out.push_back(LinkEvent::Closed { conn: id, error, was_ready, retry_at });
+                    return;
+                }
+                Event::Subscribed
+                | Event::Message(_)
+                | Event::MessageTimedOut(_)
+                | Event::ServerError(_)
+                | Event::Authenticated(_)
+                | Event::CloseWait => {}
+            }
+        }
+    }
+}
