@@ -11,6 +11,9 @@ pub struct TestPki {
     pub ca_file: PathBuf,
     /// A rustls server configuration presenting the signed certificate.
     pub server: Arc<rustls::ServerConfig>,
+    /// The same server certificate, and clients must present a certificate the CA signed
+    /// (nsqd's `--tls-client-auth-policy=require-verify`).
+    pub server_requiring_client_cert: Arc<rustls::ServerConfig>,
 }
 
 impl TestPki {
@@ -30,15 +33,25 @@ impl TestPki {
         let ca_file = dir.join("ca.pem");
         std::fs::write(&ca_file, ca.pem()).expect("write CA");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server = rustls::ServerConfig::builder_with_provider(provider)
+        let chain = vec![cert.der().clone()];
+        let private = || rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .expect("versions")
             .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
+            .with_single_cert(chain.clone(), private())
             .expect("server config");
-        Self { ca_file, server: Arc::new(server) }
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).expect("CA root");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .expect("client verifier");
+        let strict = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, private())
+            .expect("server config");
+        Self { ca_file, server: Arc::new(server), server_requiring_client_cert: Arc::new(strict) }
     }
 }

@@ -66,6 +66,10 @@ macro_rules! scenario_tests {
             stream_consumer,
             compression_and_tls_round_trips,
             tls_with_a_wrong_ca_is_refused,
+            a_listed_nsqd_that_refuses_causes_no_query_storm,
+            connecting_where_nothing_listens_fails_at_once,
+            a_required_client_certificate_fails_the_first_connect,
+            a_crash_mid_stream_then_stop_waits_for_nothing,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -599,6 +603,139 @@ pub async fn tls_with_a_wrong_ca_is_refused<R: Runtime>() {
     }
     assert!(producer.publish("tls", "x").await.is_err());
     assert!(!nsqd.stats().published.contains_key("tls"));
+}
+
+/// An address on which nothing listens: connecting to it is refused.
+pub fn dead_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// lookupd lists a live nsqd and one whose port refuses connections, and is polled every
+/// second: the refused dials never trigger lookupd queries (go-nsq's tools make 4 queries in
+/// 3.3 s), and the live nsqd is consumed.
+pub async fn a_listed_nsqd_that_refuses_causes_no_query_storm<R: Runtime>() {
+    let start = Instant::now();
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let lookupd = FakeLookupd::start().unwrap();
+    lookupd.register("storm", &nsqd.addr());
+    lookupd.register("storm", &dead_addr());
+    nsqd.publish("storm", b"from the live one");
+    let consumer = Consumer::<R>::new(
+        "storm",
+        "ch",
+        config(|c| {
+            c.lookupd_poll_interval(Duration::from_secs(1)).unwrap();
+        }),
+    )
+    .unwrap();
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqlookupd(lookupd.addr()).await.unwrap();
+    wait_for::<R>("the live nsqd's message", || seen.len() == 1).await;
+    sleep::<R>(Duration::from_millis(3300).saturating_sub(start.elapsed())).await;
+    let queries = lookupd.queries();
+    // One at once, then one a second after the first jittered interval.
+    assert!((2..=5).contains(&queries), "{queries} lookupd queries in {:?}", start.elapsed());
+    assert_eq!(consumer.stats().await.connections, 1);
+    consumer.stop().await;
+}
+
+/// Nothing listens: `connect_to_nsqd`, `connect` and `publish` fail at once with the dial's
+/// cause. Connecting without handlers and an invalid configuration are refused up front.
+pub async fn connecting_where_nothing_listens_fails_at_once<R: Runtime>() {
+    let dead = dead_addr();
+    let refused = |e: &Error| match e {
+        Error::Connection(ConnectionError::Dial { addr, error })
+        | Error::Publish(PublishError::NotConnected(ConnectionError::Dial { addr, error })) => {
+            *addr == dead && error.kind() == std::io::ErrorKind::ConnectionRefused
+        }
+        _ => false,
+    };
+    let bare = consumer::<R>("t", 1);
+    assert!(matches!(bare.connect_to_nsqd(dead.clone()).await, Err(Error::NoHandlers)));
+    assert!(matches!(bare.connect_to_nsqlookupd("127.0.0.1:1").await, Err(Error::NoHandlers)));
+    let consumer = consumer::<R>("t", 1);
+    consumer.add_handler(recording_handler(&Seen::default()));
+    let err = consumer.connect_to_nsqd(dead.clone()).await.unwrap_err();
+    assert!(refused(&err), "{err:?}");
+    assert!(err.to_string().contains(&dead), "{err}");
+    // Not retried: the consumer holds no address and can be pointed at it again.
+    assert!(refused(&consumer.connect_to_nsqd(dead.clone()).await.unwrap_err()));
+    consumer.stop().await;
+
+    let producer = Producer::<R>::new(dead.clone(), Config::new()).unwrap();
+    let err = producer.connect().await.unwrap_err();
+    assert!(refused(&err), "{err:?}");
+    let err = producer.publish("t", "x").await.unwrap_err();
+    assert!(refused(&err), "{err:?}");
+    let both = config(|c| {
+        c.set("snappy", "true").unwrap().set("deflate", "true").unwrap();
+    });
+    assert!(matches!(Producer::<R>::new(dead, both), Err(Error::Config(_))));
+}
+
+/// An nsqd that requires a client certificate, and a client with none: the first connect fails
+/// at once with the TLS cause, and nothing retries it.
+pub async fn a_required_client_certificate_fails_the_first_connect<R: Runtime>() {
+    let pki = crate::TestPki::new("client-auth");
+    let options = FakeNsqdOptions { tls: Some(pki.server_requiring_client_cert.clone()), ..Default::default() };
+    let nsqd = FakeNsqd::start(options).unwrap();
+    let tls = config(|c| {
+        c.set("tls_v1", "true").unwrap().set("tls_root_ca_file", &pki.ca_file.display().to_string()).unwrap();
+    });
+    let consumer = Consumer::<R>::new("t", "ch", tls.clone()).unwrap();
+    consumer.add_handler(recording_handler(&Seen::default()));
+    match consumer.connect_to_nsqd(nsqd.addr()).await {
+        Err(Error::Connection(ConnectionError::Transport(e))) => assert!(e.to_string().contains("TLS"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let producer = Producer::<R>::new(nsqd.addr(), tls).unwrap();
+    match producer.publish("t", "x").await {
+        Err(Error::Publish(PublishError::NotConnected(ConnectionError::Transport(e)))) => {
+            assert!(e.to_string().contains("TLS"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    sleep::<R>(Duration::from_millis(1500)).await;
+    assert_eq!(nsqd.stats().connections, 2, "one attempt each, no retries");
+    consumer.stop().await;
+}
+
+/// nsqd drops every connection mid-stream and requeues what was in flight; the application
+/// takes a fixed number of messages from the stream, drops the stream and stops: the stop has
+/// nothing to wait for (the messages it never took go back to nsqd).
+pub async fn a_crash_mid_stream_then_stop_waits_for_nothing<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    for i in 0..400 {
+        nsqd.publish("crash", format!("{i}").as_bytes());
+    }
+    let consumer = consumer::<R>("crash", 50);
+    let mut messages = consumer.messages();
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    let mut taken = 0;
+    while let Some(m) = messages.next().await {
+        m.finish();
+        taken += 1;
+        if taken == 100 {
+            nsqd.kill_all();
+        }
+        if taken == 400 {
+            break;
+        }
+    }
+    drop(messages);
+    // The stop completes long before its 30 s bound for handlers that never answer.
+    let started = Instant::now();
+    let stopped = std::pin::pin!(consumer.stop());
+    let bound = std::pin::pin!(sleep::<R>(Duration::from_secs(10)));
+    let done = futures_util::future::select(stopped, bound).await;
+    assert!(matches!(done, futures_util::future::Either::Left(_)), "stop still waiting after {:?}", started.elapsed());
+    let finished = nsqd.stats().finished_bodies;
+    let mut distinct: Vec<_> = finished.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() >= 300, "{} distinct finished", distinct.len());
 }
 
 /// Keeps `Future` in scope for the macro's users.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nsq_tests::FakeNsqd;
+use nsq_tests::{FakeNsqd, FakeNsqdOptions, TestPki};
 
 /// `cargo test` builds every example next to the test binaries.
 fn example(name: &str) -> PathBuf {
@@ -16,7 +16,7 @@ fn example(name: &str) -> PathBuf {
     dir
 }
 
-/// Runs a tool with `stdin`, killing it if it takes over 30 s.
+/// Runs a tool with `stdin`, killing it if it takes over 60 s.
 fn run(name: &str, args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(example(name))
         .args(args)
@@ -28,7 +28,7 @@ fn run(name: &str, args: &[&str], stdin: &[u8]) -> Output {
     child.stdin.take().unwrap().write_all(stdin).unwrap();
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(30) {
+        if start.elapsed() > Duration::from_secs(60) {
             child.kill().unwrap();
             panic!("{name} hung");
         }
@@ -50,15 +50,73 @@ fn to_nsq_then_nsq_tail_round_trip() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\nthree\n");
 }
 
-#[test]
-fn to_nsq_fails_with_one_line_when_no_nsqd_listens() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let out = run("to_nsq", &["--topic", "t", "--nsqd-tcp-address", &addr], b"x\n");
-    assert!(!out.status.success());
+/// The last line a tool printed on stderr: its error, after its log lines.
+fn error_line(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
+    err.lines().last().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn to_nsq_fails_with_the_dial_error_when_no_nsqd_listens() {
+    let addr = nsq_tests::scenarios::dead_addr();
+    let out = run("to_nsq", &["--topic", "t", "--nsqd-tcp-address", &addr], b"x\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = error_line(&out);
     assert!(err.starts_with("to_nsq: error: ") && err.contains(&addr), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+    // It logged what it tried.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to nsqd"));
+}
+
+#[test]
+fn nsq_tail_exits_at_once_with_the_dial_error_when_no_nsqd_listens() {
+    let addr = nsq_tests::scenarios::dead_addr();
+    let start = Instant::now();
+    let out = run("nsq_tail", &["--topic", "t", "--nsqd-tcp-address", &addr], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(start.elapsed() < Duration::from_secs(30), "took {:?}", start.elapsed());
+    let err = error_line(&out);
+    assert!(err.starts_with("nsq_tail: error: ") && err.contains(&addr), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+}
+
+#[test]
+fn nsq_tail_exits_at_once_when_nsqd_requires_a_client_certificate() {
+    let pki = TestPki::new("tail-client-auth");
+    let options = FakeNsqdOptions { tls: Some(pki.server_requiring_client_cert.clone()), ..Default::default() };
+    let nsqd = FakeNsqd::start(options).unwrap();
+    let ca = format!("tls_root_ca_file,{}", pki.ca_file.display());
+    let args =
+        ["--topic", "t", "--nsqd-tcp-address", &nsqd.addr(), "--consumer-opt", "tls_v1,true", "--consumer-opt", &ca];
+    let out = run("nsq_tail", &args, b"");
+    assert_eq!(out.status.code(), Some(1));
+    let err = error_line(&out);
+    assert!(err.starts_with("nsq_tail: error: ") && err.contains("TLS"), "{err}");
+    assert_eq!(nsqd.stats().connections, 1, "no retries");
+}
+
+#[test]
+fn nsq_tail_reaches_its_count_through_a_crash_and_exits_without_waiting() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    for i in 0..2000 {
+        nsqd.publish("crash", format!("m{i}").as_bytes());
+    }
+    let addr = nsqd.addr();
+    let tail = std::thread::spawn(move || {
+        run("nsq_tail", &["--topic", "crash", "--channel", "c", "--nsqd-tcp-address", &addr, "-n", "2000"], b"")
+    });
+    let start = Instant::now();
+    while nsqd.stats().finished < 500 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no progress");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Connections dropped, in-flight messages requeued: some come twice.
+    nsqd.kill_all();
+    let out = tail.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2000);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("stop timeout"), "the stop waited for messages nobody would answer:\n{err}");
 }
 
 #[test]

@@ -143,7 +143,8 @@ pub async fn bench<R: Runtime>(client: &str) -> ExitCode {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 /// The process's peak resident set size (`VmHWM`), where /proc says it (Linux).
@@ -278,11 +279,13 @@ async fn run_nsq_tail<R: Runtime>(args: NsqTailArgs) -> Result<(), String> {
     config.max_in_flight(args.max_in_flight);
     let consumer = Consumer::<R>::new(&args.topic, &args.channel, config).map_err(|e| e.to_string())?;
     let mut messages = consumer.messages();
-    for addr in &args.nsqd_tcp_address {
-        consumer.connect_to_nsqd(addr.clone()).await.map_err(|e| format!("{addr}: {e}"))?;
-    }
-    for addr in &args.lookupd_http_address {
-        consumer.connect_to_nsqlookupd(addr.clone()).await.map_err(|e| format!("{addr}: {e}"))?;
+    let connected = async {
+        consumer.connect_to_nsqds(args.nsqd_tcp_address.iter().cloned()).await?;
+        consumer.connect_to_nsqlookupds(args.lookupd_http_address.iter().cloned()).await
+    };
+    if let Err(e) = connected.await {
+        consumer.stop().await;
+        return Err(e.to_string());
     }
     let stdout = std::io::stdout();
     let mut count = 0;
