@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
 use crate::action::{Action, ConnId};
-use crate::connection::{check_body, ConnectionState, Event, PublishId, DEFAULT_MAX_DEFER};
+use crate::connection::{ConnectionState, Event, PublishId, DEFAULT_MAX_DEFER};
 use crate::error::{CommandError, ConnectionError, PublishError};
 use crate::{Config, Topic};
 
@@ -118,7 +118,7 @@ impl ProducerState {
     pub fn publish(&mut self, topic: &Topic, body: Bytes, now: Instant) -> Result<TxId, CommandError> {
         self.advance(now);
         self.check_running()?;
-        check_body(&body)?;
+        self.config.check_body(&body)?;
         let tx = self.next_tx();
         if self.max_batch > 1 {
             self.link();
@@ -139,7 +139,7 @@ impl ProducerState {
         if bodies.is_empty() {
             return Err(CommandError::EmptyBatch);
         }
-        bodies.iter().try_for_each(check_body)?;
+        bodies.iter().try_for_each(|body| self.config.check_body(body))?;
         self.flush_batch();
         let tx = self.next_tx();
         let link = self.link();
@@ -158,7 +158,7 @@ impl ProducerState {
     ) -> Result<TxId, CommandError> {
         self.advance(now);
         self.check_running()?;
-        check_body(&body)?;
+        self.config.check_body(&body)?;
         if delay > DEFAULT_MAX_DEFER {
             return Err(CommandError::DelayOutOfRange {
                 delay_ms: delay.as_millis(),

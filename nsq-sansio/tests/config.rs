@@ -1,0 +1,146 @@
+//! Options reaching the wire: `max_msg_size` bounding what is published and what is read.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use nsq_sansio::{
+    Channel, CommandError, Config, ConnectionError, ConnectionState, Event, Frame, FrameError, Message, MessageId,
+    ProducerState, Topic,
+};
+
+fn drain(conn: &mut ConnectionState) -> (Vec<u8>, Vec<Event>) {
+    let mut out = Vec::new();
+    while let Some(b) = conn.poll_transmit() {
+        out.extend_from_slice(&b);
+    }
+    let mut events = Vec::new();
+    while let Some(e) = conn.poll_event() {
+        events.push(e);
+    }
+    (out, events)
+}
+
+fn ok_frame() -> BytesMut {
+    let mut b = BytesMut::new();
+    Frame::Response(Bytes::from_static(b"OK")).encode(&mut b);
+    b
+}
+
+fn msg_frame(body_len: usize) -> BytesMut {
+    let mut b = BytesMut::new();
+    let body = Bytes::from(vec![b'x'; body_len]);
+    Frame::Message(Message { id: MessageId(*b"0123456789abcdef"), timestamp: 1, attempts: 1, body }).encode(&mut b);
+    b
+}
+
+fn config(options: &[(&str, &str)]) -> Arc<Config> {
+    let mut config = Config::new();
+    for (name, value) in options {
+        config.set(name, value).unwrap();
+    }
+    config.validate().unwrap();
+    Arc::new(config)
+}
+
+/// A connection past IDENTIFY (plain `OK`), subscribed, with RDY 1.
+fn subscribed(config: Arc<Config>, now: Instant) -> ConnectionState {
+    let mut conn = ConnectionState::new(config, "127.0.0.1", now);
+    let _ = drain(&mut conn);
+    conn.handle_input(now, ok_frame());
+    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap()).unwrap();
+    conn.handle_input(now, ok_frame());
+    conn.ready(1).unwrap();
+    let (_, events) = drain(&mut conn);
+    assert!(matches!(events[..], [Event::Ready(None), Event::Subscribed]), "{events:?}");
+    conn
+}
+
+/// What a subscribed connection makes of one message of `body_len` bytes, given only the
+/// frame's first 8 bytes and then the rest.
+fn read_message(config: Arc<Config>, body_len: usize) -> Vec<Event> {
+    let now = Instant::now();
+    let mut conn = subscribed(config, now);
+    let mut frame = msg_frame(body_len);
+    let rest = frame.split_off(8);
+    conn.handle_input(now, frame);
+    let (_, mut events) = drain(&mut conn);
+    if !conn.is_closed() {
+        conn.handle_input(now, rest);
+        events.extend(drain(&mut conn).1);
+    }
+    events
+}
+
+fn delivered(events: &[Event], body_len: usize) -> bool {
+    matches!(events, [Event::Message(m)] if m.body.len() == body_len)
+}
+
+fn too_large(events: &[Event]) -> Option<(u32, u32)> {
+    match events {
+        [Event::Closed(ConnectionError::Frame(FrameError::TooLarge { size, max }))] => Some((*size, *max)),
+        _ => None,
+    }
+}
+
+#[test]
+fn the_default_read_limit_is_a_message_of_nsqds_default_max_msg_size() {
+    const MIB: usize = 1024 * 1024;
+    assert!(delivered(&read_message(config(&[]), MIB), MIB));
+    // Refused from the size prefix alone, before the body is buffered.
+    assert_eq!(too_large(&read_message(config(&[]), MIB + 1)), Some((MIB as u32 + 31, MIB as u32 + 30)));
+}
+
+#[test]
+fn max_msg_size_bounds_the_frames_read() {
+    let small = config(&[("max_msg_size", "1000")]);
+    assert!(delivered(&read_message(small.clone(), 1000), 1000));
+    assert_eq!(too_large(&read_message(small, 1001)), Some((1031, 1030)));
+    // Raising it reads more than the old fixed 16 MiB would have allowed.
+    let big = config(&[("max_msg_size", "20000000")]);
+    assert!(delivered(&read_message(big, 17 * 1024 * 1024), 17 * 1024 * 1024));
+}
+
+#[test]
+fn max_frame_size_raises_the_read_limit_alone() {
+    let options = config(&[("max_msg_size", "1000"), ("max_frame_size", "4096")]);
+    assert!(delivered(&read_message(options.clone(), 4066), 4066));
+    assert_eq!(too_large(&read_message(options.clone(), 4067)), Some((4097, 4096)));
+    // What is published is still bounded by max_msg_size.
+    let now = Instant::now();
+    let mut conn = ConnectionState::new(options, "127.0.0.1", now);
+    let err = conn.publish(&Topic::new("t").unwrap(), Bytes::from(vec![b'x'; 1001])).unwrap_err();
+    assert_eq!(err, CommandError::BodyTooLarge { size: 1001, max: 1000 });
+}
+
+#[test]
+fn max_msg_size_bounds_every_kind_of_publish() {
+    let t = Topic::new("t").unwrap();
+    let body = |n: usize| Bytes::from(vec![b'x'; n]);
+    let too_large = Err(CommandError::BodyTooLarge { size: 101, max: 100 });
+    let now = Instant::now();
+
+    let mut conn = ConnectionState::new(config(&[("max_msg_size", "100")]), "127.0.0.1", now);
+    let _ = drain(&mut conn);
+    assert_eq!(conn.publish(&t, body(101)).map(drop), too_large);
+    assert_eq!(conn.multi_publish(&t, &[body(1), body(101)]).map(drop), too_large);
+    assert_eq!(conn.deferred_publish(&t, Duration::from_secs(1), body(101)).map(drop), too_large);
+    assert_eq!(drain(&mut conn).0, b"", "nothing queued");
+    conn.publish(&t, body(100)).unwrap();
+    conn.multi_publish(&t, &[body(100), body(100)]).unwrap();
+    conn.deferred_publish(&t, Duration::from_secs(1), body(100)).unwrap();
+
+    let mut producer = ProducerState::new("127.0.0.1:4150", config(&[("max_msg_size", "100")]), now);
+    assert_eq!(producer.publish(&t, body(101), now).map(drop), too_large);
+    assert_eq!(producer.multi_publish(&t, vec![body(101)], now).map(drop), too_large);
+    assert_eq!(producer.deferred_publish(&t, Duration::from_secs(1), body(101), now).map(drop), too_large);
+    assert!(producer.poll_action().is_none(), "a refused publish does not even dial");
+    producer.publish(&t, body(100), now).unwrap();
+
+    // The default is nsqd's: 1 MiB.
+    let mut conn = ConnectionState::new(config(&[]), "127.0.0.1", now);
+    conn.publish(&t, body(1024 * 1024)).unwrap();
+    let err = conn.publish(&t, body(1024 * 1024 + 1)).unwrap_err();
+    assert_eq!(err, CommandError::BodyTooLarge { size: 1024 * 1024 + 1, max: 1024 * 1024 });
+}
