@@ -1,4 +1,5 @@
-//! Options reaching the wire: `max_msg_size` bounding what is published and what is read.
+//! Options reaching the wire: `max_msg_size` bounding what is published and what is read, and
+//! the topology in IDENTIFY.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::sync::Arc;
@@ -6,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nsq_sansio::{
-    Channel, CommandError, Config, ConnectionError, ConnectionState, Event, Frame, FrameError, Message, MessageId,
-    ProducerState, Topic,
+    Channel, CommandError, Config, ConnectionError, ConnectionState, Event, Frame, FrameError, IdentifyResponse,
+    Message, MessageId, ProducerState, Topic,
 };
+use serde_json::Value;
 
 fn drain(conn: &mut ConnectionState) -> (Vec<u8>, Vec<Event>) {
     let mut out = Vec::new();
@@ -143,4 +145,36 @@ fn max_msg_size_bounds_every_kind_of_publish() {
     conn.publish(&t, body(1024 * 1024)).unwrap();
     let err = conn.publish(&t, body(1024 * 1024 + 1)).unwrap_err();
     assert_eq!(err, CommandError::BodyTooLarge { size: 1024 * 1024 + 1, max: 1024 * 1024 });
+}
+
+/// The JSON body of the IDENTIFY a new connection sends.
+fn identify(config: Arc<Config>) -> Value {
+    let mut conn = ConnectionState::new(config, "127.0.0.1", Instant::now());
+    let (out, _) = drain(&mut conn);
+    let sized = out.strip_prefix(b"  V2IDENTIFY\n").unwrap();
+    let (len, body) = sized.split_at(4);
+    assert_eq!(u32::from_be_bytes(len.try_into().unwrap()) as usize, body.len());
+    serde_json::from_slice(body).unwrap()
+}
+
+#[test]
+fn identify_carries_the_topology_when_set() {
+    let json = identify(config(&[("topology_region", "eu-west"), ("topology_zone", "eu-west-1a")]));
+    assert_eq!((&json["topology_region"], &json["topology_zone"]), (&"eu-west".into(), &"eu-west-1a".into()));
+    let json = identify(config(&[("topology_zone", "eu-west-1a")]));
+    assert_eq!(json["topology_zone"], "eu-west-1a");
+    assert!(json.get("topology_region").is_none(), "{json}");
+    // Unset, the keys are left out: nsqd reads a missing key as empty, as go-nsq's empty
+    // strings are read.
+    let json = identify(config(&[]));
+    assert!(json.get("topology_region").is_none() && json.get("topology_zone").is_none(), "{json}");
+    assert_eq!(json["client_id"], "", "the rest of IDENTIFY is still there");
+}
+
+#[test]
+fn nsqds_own_topology_is_read_from_its_identify_answer() {
+    let answer = br#"{"max_rdy_count":2500,"topology_region":"eu-west","topology_zone":"eu-west-1a"}"#;
+    let parsed = IdentifyResponse::parse(answer).unwrap();
+    assert_eq!((&*parsed.topology_region, &*parsed.topology_zone), ("eu-west", "eu-west-1a"));
+    assert_eq!(IdentifyResponse::parse(br#"{"max_rdy_count":2500}"#).unwrap().topology_zone, "");
 }
