@@ -1,5 +1,5 @@
-//! Options reaching the wire: `max_msg_size` bounding what is published and what is read, and
-//! the topology in IDENTIFY.
+//! go-nsq's option list walked through `Config::set`, and options reaching the wire:
+//! `max_msg_size` bounding what is published and what is read, and the topology in IDENTIFY.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::sync::Arc;
@@ -7,10 +7,65 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nsq_sansio::{
-    Channel, CommandError, Config, ConnectionError, ConnectionState, Event, Frame, FrameError, IdentifyResponse,
-    Message, MessageId, ProducerState, Topic,
+    Channel, CommandError, Config, ConfigError, ConnectionError, ConnectionState, Event, Frame, FrameError,
+    IdentifyResponse, Message, MessageId, ProducerState, Topic,
 };
 use serde_json::Value;
+
+/// go-nsq 1.1.0's options: name, go-nsq's default, how ours compares.
+const GO_NSQ_OPTIONS: &str = include_str!("data/go-nsq-options.txt");
+
+fn go_nsq_options() -> Vec<(&'static str, &'static str, &'static str)> {
+    GO_NSQ_OPTIONS
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+            [name, default, relation] => (name, if default == "\"\"" { "" } else { default }, relation),
+            _ => panic!("bad line {line:?}"),
+        })
+        .collect()
+}
+
+/// Whether setting `name` to `value` leaves a configuration as it was.
+fn unchanged_by(base: &Config, name: &str, value: &str) -> Result<bool, ConfigError> {
+    let mut config = base.clone();
+    config.set(name, value)?;
+    Ok(format!("{config:?}") == format!("{base:?}"))
+}
+
+#[test]
+fn every_go_nsq_option_is_accepted_with_go_nsqs_default_unless_documented() {
+    let options = go_nsq_options();
+    assert_eq!(options.len(), 40);
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/options.md")).unwrap();
+    let base = Config::new();
+    for (name, default, relation) in options {
+        let context = format!("{name} = {default:?} ({relation})");
+        match relation {
+            "same" => assert!(unchanged_by(&base, name, default).unwrap(), "{context}: our default differs"),
+            "host" => {
+                assert!(unchanged_by(&base, name, "").unwrap(), "{context}: not empty by default");
+                assert!(!unchanged_by(&base, name, "worker-1").unwrap(), "{context}: not set");
+            }
+            "path" => assert!(!unchanged_by(&base, name, default).unwrap(), "{context}: not set"),
+            "differs" => match unchanged_by(&base, name, default) {
+                Ok(unchanged) => assert!(!unchanged, "{context}: the same after all"),
+                Err(e) => {
+                    assert!(matches!(e, ConfigError::OutOfRange { option, .. } if option == name), "{context}: {e}")
+                }
+            },
+            "typed" => {
+                let err = base.clone().set(name, default).unwrap_err();
+                assert!(matches!(err, ConfigError::InvalidValue { option, .. } if option == name), "{context}: {err}");
+            }
+            other => panic!("{context}: unknown relation {other}"),
+        }
+        // go-nsq takes dashes for underscores; so does set().
+        let dashed = base.clone().set(&name.replace('_', "-"), default).map(drop);
+        assert!(!matches!(dashed, Err(ConfigError::UnknownOption(_))), "{context}: {dashed:?}");
+        assert!(docs.contains(&format!("| `{name}` |")), "{name} has no row in docs/options.md");
+    }
+}
 
 fn drain(conn: &mut ConnectionState) -> (Vec<u8>, Vec<Event>) {
     let mut out = Vec::new();
