@@ -2,8 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
+use crate::connection::DEFAULT_MAX_MSG_SIZE;
+use crate::error::CommandError;
 use crate::transport::{TlsOptions, TlsVersion};
 
 /// Why an option was refused.
@@ -78,6 +83,7 @@ pub struct Config {
     pub(crate) local_addr: Option<SocketAddr>,
     pub(crate) lookupd_poll_interval: Duration,
     pub(crate) lookupd_poll_jitter: f64,
+    pub(crate) lookupd_poll_timeout: Duration,
     pub(crate) max_requeue_delay: Duration,
     pub(crate) default_requeue_delay: Duration,
     pub(crate) backoff_strategy: BackoffStrategy,
@@ -90,6 +96,8 @@ pub struct Config {
     pub(crate) client_id: String,
     pub(crate) hostname: String,
     pub(crate) user_agent: String,
+    pub(crate) topology_region: String,
+    pub(crate) topology_zone: String,
     /// `None`: heartbeats disabled (sent as -1).
     pub(crate) heartbeat_interval: Option<Duration>,
     pub(crate) sample_rate: u8,
@@ -105,7 +113,11 @@ pub struct Config {
     /// `None`: nsqd's default.
     pub(crate) msg_timeout: Option<Duration>,
     pub(crate) auth_secret: Option<String>,
-    pub(crate) max_frame_size: u32,
+    /// Send `auth_secret` as a Bearer token on lookupd queries.
+    pub(crate) lookupd_authorization: bool,
+    pub(crate) max_msg_size: u32,
+    /// `None`: derived from `max_msg_size`.
+    pub(crate) max_frame_size: Option<u32>,
     /// `None`: a fresh seed from the operating system's entropy for every state machine.
     pub(crate) rng_seed: Option<u64>,
 }
@@ -119,6 +131,7 @@ impl Default for Config {
             local_addr: None,
             lookupd_poll_interval: Duration::from_secs(60),
             lookupd_poll_jitter: 0.3,
+            lookupd_poll_timeout: MIN,
             max_requeue_delay: Duration::from_secs(15 * 60),
             default_requeue_delay: Duration::from_secs(90),
             backoff_strategy: BackoffStrategy::Exponential,
@@ -131,6 +144,8 @@ impl Default for Config {
             client_id: String::new(),
             hostname: String::new(),
             user_agent: concat!("nsq-rs/", env!("CARGO_PKG_VERSION")).to_owned(),
+            topology_region: String::new(),
+            topology_zone: String::new(),
             heartbeat_interval: Some(Duration::from_secs(30)),
             sample_rate: 0,
             tls: TlsOptions::default(),
@@ -142,15 +157,24 @@ impl Default for Config {
             max_in_flight: 1,
             msg_timeout: None,
             auth_secret: None,
-            max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+            lookupd_authorization: true,
+            max_msg_size: DEFAULT_MAX_MSG_SIZE as u32,
+            max_frame_size: None,
             rng_seed: None,
         }
     }
 }
 
-/// The default of [`Config::max_frame_size`]: room for nsqd's default 1 MiB message limit
-/// raised sixteenfold.
-pub const DEFAULT_MAX_FRAME_SIZE: u32 = 16 * 1024 * 1024;
+/// What a message frame's size field counts beyond the body: the frame type (4 bytes), the
+/// timestamp (8), the attempts (2) and the message id (16).
+pub const MESSAGE_FRAME_OVERHEAD: u32 = 30;
+
+/// The largest [`Config::max_msg_size`]: nsqd writes a frame's size as a signed 32-bit
+/// integer, and a message frame adds [`MESSAGE_FRAME_OVERHEAD`] bytes to the body.
+pub const MAX_MSG_SIZE_LIMIT: u32 = i32::MAX as u32 - MESSAGE_FRAME_OVERHEAD;
+
+const MAX_FRAME_SIZE_RANGE: &str = "1024..=4294967295";
+const MAX_MSG_SIZE_RANGE: &str = "1..=2147483617 (0, go-nsq's \"no limit\", is not supported)";
 
 const MS: Duration = Duration::from_millis(1);
 const SEC: Duration = Duration::from_secs(1);
@@ -188,6 +212,7 @@ impl Config {
             }
             "lookupd_poll_interval" => return self.lookupd_poll_interval(duration("lookupd_poll_interval", v)?),
             "lookupd_poll_jitter" => return self.lookupd_poll_jitter(parse("lookupd_poll_jitter", v, "a number")?),
+            "lookupd_poll_timeout" => return self.lookupd_poll_timeout(duration("lookupd_poll_timeout", v)?),
             "max_requeue_delay" => return self.max_requeue_delay(duration("max_requeue_delay", v)?),
             "default_requeue_delay" => return self.default_requeue_delay(duration("default_requeue_delay", v)?),
             "backoff_strategy" => {
@@ -208,29 +233,25 @@ impl Config {
             "client_id" => self.client_id = value.to_owned(),
             "hostname" => self.hostname = value.to_owned(),
             "user_agent" => self.user_agent = value.to_owned(),
+            "topology_region" => self.topology_region = value.to_owned(),
+            "topology_zone" => self.topology_zone = value.to_owned(),
             "heartbeat_interval" => {
                 self.heartbeat_interval =
                     if v.starts_with('-') { None } else { Some(duration("heartbeat_interval", v)?) }
             }
             "sample_rate" => return self.sample_rate(int("sample_rate", v, "0..=99")?),
-            "tls_v1" => self.tls.enabled = boolean("tls_v1", v)?,
-            "tls_root_ca_file" => {
-                self.tls.root_ca_file = Some(PathBuf::from(value));
-                self.tls.enabled = true;
+            "tls_v1" => return Ok(self.tls_v1(boolean("tls_v1", v)?)),
+            "tls_config" => {
+                return Err(invalid("tls_config", v, "a rustls ClientConfig, given with Config::tls_config"))
             }
-            "tls_cert" => {
-                self.tls.cert_file = Some(PathBuf::from(value));
-                self.tls.enabled = true;
-            }
-            "tls_key" => {
-                self.tls.key_file = Some(PathBuf::from(value));
-                self.tls.enabled = true;
-            }
+            "tls_root_ca_file" => return Ok(self.tls_root_ca_file(value)),
+            "tls_cert" => return Ok(self.tls_cert(value)),
+            "tls_key" => return Ok(self.tls_key(value)),
             "tls_insecure_skip_verify" => {
-                self.tls.danger_accept_invalid_certs = boolean("tls_insecure_skip_verify", v)?
+                return Ok(self.tls_insecure_skip_verify(boolean("tls_insecure_skip_verify", v)?))
             }
             "tls_min_version" => {
-                self.tls.min_version = match v {
+                let version = match v {
                     "tls1.2" => TlsVersion::Tls12,
                     "tls1.3" => TlsVersion::Tls13,
                     "ssl3.0" | "tls1.0" | "tls1.1" => {
@@ -241,9 +262,10 @@ impl Config {
                         })
                     }
                     _ => return Err(invalid("tls_min_version", v, "tls1.2 or tls1.3")),
-                }
+                };
+                return Ok(self.tls_min_version(version));
             }
-            "tls_server_name" => self.tls.server_name = Some(value.to_owned()),
+            "tls_server_name" => return Ok(self.tls_server_name(value)),
             "deflate" => self.deflate = boolean("deflate", v)?,
             "deflate_level" => return self.deflate_level(int("deflate_level", v, "1..=9")?),
             "snappy" => self.snappy = boolean("snappy", v)?,
@@ -261,7 +283,14 @@ impl Config {
                 self.msg_timeout = (!d.is_zero()).then_some(d);
             }
             "auth_secret" => self.auth_secret = (!value.is_empty()).then(|| value.to_owned()),
-            "max_frame_size" => return self.max_frame_size(int("max_frame_size", v, "1024..=4294967295")?),
+            "skip_lookupd_authorization" => {
+                return Ok(self.lookupd_authorization(boolean("skip_lookupd_authorization", v)?))
+            }
+            "max_msg_size" => return self.max_msg_size(int("max_msg_size", v, MAX_MSG_SIZE_RANGE)?),
+            "max_frame_size" => {
+                let limit = if v.is_empty() { None } else { Some(int("max_frame_size", v, MAX_FRAME_SIZE_RANGE)?) };
+                return self.max_frame_size(limit);
+            }
             "rng_seed" => {
                 self.rng_seed = if v.is_empty() { None } else { Some(int("rng_seed", v, "0..=18446744073709551615")?) }
             }
@@ -272,7 +301,7 @@ impl Config {
 
     /// Checks combinations, as go-nsq's `Validate` does: snappy and deflate exclude each
     /// other, the heartbeat interval must be below the read timeout, and a client certificate
-    /// needs its key.
+    /// needs its key. Also, an explicit `max_frame_size` must hold a message of `max_msg_size`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.snappy && self.deflate {
             return Err(ConfigError::Conflict("snappy and deflate cannot both be enabled".into()));
@@ -287,6 +316,15 @@ impl Config {
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return Err(ConfigError::Conflict("tls_cert and tls_key must be set together".into()));
+        }
+        if let Some(limit) = self.max_frame_size {
+            let needed = self.max_msg_size.saturating_add(MESSAGE_FRAME_OVERHEAD);
+            if limit < needed {
+                return Err(ConfigError::Conflict(format!(
+                    "max_frame_size {limit} cannot hold a message of max_msg_size {} bytes: it needs at least {needed}",
+                    self.max_msg_size
+                )));
+            }
         }
         Ok(())
     }
@@ -332,6 +370,16 @@ impl Config {
             });
         }
         self.lookupd_poll_jitter = value;
+        Ok(self)
+    }
+
+    /// Deadline of one lookupd query: connecting, sending the request and reading the whole
+    /// answer (`lookupd_poll_timeout`, default 1m, at least 1ms).
+    ///
+    /// go-nsq takes 0 as "no deadline"; here 0 is refused, because a lookupd that accepts the
+    /// connection and never answers would then stall discovery for good.
+    pub fn lookupd_poll_timeout(&mut self, value: Duration) -> Result<&mut Self, ConfigError> {
+        self.lookupd_poll_timeout = in_range("lookupd_poll_timeout", value, MS, Duration::MAX, "at least 1ms")?;
         Ok(self)
     }
 
@@ -394,9 +442,26 @@ impl Config {
         self
     }
 
-    /// User agent sent in IDENTIFY (`user_agent`, default `nsq-rs/<version>`).
+    /// User agent sent in IDENTIFY (`user_agent`, default `nsq-rs/<version>` where go-nsq
+    /// sends `go-nsq/<version>`).
     pub fn user_agent(&mut self, value: impl Into<String>) -> &mut Self {
         self.user_agent = value.into();
+        self
+    }
+
+    /// Region sent in IDENTIFY (`topology_region`, default empty: not sent). An nsqd started
+    /// with `--topology-region` and the `topology-aware-consumption` experiment prefers to
+    /// deliver to consumers of its own region.
+    pub fn topology_region(&mut self, value: impl Into<String>) -> &mut Self {
+        self.topology_region = value.into();
+        self
+    }
+
+    /// Zone sent in IDENTIFY (`topology_zone`, default empty: not sent). An nsqd started with
+    /// `--topology-zone` and the `topology-aware-consumption` experiment prefers to deliver to
+    /// consumers of its own zone, then of its own region.
+    pub fn topology_zone(&mut self, value: impl Into<String>) -> &mut Self {
+        self.topology_zone = value.into();
         self
     }
 
@@ -417,10 +482,82 @@ impl Config {
         Ok(self)
     }
 
-    /// TLS settings (`tls_v1`, `tls_root_ca_file`, `tls_cert`, `tls_key`,
-    /// `tls_insecure_skip_verify`, `tls_min_version`).
+    /// All TLS settings at once (`tls_v1`, `tls_config`, `tls_root_ca_file`, `tls_cert`,
+    /// `tls_key`, `tls_insecure_skip_verify`, `tls_min_version`, `tls_server_name`).
     pub fn tls(&mut self, value: TlsOptions) -> &mut Self {
         self.tls = value;
+        self
+    }
+
+    /// Asks nsqd for TLS (`tls_v1`, default off). A connection whose nsqd does not agree fails
+    /// rather than going on in clear.
+    ///
+    /// Without `tls_root_ca_file`, nsqd's certificate is verified against the system's trust
+    /// store, as go-nsq does (falling back to the bundled webpki roots when the system store
+    /// holds no usable certificate).
+    pub fn tls_v1(&mut self, value: bool) -> &mut Self {
+        self.tls.enabled = value;
+        self
+    }
+
+    /// A ready rustls client configuration, used as is: the file options are then ignored
+    /// (`tls_config`, go-nsq's `*tls.Config`). Not settable from text, in go-nsq either.
+    ///
+    /// Unlike go-nsq, this also switches TLS on.
+    pub fn tls_config(&mut self, value: Arc<rustls::ClientConfig>) -> &mut Self {
+        self.tls.client_config = Some(value);
+        self.tls.enabled = true;
+        self
+    }
+
+    /// PEM file of the CA certificates that verify nsqd (`tls_root_ca_file`). As in go-nsq,
+    /// they replace the system's trust store rather than add to it.
+    ///
+    /// Unlike go-nsq, this also switches TLS on (`tls_v1`).
+    pub fn tls_root_ca_file(&mut self, value: impl Into<PathBuf>) -> &mut Self {
+        self.tls.root_ca_file = Some(value.into());
+        self.tls.enabled = true;
+        self
+    }
+
+    /// PEM client certificate chain, sent when nsqd asks for one (`tls_cert`; needs `tls_key`).
+    ///
+    /// Unlike go-nsq, this also switches TLS on (`tls_v1`).
+    pub fn tls_cert(&mut self, value: impl Into<PathBuf>) -> &mut Self {
+        self.tls.cert_file = Some(value.into());
+        self.tls.enabled = true;
+        self
+    }
+
+    /// PEM private key of the client certificate (`tls_key`; needs `tls_cert`).
+    ///
+    /// Unlike go-nsq, this also switches TLS on (`tls_v1`).
+    pub fn tls_key(&mut self, value: impl Into<PathBuf>) -> &mut Self {
+        self.tls.key_file = Some(value.into());
+        self.tls.enabled = true;
+        self
+    }
+
+    /// Accepts any server certificate (`tls_insecure_skip_verify`, default off). Dangerous:
+    /// anyone on the path can then read and forge the traffic.
+    pub fn tls_insecure_skip_verify(&mut self, value: bool) -> &mut Self {
+        self.tls.danger_accept_invalid_certs = value;
+        self
+    }
+
+    /// The lowest TLS version to accept (`tls_min_version`: `tls1.2` (default) or `tls1.3`).
+    ///
+    /// go-nsq also takes `ssl3.0`, `tls1.0` and `tls1.1` and defaults to `tls1.0`; rustls
+    /// speaks nothing below TLS 1.2, so these are refused.
+    pub fn tls_min_version(&mut self, value: TlsVersion) -> &mut Self {
+        self.tls.min_version = value;
+        self
+    }
+
+    /// The name nsqd's certificate must carry (`tls_server_name`, not a go-nsq option, which
+    /// has it inside `tls_config`; default: the host dialled).
+    pub fn tls_server_name(&mut self, value: impl Into<String>) -> &mut Self {
+        self.tls.server_name = Some(value.into());
         self
     }
 
@@ -477,14 +614,56 @@ impl Config {
         self
     }
 
-    /// The largest frame accepted from nsqd, checked before anything is buffered for it
-    /// (`max_frame_size`, not a go-nsq option; default 16 MiB, at least 1 KiB).
-    pub fn max_frame_size(&mut self, value: u32) -> Result<&mut Self, ConfigError> {
-        if value < 1024 {
+    /// Whether lookupd queries carry `Authorization: Bearer <auth_secret>` when an
+    /// `auth_secret` is set (default true).
+    ///
+    /// By name this is go-nsq's `skip_lookupd_authorization`, which, despite its name, holds
+    /// go-nsq's `LookupdAuthorization` field: `true` (its default) sends the header and
+    /// `false` leaves it out. [`Config::set`] keeps go-nsq's sense, so a go-nsq configuration
+    /// means the same here.
+    pub fn lookupd_authorization(&mut self, value: bool) -> &mut Self {
+        self.lookupd_authorization = value;
+        self
+    }
+
+    /// The largest message body, in bytes (`max_msg_size`, default 1 MiB, 1..=2147483617).
+    ///
+    /// It bounds both directions: a publish with a larger body is refused with
+    /// [`CommandError::BodyTooLarge`] before anything is sent, and a frame from nsqd larger
+    /// than a message of this size (plus [`MESSAGE_FRAME_OVERHEAD`] bytes of frame and message
+    /// header) ends the connection before anything is buffered for it, unless
+    /// [`max_frame_size`](Self::max_frame_size) says otherwise. Set it to nsqd's
+    /// `--max-msg-size`.
+    ///
+    /// go-nsq's default is 0, no limit on what it reads (and it checks nothing it publishes);
+    /// here the default is nsqd's own default, 1 MiB, and 0 is refused, because an unbounded
+    /// read lets one frame header make the client allocate up to 2 GiB.
+    pub fn max_msg_size(&mut self, value: u32) -> Result<&mut Self, ConfigError> {
+        if !(1..=MAX_MSG_SIZE_LIMIT).contains(&value) {
+            return Err(ConfigError::OutOfRange {
+                option: "max_msg_size",
+                value: value.to_string(),
+                range: MAX_MSG_SIZE_RANGE,
+            });
+        }
+        self.max_msg_size = value;
+        Ok(self)
+    }
+
+    /// The largest frame read from nsqd, as its size field counts it (`max_frame_size`, not a
+    /// go-nsq option; at least 1 KiB; from text, an empty value means `None`).
+    ///
+    /// `None` (the default) derives it from [`max_msg_size`](Self::max_msg_size): a message of
+    /// `max_msg_size` bytes plus [`MESSAGE_FRAME_OVERHEAD`], 1 MiB + 30 bytes by default. Set it
+    /// to read larger frames than `max_msg_size` lets this client publish;
+    /// [`validate`](Self::validate) refuses a value too small for a message of
+    /// `max_msg_size`.
+    pub fn max_frame_size(&mut self, value: Option<u32>) -> Result<&mut Self, ConfigError> {
+        if let Some(limit) = value.filter(|&limit| limit < 1024) {
             return Err(ConfigError::OutOfRange {
                 option: "max_frame_size",
-                value: value.to_string(),
-                range: "1024..=4294967295",
+                value: limit.to_string(),
+                range: MAX_FRAME_SIZE_RANGE,
             });
         }
         self.max_frame_size = value;
@@ -501,6 +680,25 @@ impl Config {
     pub fn rng_seed(&mut self, value: u64) -> &mut Self {
         self.rng_seed = Some(value);
         self
+    }
+}
+
+impl Config {
+    /// The largest frame size field a connection accepts.
+    pub(crate) fn frame_limit(&self) -> u32 {
+        self.max_frame_size.unwrap_or_else(|| self.max_msg_size.saturating_add(MESSAGE_FRAME_OVERHEAD))
+    }
+
+    /// Checks a body about to be published: not empty, at most `max_msg_size` bytes.
+    pub(crate) fn check_body(&self, body: &Bytes) -> Result<(), CommandError> {
+        if body.is_empty() {
+            return Err(CommandError::EmptyBody);
+        }
+        let max = self.max_msg_size as usize;
+        if body.len() > max {
+            return Err(CommandError::BodyTooLarge { size: body.len(), max });
+        }
+        Ok(())
     }
 }
 
@@ -592,6 +790,7 @@ mod tests {
         assert_eq!(c.write_timeout, SEC);
         assert_eq!(c.lookupd_poll_interval, 60 * SEC);
         assert_eq!(c.lookupd_poll_jitter, 0.3);
+        assert_eq!(c.lookupd_poll_timeout, MIN);
         assert_eq!(c.max_requeue_delay, 15 * MIN);
         assert_eq!(c.default_requeue_delay, 90 * SEC);
         assert_eq!(c.backoff_strategy, BackoffStrategy::Exponential);
@@ -609,7 +808,20 @@ mod tests {
         assert_eq!(c.output_buffer_timeout, Some(250 * MS));
         assert_eq!(c.max_in_flight, 1);
         assert_eq!(c.msg_timeout, None);
+        assert!(c.topology_region.is_empty() && c.topology_zone.is_empty());
+        assert!(c.lookupd_authorization);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn deliberate_differences_from_go_nsq() {
+        let c = Config::new();
+        // go-nsq: 0, no limit on reads; here nsqd's own default, for both directions.
+        assert_eq!(c.max_msg_size, 1024 * 1024);
+        assert_eq!(c.max_frame_size, None);
+        assert_eq!(c.frame_limit(), 1024 * 1024 + 30);
+        assert_eq!(c.tls.min_version, TlsVersion::Tls12);
+        assert!(c.user_agent.starts_with("nsq-rs/"));
     }
 
     #[test]
@@ -630,6 +842,9 @@ mod tests {
             ("rdy_redistribute_interval", "1ms", "0", "5s", "5001"),
             ("sample_rate", "0", "-1", "99", "100"),
             ("deflate_level", "1", "0", "9", "10"),
+            ("lookupd_poll_timeout", "1ms", "0", "100h", "-1s"),
+            ("max_msg_size", "1", "0", "2147483617", "2147483618"),
+            ("max_frame_size", "1024", "1023", "4294967295", "4294967296"),
         ];
         for &(option, lo, below, hi, above) in rows {
             let mut c = Config::new();
@@ -671,6 +886,13 @@ mod tests {
         assert!(matches!(c.set("tls_min_version", "tls1.0"), Err(ConfigError::OutOfRange { .. })));
         c.set("auth_secret", "xyz").unwrap();
         assert_eq!(c.auth_secret.as_deref(), Some("xyz"));
+        c.set("skip_lookupd_authorization", "false").unwrap();
+        assert!(!c.lookupd_authorization, "go-nsq's sense: false leaves the header out");
+        c.set("topology_region", "eu-west").unwrap().set("topology-zone", "eu-west-1a").unwrap();
+        assert_eq!((&*c.topology_region, &*c.topology_zone), ("eu-west", "eu-west-1a"));
+        c.set("lookupd_poll_timeout", "15s").unwrap();
+        assert_eq!(c.lookupd_poll_timeout, 15 * SEC);
+        assert!(matches!(c.set("tls_config", "x"), Err(ConfigError::InvalidValue { option: "tls_config", .. })));
         assert_eq!(c.set("nope", "1").unwrap_err(), ConfigError::UnknownOption("nope".into()));
         assert!(matches!(c.set("snappy", "yes"), Err(ConfigError::InvalidValue { option: "snappy", .. })));
         assert!(matches!(c.set("read_timeout", "5 parsecs"), Err(ConfigError::InvalidValue { .. })));
@@ -690,5 +912,39 @@ mod tests {
         let mut c = Config::new();
         c.set("tls_cert", "/c.pem").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_read_limit_follows_max_msg_size_unless_set() {
+        let mut c = Config::new();
+        c.set("max_msg_size", "4096").unwrap();
+        assert_eq!(c.frame_limit(), 4096 + MESSAGE_FRAME_OVERHEAD);
+        c.set("max_frame_size", "65536").unwrap();
+        assert_eq!(c.frame_limit(), 65536);
+        c.validate().unwrap();
+        // An explicit limit too small for a message of max_msg_size is a conflict.
+        c.set("max_frame_size", "4125").unwrap();
+        let err = c.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid combination: max_frame_size 4125 cannot hold a message of max_msg_size 4096 bytes: it needs at least 4126"
+        );
+        c.set("max_frame_size", "4126").unwrap();
+        c.validate().unwrap();
+        // Empty goes back to the derived limit.
+        c.set("max_frame_size", "").unwrap();
+        assert_eq!(c.frame_limit(), 4126);
+        // The largest max_msg_size still fits the protocol's signed 32-bit frame size.
+        c.set("max_msg_size", &MAX_MSG_SIZE_LIMIT.to_string()).unwrap();
+        assert_eq!(c.frame_limit(), i32::MAX as u32);
+    }
+
+    #[test]
+    fn bodies_are_checked_against_max_msg_size() {
+        let mut c = Config::new();
+        c.max_msg_size(3).unwrap();
+        assert_eq!(c.check_body(&Bytes::from_static(b"abc")), Ok(()));
+        assert_eq!(c.check_body(&Bytes::from_static(b"abcd")), Err(CommandError::BodyTooLarge { size: 4, max: 3 }));
+        assert_eq!(c.check_body(&Bytes::new()), Err(CommandError::EmptyBody));
     }
 }

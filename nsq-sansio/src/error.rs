@@ -157,7 +157,8 @@ pub enum CommandError {
     /// A message body is empty; nsqd refuses empty messages.
     #[error("message body is empty")]
     EmptyBody,
-    /// A message body is larger than the configured `max_msg_size`.
+    /// A message body is larger than [`Config::max_msg_size`](crate::Config::max_msg_size)
+    /// (1 MiB unless set otherwise).
     #[error("message body of {size} bytes exceeds the limit of {max} bytes")]
     BodyTooLarge {
         /// The body's size.

@@ -79,7 +79,7 @@ mod timer;
 mod transport;
 
 pub use action::{Action, ConnId, QueryId};
-pub use config::{BackoffStrategy, Config, ConfigError, DEFAULT_MAX_FRAME_SIZE};
+pub use config::{BackoffStrategy, Config, ConfigError, MAX_MSG_SIZE_LIMIT, MESSAGE_FRAME_OVERHEAD};
 pub use connection::{
     AuthResponse, ConnectionState, ConnectionStats, Event, Phase, PublishId, DEFAULT_MAX_DEFER, DEFAULT_MAX_MSG_SIZE,
     DEFAULT_MAX_RDY_COUNT,

@@ -23,7 +23,8 @@ use in_flight::InFlight;
 
 /// The RDY ceiling nsqd uses when IDENTIFY has not said otherwise.
 pub const DEFAULT_MAX_RDY_COUNT: u32 = 2500;
-/// nsqd's default `--max-msg-size`: the largest message body it accepts.
+/// nsqd's default `--max-msg-size`, the largest message body it accepts, and so the default of
+/// [`Config::max_msg_size`].
 pub const DEFAULT_MAX_MSG_SIZE: usize = 1024 * 1024;
 /// nsqd's default `--max-req-timeout`: the longest DPUB deferral it accepts.
 pub const DEFAULT_MAX_DEFER: Duration = Duration::from_secs(3600);
@@ -370,7 +371,7 @@ impl ConnectionState {
     /// Sends `PUB`. The result arrives as [`Event::Published`] with the returned id.
     pub fn publish(&mut self, topic: &Topic, body: Bytes) -> Result<PublishId, CommandError> {
         self.check_publish()?;
-        check_body(&body)?;
+        self.config.check_body(&body)?;
         self.queue(Command::Pub(topic, &body));
         Ok(self.expect_publish())
     }
@@ -381,7 +382,7 @@ impl ConnectionState {
         if bodies.is_empty() {
             return Err(CommandError::EmptyBatch);
         }
-        bodies.iter().try_for_each(check_body)?;
+        bodies.iter().try_for_each(|body| self.config.check_body(body))?;
         self.queue(Command::Mpub(topic, bodies));
         Ok(self.expect_publish())
     }
@@ -389,7 +390,7 @@ impl ConnectionState {
     /// Sends `DPUB`: nsqd delivers the message after `delay` (at most one hour by default).
     pub fn deferred_publish(&mut self, topic: &Topic, delay: Duration, body: Bytes) -> Result<PublishId, CommandError> {
         self.check_publish()?;
-        check_body(&body)?;
+        self.config.check_body(&body)?;
         if delay > DEFAULT_MAX_DEFER {
             return Err(CommandError::DelayOutOfRange {
                 delay_ms: delay.as_millis(),
@@ -563,7 +564,7 @@ impl ConnectionState {
     }
 
     fn rx_limit(&self) -> usize {
-        self.config.max_frame_size as usize + frame::FRAME_HEADER_LEN + RX_SLACK
+        self.config.frame_limit() as usize + frame::FRAME_HEADER_LEN + RX_SLACK
     }
 
     fn arm_read_timer(&mut self) {
@@ -626,7 +627,7 @@ impl ConnectionState {
     fn process_rx(&mut self) {
         loop {
             while self.phase != Phase::Closed {
-                match frame::decode(&mut self.rx, self.config.max_frame_size) {
+                match frame::decode(&mut self.rx, self.config.frame_limit()) {
                     Ok(Some(frame)) => self.handle_frame(frame),
                     Ok(None) => break,
                     Err(e) => return self.fail(e.into()),
@@ -869,14 +870,4 @@ impl ConnectionState {
         self.transport.close();
         self.events.push_back(Event::Closed(reason));
     }
-}
-
-pub(crate) fn check_body(body: &Bytes) -> Result<(), CommandError> {
-    if body.is_empty() {
-        return Err(CommandError::EmptyBody);
-    }
-    if body.len() > DEFAULT_MAX_MSG_SIZE {
-        return Err(CommandError::BodyTooLarge { size: body.len(), max: DEFAULT_MAX_MSG_SIZE });
-    }
-    Ok(())
 }

@@ -157,7 +157,8 @@ pub struct ConsumerStats {
 ///   subscribed connection that drops triggers one extra query (after a random delay below
 ///   1 s, merged with any query under way) and is redialled if lookupd still lists it.
 /// - A failed lookupd query ([`ConsumerEvent::LookupdFailed`]) is retried at once on the next
-///   lookupd, at most three per poll; a query unanswered for 60 s counts as failed.
+///   lookupd, at most three per poll; a query unanswered for `lookupd_poll_timeout` counts as
+///   failed.
 ///
 /// The generator behind every jitter is seeded from the operating system unless
 /// [`Config::rng_seed`] fixes it, so a fleet started together spreads its retries.

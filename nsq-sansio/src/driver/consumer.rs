@@ -320,7 +320,7 @@ impl<R: Runtime> Engine<R> {
             commands,
             answers: Arc::default(),
             answer_batch: Vec::new(),
-            sockets: Sockets::new(config.dial_timeout, config.write_timeout),
+            sockets: Sockets::new(&config),
             messages: Some(messages),
             failed,
             stop_waiters: Vec::new(),

@@ -12,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use tracing::{debug, trace, Instrument};
 
 use super::{with_timeout, Runtime};
-use crate::{Action, ConnId, ConsumerState, ProducerState, QueryId, SocketError};
+use crate::{Action, Config, ConnId, ConsumerState, ProducerState, QueryId, SocketError};
 
 /// Read buffer growth per read: large enough to drain a busy socket in few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
@@ -20,8 +20,6 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_LOOKUPD_RESPONSE: usize = 4 * 1024 * 1024;
 /// How long a closed connection waits for nsqd's EOF after half-closing.
 const LINGER: Duration = Duration::from_secs(5);
-/// How long one lookupd query may take, connect to last byte.
-const LOOKUPD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the socket tasks report to the engine.
 #[derive(Debug)]
@@ -159,6 +157,7 @@ pub(crate) fn spawn_lookupd<R: Runtime>(
     query: QueryId,
     addr: String,
     request: Bytes,
+    timeout: Duration,
     control: mpsc::UnboundedSender<IoEvent>,
 ) {
     R::spawn(async move {
@@ -176,7 +175,7 @@ pub(crate) fn spawn_lookupd<R: Runtime>(
                 }
             }
         };
-        let result = with_timeout::<R, _>(LOOKUPD_TIMEOUT, exchange).await.map_err(SocketError::from);
+        let result = with_timeout::<R, _>(timeout, exchange).await.map_err(SocketError::from);
         let _ = control.unbounded_send(IoEvent::Lookupd(query, result));
     });
 }
@@ -236,6 +235,8 @@ machine!(
 pub(crate) struct Sockets<R: Runtime> {
     dial_timeout: Duration,
     write_timeout: Duration,
+    /// How long one lookupd query may take, connect to last byte.
+    lookupd_timeout: Duration,
     reports: Reports,
     events: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
     writers: HashMap<ConnId, Writer>,
@@ -247,12 +248,13 @@ pub(crate) struct Sockets<R: Runtime> {
 }
 
 impl<R: Runtime> Sockets<R> {
-    pub(crate) fn new(dial_timeout: Duration, write_timeout: Duration) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         let (control, control_rx) = mpsc::unbounded();
         let (reads, reads_rx) = mpsc::channel(16);
         Self {
-            dial_timeout,
-            write_timeout,
+            dial_timeout: config.dial_timeout,
+            write_timeout: config.write_timeout,
+            lookupd_timeout: config.lookupd_poll_timeout,
             reports: Reports { control, reads },
             events: futures_util::stream::select(control_rx, reads_rx),
             writers: HashMap::new(),
@@ -348,7 +350,7 @@ impl<R: Runtime> Sockets<R> {
                     }
                 }
                 Action::QueryLookupd { query, addr, request } => {
-                    spawn_lookupd::<R>(query, addr, request, self.reports.control.clone())
+                    spawn_lookupd::<R>(query, addr, request, self.lookupd_timeout, self.reports.control.clone())
                 }
             }
         }

@@ -182,7 +182,7 @@ impl<R: Runtime> Engine<R> {
         Self {
             state,
             commands,
-            sockets: Sockets::new(config.dial_timeout, config.write_timeout),
+            sockets: Sockets::new(&config),
             pending: HashMap::new(),
             connect_waiters: Vec::new(),
             stop_waiters: Vec::new(),

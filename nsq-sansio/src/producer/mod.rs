@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::action::{Action, ConnId};
-use crate::connection::{check_body, DEFAULT_MAX_DEFER};
+use crate::connection::DEFAULT_MAX_DEFER;
 use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::rng::Rng;
 use crate::{Config, Topic};
@@ -139,7 +139,7 @@ impl ProducerState {
     pub fn publish(&mut self, topic: &Topic, body: Bytes, now: Instant) -> Result<TxId, CommandError> {
         self.advance(now);
         self.check_running()?;
-        check_body(&body)?;
+        self.config.check_body(&body)?;
         let tx = self.next_tx();
         if self.refuse_while_held(tx) {
             return Ok(tx);
@@ -162,7 +162,7 @@ impl ProducerState {
         if bodies.is_empty() {
             return Err(CommandError::EmptyBatch);
         }
-        bodies.iter().try_for_each(check_body)?;
+        bodies.iter().try_for_each(|body| self.config.check_body(body))?;
         self.flush_batch();
         let tx = self.next_tx();
         if self.refuse_while_held(tx) {
@@ -183,7 +183,7 @@ impl ProducerState {
     ) -> Result<TxId, CommandError> {
         self.advance(now);
         self.check_running()?;
-        check_body(&body)?;
+        self.config.check_body(&body)?;
         if delay > DEFAULT_MAX_DEFER {
             return Err(CommandError::DelayOutOfRange {
                 delay_ms: delay.as_millis(),

@@ -26,6 +26,13 @@ pub(crate) struct IdentifyRequest<'a> {
     output_buffer_timeout: i64,
     /// Milliseconds; `0` keeps nsqd's default.
     msg_timeout: u64,
+    /// The topology hints are left out when empty: nsqd reads a missing key as empty, and an
+    /// nsqd older than topology-aware delivery sees no key it does not know.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    topology_region: &'a str,
+    /// As `topology_region`.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    topology_zone: &'a str,
 }
 
 impl<'a> IdentifyRequest<'a> {
@@ -44,6 +51,8 @@ impl<'a> IdentifyRequest<'a> {
             output_buffer_size: config.output_buffer_size.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
             output_buffer_timeout: config.output_buffer_timeout.map_or(-1, millis_i64),
             msg_timeout: config.msg_timeout.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            topology_region: &config.topology_region,
+            topology_zone: &config.topology_zone,
         }
     }
 
@@ -91,6 +100,10 @@ pub struct IdentifyResponse {
     pub output_buffer_size: i64,
     /// nsqd's output buffer timeout for this connection, in ms.
     pub output_buffer_timeout: i64,
+    /// nsqd's `--topology-region` (empty when unset or from an nsqd without topology).
+    pub topology_region: String,
+    /// nsqd's `--topology-zone` (empty when unset or from an nsqd without topology).
+    pub topology_zone: String,
 }
 
 impl IdentifyResponse {

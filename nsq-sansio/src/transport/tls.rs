@@ -3,13 +3,14 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{BufMut, BytesMut};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tracing::{debug, warn};
 
 use super::TransportError;
 
@@ -30,7 +31,10 @@ pub struct TlsOptions {
     /// Ask nsqd for TLS (`tls_v1`). A connection whose nsqd does not agree fails rather than
     /// going on in clear.
     pub enabled: bool,
-    /// PEM file with the CA certificates to trust instead of the webpki roots (`tls_root_ca_file`).
+    /// PEM file with the CA certificates to trust instead of the system's trust store
+    /// (`tls_root_ca_file`). `None`: the system's store, as go-nsq does, read once per process
+    /// (`SSL_CERT_FILE` and `SSL_CERT_DIR` override it); the bundled webpki roots when it holds
+    /// no usable certificate.
     pub root_ca_file: Option<PathBuf>,
     /// PEM client certificate chain (`tls_cert`).
     pub cert_file: Option<PathBuf>,
@@ -46,8 +50,8 @@ pub struct TlsOptions {
     pub client_config: Option<Arc<ClientConfig>>,
 }
 
-/// Builds the rustls configuration from the options: the CA file or the webpki roots, the
-/// client certificate, the minimum version, and the insecure verifier only when asked for.
+/// Builds the rustls configuration from the options: the CA file or the system's trust store,
+/// the client certificate, the minimum version, and the insecure verifier only when asked for.
 pub(crate) fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, TransportError> {
     if let Some(config) = &opts.client_config {
         return Ok(config.clone());
@@ -64,9 +68,9 @@ pub(crate) fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, Tran
     let builder = if opts.danger_accept_invalid_certs {
         builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider)))
     } else {
-        let mut roots = RootCertStore::empty();
-        match &opts.root_ca_file {
+        let roots = match &opts.root_ca_file {
             Some(path) => {
+                let mut roots = RootCertStore::empty();
                 let certs = CertificateDer::pem_file_iter(path)
                     .map_err(|e| setup(&format!("tls_root_ca_file {}", path.display()), &e))?;
                 for cert in certs {
@@ -79,9 +83,10 @@ pub(crate) fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, Tran
                         path.display()
                     )));
                 }
+                Arc::new(roots)
             }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
+            None => system_roots(),
+        };
         builder.with_root_certificates(roots)
     };
     let config = match (&opts.cert_file, &opts.key_file) {
@@ -97,6 +102,37 @@ pub(crate) fn client_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, Tran
         _ => return Err(TransportError::TlsSetup("tls_cert and tls_key must be set together".into())),
     };
     Ok(Arc::new(config))
+}
+
+/// The system's trust store, read once per process (as Go reads its system pool once): the
+/// platform's store, or the files named by `SSL_CERT_FILE` / `SSL_CERT_DIR` when set.
+fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let loaded = rustls_native_certs::load_native_certs();
+            for error in &loaded.errors {
+                debug!(%error, "reading the system trust store");
+            }
+            Arc::new(trust_store(loaded.certs))
+        })
+        .clone()
+}
+
+/// The usable certificates among `system`, or the bundled webpki roots when there are none
+/// (a minimal container without a CA bundle), so TLS still verifies against the public CAs.
+fn trust_store(system: Vec<CertificateDer<'static>>) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(system);
+    debug!(added, ignored, "system trust store");
+    if added == 0 {
+        warn!(
+            ignored,
+            "no usable certificate in the system trust store: verifying nsqd against the bundled webpki roots"
+        );
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    roots
 }
 
 /// The name the server certificate must match: the configured one, else the host dialled.
@@ -198,5 +234,32 @@ impl ServerCertVerifier for AcceptAnyServerCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ca() -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn the_system_store_is_used_when_it_has_a_usable_certificate() {
+        let roots = trust_store(vec![ca(), CertificateDer::from(b"not a certificate".to_vec())]);
+        assert_eq!(roots.len(), 1, "only the usable certificate, and no webpki roots");
+    }
+
+    #[test]
+    fn an_empty_or_unusable_system_store_falls_back_to_the_webpki_roots() {
+        let webpki = webpki_roots::TLS_SERVER_ROOTS.len();
+        assert!(webpki > 100);
+        assert_eq!(trust_store(Vec::new()).len(), webpki);
+        assert_eq!(trust_store(vec![CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])]).len(), webpki);
     }
 }

@@ -15,7 +15,7 @@
 //!   extra query, after a random delay below [`RECHECK_JITTER`] and coalesced with any query
 //!   under way; its answer redials only addresses whose last connection stayed up.
 //! - A failed query is retried at once on the next lookupd, at most three lookupds per poll, as
-//!   go-nsq's `queryLookupd` does; a query unanswered for [`LOOKUPD_TIMEOUT`] counts as failed.
+//!   go-nsq's `queryLookupd` does; a query unanswered for `lookupd_poll_timeout` counts as failed.
 
 use std::time::{Duration, Instant};
 
@@ -37,8 +37,6 @@ pub(crate) const RECONNECT_BASE: Duration = Duration::from_secs(1);
 pub(crate) const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// The longest random delay before the lookupd query a lost connection triggers.
 pub(crate) const RECHECK_JITTER: Duration = Duration::from_secs(1);
-/// How long a lookupd query may go unanswered before it counts as failed.
-pub(crate) const LOOKUPD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How many lookupds one poll tries before giving up until the next poll.
 const LOOKUPD_ATTEMPTS: usize = 3;
 
@@ -295,7 +293,7 @@ impl Consumer {
         let request = addr.request(&self.topic, &self.config.user_agent);
         info!(lookupd = %addr, ?kind, "querying lookupd");
         self.actions.push_back(Action::QueryLookupd { query, addr: addr.host_port().to_owned(), request });
-        let expires = deadline(self.now, LOOKUPD_TIMEOUT);
+        let expires = deadline(self.now, self.config.lookupd_poll_timeout);
         self.lookupd.pending.push(Pending { query, addr, kind, attempt, expires });
         self.arm_lookupd_expiry();
     }
@@ -312,7 +310,8 @@ impl Consumer {
         let now = self.now;
         let expired: Vec<QueryId> = self.lookupd.pending.iter().filter(|p| p.expires <= now).map(|p| p.query).collect();
         for query in expired {
-            let error = SocketError::new(std::io::ErrorKind::TimedOut, format!("no answer within {LOOKUPD_TIMEOUT:?}"));
+            let timeout = self.config.lookupd_poll_timeout;
+            let error = SocketError::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"));
             self.lookupd_answered(query, Err(error));
         }
         self.arm_lookupd_expiry();
