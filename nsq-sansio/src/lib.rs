@@ -89,7 +89,9 @@ pub use error::{CommandError, ConnectionError, PublishError, SocketError};
 pub use lookupd::{
     parse_response as parse_lookup_response, Lookup, LookupProducer, LookupdAddress, LookupdError, MAX_LOOKUPD_RESPONSE,
 };
-pub use producer::{ProducerEvent, ProducerState, TxId};
+pub use producer::{
+    Health, NsqdStats, PoolError, PoolEvent, PoolOptions, ProducerEvent, ProducerPoolState, ProducerState, Strategy, TxId,
+};
 pub use protocol::command::Command;
 pub use protocol::frame::{
     decode, ErrorCode, Frame, FrameError, ServerError, CLOSE_WAIT, FRAME_HEADER_LEN, FRAME_TYPE_ERROR,

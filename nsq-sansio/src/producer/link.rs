@@ -20,6 +20,11 @@ use super::TxId;
 pub(crate) const REDIAL_BASE: Duration = Duration::from_millis(100);
 /// The longest delay between two dials of an nsqd that keeps failing.
 pub(crate) const REDIAL_CAP: Duration = Duration::from_secs(5);
+/// With the flap guard on (a pool, which redials by itself), a connection that stayed up this
+/// long proved the nsqd healthy: losing it afterwards does not count as a failure. One lost
+/// sooner does, so an nsqd that accepts and drops connections is backed off like one that
+/// refuses them.
+pub(crate) const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// What a link reports to the producer that owns it.
 #[derive(Debug)]
@@ -40,8 +45,8 @@ struct Conn {
     state: ConnectionState,
     /// The socket is connected: bytes may be written.
     connected: bool,
-    /// The handshake finished.
-    ready: bool,
+    /// When the handshake finished.
+    ready_at: Option<Instant>,
     /// Transactions by the connection's publish ids; a batch maps to several.
     txs: VecDeque<(PublishId, Vec<TxId>)>,
 }
@@ -57,11 +62,21 @@ pub(crate) struct Link {
     retry_at: Option<Instant>,
     /// Why the last attempt failed.
     last_error: Option<ConnectionError>,
+    /// Count a connection lost within [`STABLE_AFTER`] as a failure.
+    flap_guard: bool,
 }
 
 impl Link {
+    /// A link that counts only failed dials and handshakes as failures: the owner dials only
+    /// when asked to.
     pub(crate) fn new(addr: String) -> Self {
-        Self { addr, conn: None, failures: 0, retry_at: None, last_error: None }
+        Self { addr, conn: None, failures: 0, retry_at: None, last_error: None, flap_guard: false }
+    }
+
+    /// A link that also counts connections lost soon after they were made: for an owner that
+    /// redials by itself.
+    pub(crate) fn with_flap_guard(addr: String) -> Self {
+        Self { flap_guard: true, ..Self::new(addr) }
     }
 
     pub(crate) fn addr(&self) -> &str {
@@ -75,7 +90,7 @@ impl Link {
 
     /// Whether the handshake of the current connection finished.
     pub(crate) fn is_ready(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| c.ready && c.state.is_ready())
+        self.conn.as_ref().is_some_and(|c| c.ready_at.is_some() && c.state.is_ready())
     }
 
     /// Whether a connection exists (dialling, handshaking or ready).
@@ -103,7 +118,7 @@ impl Link {
         let host = crate::consumer::host_of(&self.addr);
         let state = ConnectionState::new(config.clone(), host, now);
         info!(conn = %id, addr = %self.addr, "connecting to nsqd");
-        self.conn = Some(Conn { id, state, connected: false, ready: false, txs: VecDeque::new() });
+        self.conn = Some(Conn { id, state, connected: false, ready_at: None, txs: VecDeque::new() });
     }
 
     /// The current connection's state, to queue publishes on.
@@ -191,8 +206,7 @@ impl Link {
         while let Some(event) = conn.state.poll_event() {
             match event {
                 Event::Ready(_) => {
-                    conn.ready = true;
-                    self.failures = 0;
+                    conn.ready_at = Some(now);
                     self.retry_at = None;
                     self.last_error = None;
                     info!(conn = %conn.id, addr = %self.addr, "connected to nsqd");
@@ -228,15 +242,24 @@ impl Link {
                             final_writes.push((conn.id, last.freeze()));
                         }
                     }
-                    let (id, was_ready) = (conn.id, conn.ready);
-                    let retry_at = if was_ready || error.is_local_close() {
+                    let (id, was_ready) = (conn.id, conn.ready_at.is_some());
+                    let stable = conn.ready_at.is_some_and(|at| now.saturating_duration_since(at) >= STABLE_AFTER);
+                    // nsqd closes the connection after refusing a publish: that says nothing
+                    // about the nsqd's health.
+                    let healthy = (was_ready && !self.flap_guard) || stable || (was_ready && refused_publish(&error));
+                    let retry_at = if healthy || error.is_local_close() {
                         debug!(conn = %id, addr = %self.addr, %error, "connection to nsqd closed");
+                        self.failures = 0;
                         None
                     } else {
                         self.failures = self.failures.saturating_add(1);
                         let policy = RetryDelay { base: REDIAL_BASE, cap: REDIAL_CAP };
                         let at = deadline(now, policy.delay(self.failures, rng));
-                        warn!(conn = %id, addr = %self.addr, %error, "could not connect to nsqd");
+                        if was_ready {
+                            warn!(conn = %id, addr = %self.addr, %error, "connection to nsqd lost soon after it was made");
+                        } else {
+                            warn!(conn = %id, addr = %self.addr, %error, "could not connect to nsqd");
+                        }
                         self.retry_at = Some(at);
                         Some(at)
                     };
@@ -254,4 +277,15 @@ impl Link {
             }
         }
     }
+}
+
+/// Whether nsqd closed the connection because it refused a publish (the command's fault, not
+/// the connection's).
+fn refused_publish(error: &ConnectionError) -> bool {
+    use crate::ErrorCode::*;
+    matches!(
+        error,
+        ConnectionError::Server(e)
+            if matches!(e.code, Invalid | BadTopic | BadMessage | BadBody | PubFailed | MpubFailed | DpubFailed | Unauthorized)
+    )
 }

@@ -1,6 +1,7 @@
 //! [`ProducerState`]: publishes to one nsqd, responses matched FIFO to their callers.
 
 mod link;
+mod pool;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::rng::Rng;
 use crate::{Config, Topic};
 
 use link::{Link, LinkEvent};
+pub use pool::{Health, NsqdStats, PoolError, PoolEvent, PoolOptions, ProducerPoolState, Strategy};
 
 /// Identifies one publish of a [`ProducerState`]; [`ProducerEvent::Published`] carries it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
