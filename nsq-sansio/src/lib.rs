@@ -90,7 +90,8 @@ pub use lookupd::{
     parse_response as parse_lookup_response, Lookup, LookupProducer, LookupdAddress, LookupdError, MAX_LOOKUPD_RESPONSE,
 };
 pub use producer::{
-    Health, NsqdStats, PoolError, PoolEvent, PoolOptions, ProducerEvent, ProducerPoolState, ProducerState, Strategy, TxId,
+    Health, NsqdStats, PoolError, PoolEvent, PoolOptions, ProducerEvent, ProducerPoolState, ProducerState, Strategy,
+    TxId,
 };
 pub use protocol::command::Command;
 pub use protocol::frame::{

@@ -99,9 +99,7 @@ impl Sim {
                 let w = self.written.entry(conn).or_default();
                 w.extend_from_slice(&bytes);
                 // Collect complete PUBs.
-                loop {
-                    let Some(rest) = find_pub(w) else { break };
-                    let (body, used) = rest;
+                while let Some((body, used)) = find_pub(w) {
                     w.drain(..used);
                     let addr = self.dialled[&conn].clone();
                     self.received.entry(addr).or_default().push(body.clone());
@@ -315,10 +313,7 @@ fn a_publish_lost_with_its_connection_is_sent_again_elsewhere_at_most_max_retrie
     let err = sim.results[&tx].clone().unwrap_err();
     let addrs: Vec<&str> = err.attempts.iter().map(|(a, _)| a.as_str()).collect();
     assert_eq!(addrs, [A, B]);
-    assert!(err
-        .attempts
-        .iter()
-        .all(|(_, e)| matches!(e, PublishError::ConnectionLost(ConnectionError::ServerClosed))));
+    assert!(err.attempts.iter().all(|(_, e)| matches!(e, PublishError::ConnectionLost(ConnectionError::ServerClosed))));
     assert!(sim.got(C).is_empty());
     let stats = sim.pool.stats();
     assert_eq!(stats[0].retried_elsewhere, 1);

@@ -26,7 +26,7 @@
 #![deny(missing_docs)]
 
 pub use nsq_sansio::driver::{Error, Handler, HandlerError, HandlerResult, Message, Messages};
-pub use nsq_sansio::{Config, ConsumerStats, MessageId};
+pub use nsq_sansio::{Config, ConsumerStats, Health, MessageId, NsqdStats, PoolError, PoolOptions, Strategy};
 
 nsq_sansio::__futures_io_runtime! {
     runtime: Smol ("smol"),

@@ -44,6 +44,8 @@ impl Default for FakeNsqdOptions {
 pub struct FakeStats {
     /// Messages published, per topic.
     pub published: HashMap<String, u64>,
+    /// Bodies published, per topic, in the order they were stored.
+    pub published_bodies: HashMap<String, Vec<Vec<u8>>>,
     /// FINs accepted.
     pub finished: u64,
     /// REQs accepted.
@@ -214,8 +216,16 @@ impl FakeNsqd {
     }
 }
 
-impl Drop for FakeNsqd {
-    fn drop(&mut self) {
+impl FakeNsqd {
+    /// Stops at once, as `kill -9` would: stops listening, closes every connection, and
+    /// returns the counters as they were when the last connection closed. Whatever a client
+    /// saw acknowledged is in them: nsqd stores a message before it answers.
+    pub fn crash(self) -> FakeStats {
+        self.stop();
+        self.stats()
+    }
+
+    fn stop(&self) {
         self.shared.stopped.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(self.addr);
         let mut st = lock(&self.shared);
@@ -224,6 +234,12 @@ impl Drop for FakeNsqd {
         }
         drop(st);
         self.shared.wake.notify_all();
+    }
+}
+
+impl Drop for FakeNsqd {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -242,6 +258,7 @@ fn new_msg(n: u64, body: Vec<u8>) -> Msg {
 /// Stores a message in a topic: copied to every channel, or kept until the first one exists.
 fn put(st: &mut State, topic: &str, msg: Msg, defer: Option<Instant>) {
     *st.stats.published.entry(topic.to_owned()).or_default() += 1;
+    st.stats.published_bodies.entry(topic.to_owned()).or_default().push(msg.body.clone());
     let t = st.topics.entry(topic.to_owned()).or_default();
     if t.channels.is_empty() {
         t.backlog.push_back(msg);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use nsq_sansio::driver::{Consumer, Error, Message, Producer, Runtime};
-use nsq_sansio::{Config, ConnectionError, ErrorCode, PublishError};
+use nsq_sansio::{Config, ConnectionError, ErrorCode, PoolOptions, PublishError, Strategy};
 
 use crate::{FakeLookupd, FakeNsqd, FakeNsqdOptions};
 
@@ -70,6 +70,7 @@ macro_rules! scenario_tests {
             connecting_where_nothing_listens_fails_at_once,
             a_required_client_certificate_fails_the_first_connect,
             a_crash_mid_stream_then_stop_waits_for_nothing,
+            a_pool_loses_an_nsqd_mid_stream,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -736,6 +737,97 @@ pub async fn a_crash_mid_stream_then_stop_waits_for_nothing<R: Runtime>() {
     distinct.sort();
     distinct.dedup();
     assert!(distinct.len() >= 300, "{} distinct finished", distinct.len());
+}
+
+/// A producer pool over two nsqds; the first one dies (crashes: it stops listening, what it
+/// held is gone) in the middle of a stream of publishes, for each strategy. Every publish
+/// resolves; each acknowledged one is held by an nsqd that acknowledged it; a body reaches
+/// both nsqds only when the strategy says so (`All`) or when it was sent again after a lost
+/// connection (at most the publishes in flight when the nsqd died); failures name the nsqd.
+pub async fn a_pool_loses_an_nsqd_mid_stream<R: Runtime>() {
+    use futures_util::stream::FuturesUnordered;
+    use std::collections::HashSet;
+    const N: usize = 100;
+    const KILL_AT: usize = 40;
+    const CONCURRENCY: usize = 10;
+    for strategy in [Strategy::Failover, Strategy::RoundRobin, Strategy::All] {
+        let first = FakeNsqd::start_default().unwrap();
+        let second = FakeNsqd::start_default().unwrap();
+        let (addr1, addr2) = (first.addr(), second.addr());
+        let options = PoolOptions::new(strategy).wait(Duration::from_millis(500));
+        let pool = Producer::<R>::pool([addr1.clone(), addr2.clone()], options, Config::new()).unwrap();
+        pool.connect().await.unwrap();
+        let mut first = Some(first);
+        let mut held_by_first = HashSet::new();
+        let mut results = Vec::new();
+        let mut pending = FuturesUnordered::new();
+        let mut next = 0;
+        while results.len() < N {
+            while next < N && pending.len() < CONCURRENCY {
+                let (pool, body) = (pool.clone(), format!("p{next:03}"));
+                pending.push(async move {
+                    let result = pool.publish("pool", body.clone()).await;
+                    (body, result)
+                });
+                next += 1;
+            }
+            let Some(done) = pending.next().await else { break };
+            results.push(done);
+            if results.len() == KILL_AT {
+                if let Some(dying) = first.take() {
+                    held_by_first =
+                        dying.crash().published_bodies.remove("pool").unwrap_or_default().into_iter().collect();
+                }
+            }
+        }
+        assert_eq!(results.len(), N, "{strategy:?}: every publish resolved");
+        let held_by_second: Vec<Vec<u8>> = second.stats().published_bodies.remove("pool").unwrap_or_default();
+        let second_set: HashSet<Vec<u8>> = held_by_second.iter().cloned().collect();
+        assert_eq!(second_set.len(), held_by_second.len(), "{strategy:?}: nothing twice on one nsqd");
+        let mut oks = 0;
+        for (body, result) in &results {
+            let body = body.as_bytes().to_vec();
+            match result {
+                Ok(()) => {
+                    oks += 1;
+                    match strategy {
+                        Strategy::All => assert!(second_set.contains(&body), "{strategy:?}: {body:?} acknowledged"),
+                        _ => assert!(
+                            second_set.contains(&body) || held_by_first.contains(&body),
+                            "{strategy:?}: {body:?} acknowledged but held nowhere"
+                        ),
+                    }
+                }
+                Err(Error::Pool(e)) => {
+                    assert!(!e.attempts.is_empty(), "{strategy:?}: {e}");
+                    assert!(e.attempts.iter().all(|(a, _)| *a == addr1 || *a == addr2), "{strategy:?}: {e}");
+                    if strategy == Strategy::All {
+                        assert!(
+                            e.attempts.iter().all(|(a, _)| *a == addr1),
+                            "{strategy:?}: only the dead one fails: {e}"
+                        );
+                    }
+                }
+                Err(other) => panic!("{strategy:?}: {other:?}"),
+            }
+        }
+        let on_both = held_by_first.intersection(&second_set).count();
+        match strategy {
+            Strategy::All => {
+                assert!(oks >= KILL_AT - CONCURRENCY, "{strategy:?}: {oks} acknowledged");
+                assert!(oks < N, "{strategy:?}: publishes after the death cannot reach every nsqd");
+            }
+            _ => {
+                assert!(oks >= N - CONCURRENCY, "{strategy:?}: the survivor takes over, {oks} acknowledged");
+                assert!(on_both <= CONCURRENCY, "{strategy:?}: {on_both} duplicates, more than were in flight");
+            }
+        }
+        let stats = pool.stats().await;
+        assert_eq!(stats.len(), 2);
+        assert!(matches!(stats[0].health, nsq_sansio::Health::Down { .. } | nsq_sansio::Health::Connecting));
+        assert_eq!(stats[1].health, nsq_sansio::Health::Connected);
+        pool.stop().await;
+    }
 }
 
 /// Keeps `Future` in scope for the macro's users.

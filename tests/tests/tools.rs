@@ -120,6 +120,36 @@ fn nsq_tail_reaches_its_count_through_a_crash_and_exits_without_waiting() {
 }
 
 #[test]
+fn to_nsq_publishes_to_several_nsqds_by_strategy() {
+    let (a, b) = (FakeNsqd::start_default().unwrap(), FakeNsqd::start_default().unwrap());
+    let (addr_a, addr_b) = (a.addr(), b.addr());
+    let lines = b"1\n2\n3\n4\n";
+    let count = |n: &FakeNsqd, topic: &str| n.stats().published.get(topic).copied().unwrap_or(0);
+    // Default: every line to every nsqd, as nsq's to_nsq does.
+    let out = run("to_nsq", &["--topic", "all", "--nsqd-tcp-address", &addr_a, "--nsqd-tcp-address", &addr_b], lines);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((count(&a, "all"), count(&b, "all")), (4, 4));
+    let args =
+        ["--topic", "rr", "--nsqd-tcp-address", &addr_a, "--nsqd-tcp-address", &addr_b, "--strategy", "round-robin"];
+    let out = run("to_nsq", &args, lines);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(count(&a, "rr") + count(&b, "rr"), 4);
+    assert!(count(&a, "rr") > 0 && count(&b, "rr") > 0);
+    // Failover past a dead first nsqd; with all, the dead one fails the run at once.
+    let dead = nsq_tests::scenarios::dead_addr();
+    let args = ["--topic", "fo", "--nsqd-tcp-address", &dead, "--nsqd-tcp-address", &addr_b, "--strategy", "failover"];
+    let out = run("to_nsq", &args, lines);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(count(&b, "fo"), 4);
+    let out = run("to_nsq", &["--topic", "x", "--nsqd-tcp-address", &dead, "--nsqd-tcp-address", &addr_b], lines);
+    assert_eq!(out.status.code(), Some(1));
+    let err = error_line(&out);
+    assert!(err.contains(&dead) && err.to_lowercase().contains("refused"), "{err}");
+    let out = run("to_nsq", &["--topic", "x", "--nsqd-tcp-address", &addr_a, "--strategy", "sideways"], lines);
+    assert!(!out.status.success());
+}
+
+#[test]
 fn to_nsq_refuses_bad_options_and_bad_topics() {
     let nsqd = FakeNsqd::start_default().unwrap();
     let addr = nsqd.addr();

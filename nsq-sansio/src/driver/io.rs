@@ -12,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use tracing::{debug, trace, Instrument};
 
 use super::{with_timeout, Runtime};
-use crate::{Action, Config, ConnId, ConsumerState, ProducerState, QueryId, SocketError};
+use crate::{Action, Config, ConnId, ConsumerState, QueryId, SocketError};
 
 /// Read buffer growth per read: large enough to drain a busy socket in few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
@@ -223,7 +223,6 @@ macro_rules! machine {
     };
 }
 
-machine!(ProducerState);
 machine!(
     ConsumerState,
     fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, SocketError>, now: Instant) {

@@ -28,7 +28,7 @@ pub use consumer::{Consumer, Messages};
 pub use message::{Handler, HandlerError, HandlerResult, Message};
 pub use producer::Producer;
 
-use crate::{CommandError, ConfigError, ConnectionError, ConsumerError, NameError, PublishError};
+use crate::{CommandError, ConfigError, ConnectionError, ConsumerError, NameError, PoolError, PublishError};
 
 /// What a runtime crate provides: TCP, a timer, a way to spawn. Everything else is shared.
 pub trait Runtime: Send + Sync + 'static {
@@ -179,6 +179,9 @@ pub enum Error {
     /// nsqd refused a publish, or the connection was lost before it answered.
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// A pool could not publish: what each nsqd it tried said.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     /// The consumer refused the call.
     #[error(transparent)]
     Consumer(#[from] ConsumerError),

@@ -1,12 +1,13 @@
-//! [`Producer`]: an async handle on a [`ProducerState`] run by one engine task.
+//! [`Producer`]: an async handle on a [`ProducerState`] (one nsqd) or a
+//! [`ProducerPoolState`] (several), run by one engine task.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_channel::{mpsc, oneshot};
 use futures_util::future::{select, Either};
 use futures_util::StreamExt;
@@ -14,10 +15,19 @@ use tracing::{debug, Instrument};
 
 use super::io::{IoEvent, Sockets};
 use super::{Error, Runtime};
-use crate::{Config, ProducerEvent, ProducerState, Topic, TxId};
+use crate::{
+    Action, CommandError, Config, ConnId, Health, NsqdStats, PoolError, PoolEvent, PoolOptions, ProducerEvent,
+    ProducerPoolState, ProducerState, SocketError, Strategy, Topic, TxId,
+};
 
-/// Publishes to one nsqd. Cheap to clone; clones share one connection, and concurrent publishes
-/// are pipelined on it (no lock is held across a round trip).
+/// Publishes to one nsqd ([`new`](Self::new)) or to a pool of nsqds ([`pool`](Self::pool)).
+/// Cheap to clone; clones share the connections, and concurrent publishes are pipelined (no
+/// lock is held across a round trip).
+///
+/// A pool spreads publishes by its [`Strategy`], retries a publish whose connection broke on
+/// another nsqd, and keeps every nsqd connected in the background; its failures are
+/// [`Error::Pool`], naming each nsqd tried. See [`ProducerPoolState`] for the delivery
+/// guarantee of each strategy.
 ///
 /// The connection is made at the first publish (or by [`connect`](Self::connect)) and made
 /// again after it is lost. A publish resolves once nsqd acknowledged it, refused it
@@ -52,6 +62,151 @@ struct Handle {
     commands: mpsc::UnboundedSender<Command>,
 }
 
+/// The state machine an engine runs.
+#[derive(Debug)]
+// One per engine task, moved once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Machine {
+    One(ProducerState),
+    Pool(ProducerPoolState),
+}
+
+/// Calls the method of the same name on whichever state machine it is.
+macro_rules! either {
+    ($self:ident.$method:ident($($arg:expr),*)) => {
+        match $self {
+            Machine::One(m) => m.$method($($arg),*),
+            Machine::Pool(m) => m.$method($($arg),*),
+        }
+    };
+}
+
+impl super::io::Machine for Machine {
+    fn handle_connected(&mut self, conn: ConnId, now: Instant) {
+        either!(self.handle_connected(conn, now))
+    }
+    fn handle_connect_failed(&mut self, conn: ConnId, error: SocketError, now: Instant) {
+        either!(self.handle_connect_failed(conn, error, now))
+    }
+    fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
+        either!(self.handle_input(conn, now, data))
+    }
+    fn handle_eof(&mut self, conn: ConnId, now: Instant) {
+        either!(self.handle_eof(conn, now))
+    }
+    fn handle_io_error(&mut self, conn: ConnId, error: SocketError, now: Instant) {
+        either!(self.handle_io_error(conn, error, now))
+    }
+    fn poll_action(&mut self) -> Option<Action> {
+        either!(self.poll_action())
+    }
+    fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
+        either!(self.poll_transmit_for(conn))
+    }
+}
+
+/// What the engine does with an event.
+enum Outcome {
+    Published(TxId, Result<(), Error>),
+    /// Connections came or went: connect waiters may have their answer.
+    Changed,
+    Quiet,
+}
+
+impl Machine {
+    fn publish(&mut self, publish: Publish, now: Instant) -> Result<TxId, CommandError> {
+        match publish {
+            Publish::One(topic, body) => either!(self.publish(&topic, body, now)),
+            Publish::Many(topic, bodies) => either!(self.multi_publish(&topic, bodies, now)),
+            Publish::Deferred(topic, delay, body) => either!(self.deferred_publish(&topic, delay, body, now)),
+        }
+    }
+
+    fn next_outcome(&mut self) -> Option<Outcome> {
+        match self {
+            Self::One(m) => m.poll_event().map(|event| match event {
+                ProducerEvent::Published { tx, result } => Outcome::Published(tx, result.map_err(Error::from)),
+                ProducerEvent::Connected(conn) => {
+                    debug!(%conn, "producer connected");
+                    Outcome::Changed
+                }
+                ProducerEvent::Disconnected(conn, error) | ProducerEvent::ConnectFailed { conn, error, .. } => {
+                    debug!(%conn, %error, "producer disconnected");
+                    Outcome::Changed
+                }
+                _ => Outcome::Quiet,
+            }),
+            Self::Pool(m) => m.poll_event().map(|event| match event {
+                PoolEvent::Published { tx, result } => Outcome::Published(tx, result.map_err(Error::Pool)),
+                PoolEvent::Connected { .. } | PoolEvent::ConnectFailed { .. } | PoolEvent::Disconnected { .. } => {
+                    Outcome::Changed
+                }
+                _ => Outcome::Quiet,
+            }),
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        either!(self.is_stopped())
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        either!(self.poll_timeout())
+    }
+
+    fn stats(&self) -> Vec<NsqdStats> {
+        match self {
+            Self::One(m) => vec![m.stats()],
+            Self::Pool(m) => m.stats(),
+        }
+    }
+
+    /// The answer to a waiting `connect`, once there is one: connected enough to publish by
+    /// the strategy (one nsqd, every nsqd for `All`, any nsqd otherwise), or every nsqd that
+    /// must be up failed its attempt.
+    fn connect_verdict(&self) -> Option<Result<(), Error>> {
+        let stats = self.stats();
+        let up = |s: &NsqdStats| s.health == Health::Connected;
+        let down = |s: &NsqdStats| matches!(s.health, Health::Down { .. });
+        let failures = || {
+            stats
+                .iter()
+                .filter_map(|s| match &s.health {
+                    Health::Down { error, .. } => {
+                        Some((s.addr.clone(), crate::PublishError::NotConnected(error.clone())))
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        match self {
+            Self::One(_) => match stats.first().map(|s| &s.health) {
+                Some(Health::Connected) => Some(Ok(())),
+                Some(Health::Down { error, .. }) => Some(Err(Error::Connection(error.clone()))),
+                _ => None,
+            },
+            Self::Pool(m) if m.options().strategy == Strategy::All => {
+                if stats.iter().all(up) {
+                    Some(Ok(()))
+                } else if stats.iter().any(down) {
+                    Some(Err(Error::Pool(PoolError { attempts: failures() })))
+                } else {
+                    None
+                }
+            }
+            Self::Pool(_) => {
+                if stats.iter().any(up) {
+                    Some(Ok(()))
+                } else if stats.iter().all(down) {
+                    Some(Err(Error::Pool(PoolError { attempts: failures() })))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Handle {
     fn drop(&mut self) {
         let _ = self.commands.unbounded_send(Command::Shutdown);
@@ -61,6 +216,7 @@ impl Drop for Handle {
 enum Command {
     Publish(Publish, oneshot::Sender<Result<(), Error>>),
     Connect(oneshot::Sender<Result<(), Error>>),
+    Stats(oneshot::Sender<Vec<NsqdStats>>),
     Stop(oneshot::Sender<()>),
     Shutdown,
 }
@@ -85,17 +241,52 @@ impl<R: Runtime> Producer<R> {
         config.validate()?;
         let addr = addr.into();
         let config = super::with_identity(config);
-        let (commands, rx) = mpsc::unbounded();
         let mut state = ProducerState::new(addr.clone(), Arc::new(config.clone()), R::now());
         state.set_auto_batch(max_batch);
-        let engine = Engine::<R>::new(state, config, rx);
         let span = tracing::debug_span!("nsq_producer", nsqd = %addr);
+        Ok(Self::spawn(addr, Machine::One(state), &config, span))
+    }
+
+    /// A producer over several nsqds (`host:port` each), spread by `options.strategy`, with
+    /// bounded retries; see [`ProducerPoolState`]. Spawns its engine task; dials every nsqd at
+    /// the first publish (or [`connect`](Self::connect)).
+    ///
+    /// ```no_run
+    /// # async fn run<R: nsq_sansio::driver::Runtime>() -> Result<(), nsq_sansio::driver::Error> {
+    /// use nsq_sansio::{Config, PoolOptions, Strategy};
+    /// let addrs = ["10.0.0.1:4150", "10.0.0.2:4150"];
+    /// let producer = nsq_sansio::driver::Producer::<R>::pool(addrs, PoolOptions::new(Strategy::Failover), Config::new())?;
+    /// producer.publish("events", "hello").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn pool<S: Into<String>>(
+        addrs: impl IntoIterator<Item = S>,
+        options: PoolOptions,
+        config: Config,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let addrs: Vec<String> = addrs.into_iter().map(Into::into).collect();
+        let Some(first) = addrs.first().cloned() else {
+            return Err(Error::Pool(PoolError { attempts: Vec::new() }));
+        };
+        let config = super::with_identity(config);
+        let state = ProducerPoolState::new(addrs.iter().cloned(), options, Arc::new(config.clone()), R::now());
+        let span = tracing::debug_span!("nsq_producer_pool", nsqds = %addrs.join(","));
+        Ok(Self::spawn(first, Machine::Pool(state), &config, span))
+    }
+
+    fn spawn(addr: String, machine: Machine, config: &Config, span: tracing::Span) -> Self {
+        let (commands, rx) = mpsc::unbounded();
+        let engine = Engine::<R>::new(machine, config, rx);
         R::spawn(engine.run().instrument(span));
-        Ok(Self { handle: Arc::new(Handle { addr, commands }), _runtime: PhantomData })
+        Self { handle: Arc::new(Handle { addr, commands }), _runtime: PhantomData }
     }
 
     /// Connects now and waits for the handshake, instead of at the first publish; returns the
-    /// error that prevented it (refused, unknown host, TLS, AUTH).
+    /// error that prevented it (refused, unknown host, TLS, AUTH). A pool is connected when it
+    /// can publish by its strategy: every nsqd for [`Strategy::All`], any one otherwise; it
+    /// fails when the nsqds that must be up failed their attempts, naming each.
     pub async fn connect(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Connect(tx))?;
@@ -142,9 +333,18 @@ impl<R: Runtime> Producer<R> {
         }
     }
 
-    /// The nsqd address.
+    /// The nsqd address (a pool's first).
     pub fn addr(&self) -> &str {
         &self.handle.addr
+    }
+
+    /// Health and publish counters per nsqd.
+    pub async fn stats(&self) -> Vec<NsqdStats> {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Command::Stats(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     async fn request(&self, publish: Publish) -> Result<(), Error> {
@@ -167,26 +367,24 @@ enum Input {
 }
 
 struct Engine<R: Runtime> {
-    state: ProducerState,
+    state: Machine,
     commands: mpsc::UnboundedReceiver<Command>,
     sockets: Sockets<R>,
     pending: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
     connect_waiters: Vec<oneshot::Sender<Result<(), Error>>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
-    connected: bool,
     shutdown: bool,
 }
 
 impl<R: Runtime> Engine<R> {
-    fn new(state: ProducerState, config: Config, commands: mpsc::UnboundedReceiver<Command>) -> Self {
+    fn new(state: Machine, config: &Config, commands: mpsc::UnboundedReceiver<Command>) -> Self {
         Self {
             state,
             commands,
-            sockets: Sockets::new(&config),
+            sockets: Sockets::new(config),
             pending: HashMap::new(),
             connect_waiters: Vec::new(),
             stop_waiters: Vec::new(),
-            connected: false,
             shutdown: false,
         }
     }
@@ -248,42 +446,39 @@ impl<R: Runtime> Engine<R> {
         self.sockets.try_next().map(Input::Io)
     }
 
-    fn handle(&mut self, input: Input, now: std::time::Instant) {
+    fn handle(&mut self, input: Input, now: Instant) {
+        let state = &mut self.state;
         match input {
-            Input::Timeout => self.state.handle_timeout(now),
+            Input::Timeout => either!(state.handle_timeout(now)),
             Input::Closed | Input::Command(Command::Shutdown) => {
                 self.shutdown = true;
-                self.state.stop(now);
+                either!(state.stop(now));
             }
-            Input::Command(Command::Publish(publish, reply)) => {
-                let queued = match publish {
-                    Publish::One(topic, body) => self.state.publish(&topic, body, now),
-                    Publish::Many(topic, bodies) => self.state.multi_publish(&topic, bodies, now),
-                    Publish::Deferred(topic, delay, body) => self.state.deferred_publish(&topic, delay, body, now),
-                };
-                match queued {
-                    Ok(tx) => {
-                        self.pending.insert(tx, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
-                    }
+            Input::Command(Command::Publish(publish, reply)) => match state.publish(publish, now) {
+                Ok(tx) => {
+                    self.pending.insert(tx, reply);
                 }
-            }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
             Input::Command(Command::Connect(reply)) => {
-                if self.connected {
+                if let Some(Ok(())) = state.connect_verdict() {
                     let _ = reply.send(Ok(()));
-                } else if let Err(e) = self.state.connect(now) {
+                } else if let Err(e) = either!(state.connect(now)) {
                     let _ = reply.send(Err(e.into()));
                 } else {
                     self.connect_waiters.push(reply);
                 }
             }
+            Input::Command(Command::Stats(reply)) => {
+                let _ = reply.send(state.stats());
+            }
             Input::Command(Command::Stop(reply)) => {
                 self.stop_waiters.push(reply);
-                self.state.stop(now);
+                either!(state.stop(now));
             }
-            Input::Io(event) => self.sockets.apply(event, &mut self.state, now),
+            Input::Io(event) => self.sockets.apply(event, state, now),
         }
     }
 
@@ -291,38 +486,34 @@ impl<R: Runtime> Engine<R> {
     fn drive(&mut self) {
         loop {
             let mut progress = self.sockets.pump(&mut self.state);
-            while let Some(event) = self.state.poll_event() {
+            let mut changed = false;
+            while let Some(outcome) = self.state.next_outcome() {
                 progress = true;
-                self.on_event(event);
+                match outcome {
+                    Outcome::Published(tx, result) => {
+                        if let Some(reply) = self.pending.remove(&tx) {
+                            let _ = reply.send(result);
+                        }
+                    }
+                    Outcome::Changed => changed = true,
+                    Outcome::Quiet => {}
+                }
+            }
+            if changed && !self.connect_waiters.is_empty() {
+                if let Some(verdict) = self.state.connect_verdict() {
+                    for waiter in self.connect_waiters.drain(..) {
+                        let _ = waiter.send(match &verdict {
+                            Ok(()) => Ok(()),
+                            Err(Error::Connection(e)) => Err(Error::Connection(e.clone())),
+                            Err(Error::Pool(e)) => Err(Error::Pool(e.clone())),
+                            Err(_) => Err(Error::Stopped),
+                        });
+                    }
+                }
             }
             if !progress {
                 return;
             }
-        }
-    }
-
-    fn on_event(&mut self, event: ProducerEvent) {
-        match event {
-            ProducerEvent::Published { tx, result } => {
-                if let Some(reply) = self.pending.remove(&tx) {
-                    let _ = reply.send(result.map_err(Error::from));
-                }
-            }
-            ProducerEvent::Connected(conn) => {
-                debug!(%conn, "producer connected");
-                self.connected = true;
-                for waiter in self.connect_waiters.drain(..) {
-                    let _ = waiter.send(Ok(()));
-                }
-            }
-            ProducerEvent::Disconnected(conn, error) | ProducerEvent::ConnectFailed { conn, error, .. } => {
-                debug!(%conn, %error, "producer disconnected");
-                self.connected = false;
-                for waiter in self.connect_waiters.drain(..) {
-                    let _ = waiter.send(Err(Error::Connection(error.clone())));
-                }
-            }
-            _ => {}
         }
     }
 }

@@ -17,9 +17,9 @@ use futures_channel::mpsc;
 use futures_util::StreamExt;
 
 use super::{Consumer, Error, Message, Producer, Runtime};
-use crate::Config;
+use crate::{Config, PoolOptions, Strategy};
 
-/// Publishes each line of stdin to a topic on every given nsqd (nsq's `to_nsq`).
+/// Publishes each line of stdin to a topic on the given nsqds (nsq's `to_nsq`).
 #[derive(Debug, Parser)]
 #[command(name = "to_nsq", about = "Publish each line of stdin to an NSQ topic")]
 pub struct ToNsqArgs {
@@ -29,6 +29,10 @@ pub struct ToNsqArgs {
     /// nsqd TCP address (repeatable).
     #[arg(long = "nsqd-tcp-address", required = true)]
     pub nsqd_tcp_address: Vec<String>,
+    /// How lines go to several nsqds: all (each line to every nsqd, as nsq's to_nsq does),
+    /// round-robin or failover.
+    #[arg(long, default_value = "all")]
+    pub strategy: Strategy,
     /// go-nsq option as KEY,VALUE (repeatable), e.g. snappy,true or tls_v1,true.
     #[arg(long = "producer-opt")]
     pub producer_opt: Vec<String>,
@@ -67,16 +71,19 @@ pub struct NsqTailArgs {
     pub consumer_opt: Vec<String>,
 }
 
-/// Measures publish or consume throughput against one nsqd.
+/// Measures publish or consume throughput against nsqd.
 #[derive(Debug, Parser)]
 #[command(name = "bench", about = "Measure NSQ publish or consume throughput")]
 pub struct BenchArgs {
     /// pub, mpub or sub.
     #[arg(long, default_value = "pub")]
     pub mode: String,
-    /// nsqd TCP address.
+    /// nsqd TCP address (repeatable for pub and mpub: a producer pool).
     #[arg(long = "nsqd-tcp-address", default_value = "127.0.0.1:4150")]
-    pub nsqd_tcp_address: String,
+    pub nsqd_tcp_address: Vec<String>,
+    /// How a pool spreads publishes over several nsqds: all, round-robin or failover.
+    #[arg(long, default_value = "round-robin")]
+    pub strategy: Strategy,
     /// Topic.
     #[arg(long, default_value = "bench")]
     pub topic: String,
@@ -225,16 +232,9 @@ async fn run_to_nsq<R: Runtime>(args: ToNsqArgs) -> Result<(), String> {
         _ => return Err("--delimiter must be one byte".into()),
     };
     let topic = crate::Topic::new(&args.topic).map_err(|e| e.to_string())?;
-    let producers = args
-        .nsqd_tcp_address
-        .iter()
-        .map(|a| Producer::<R>::new(a.clone(), config.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    // Fail fast, with the nsqd's own words, when one cannot be reached.
-    for producer in &producers {
-        producer.connect().await.map_err(|e| e.to_string())?;
-    }
+    let producer = producer::<R>(&args.nsqd_tcp_address, args.strategy, config)?;
+    // Fail fast, with the nsqds' own words, when the strategy cannot be served.
+    producer.connect().await.map_err(|e| e.to_string())?;
     let interval = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
     let mut next = R::now();
     let mut records = stdin_records(delimiter);
@@ -248,12 +248,8 @@ async fn run_to_nsq<R: Runtime>(args: ToNsqArgs) -> Result<(), String> {
             R::sleep_until(next).await;
             next += interval;
         }
-        for producer in &producers {
-            let (producer, topic, record) = (producer.clone(), topic.clone(), record.clone());
-            pending.push(async move {
-                producer.publish(topic.as_str(), record).await.map_err(|e| format!("{}: {e}", producer.addr()))
-            });
-        }
+        let (producer, topic) = (producer.clone(), topic.clone());
+        pending.push(async move { producer.publish(topic.as_str(), record).await.map_err(|e| e.to_string()) });
         // Keep a bounded number of publishes in flight.
         while pending.len() >= 1024 {
             if let Some(result) = pending.next().await {
@@ -264,10 +260,17 @@ async fn run_to_nsq<R: Runtime>(args: ToNsqArgs) -> Result<(), String> {
     while let Some(result) = pending.next().await {
         result?;
     }
-    for producer in &producers {
-        producer.stop().await;
-    }
+    producer.stop().await;
     Ok(())
+}
+
+/// One nsqd: a plain producer (its errors name the nsqd); several: a pool by `strategy`.
+fn producer<R: Runtime>(addrs: &[String], strategy: Strategy, config: Config) -> Result<Producer<R>, String> {
+    match addrs {
+        [one] => Producer::new(one.clone(), config),
+        many => Producer::pool(many.iter().cloned(), PoolOptions::new(strategy), config),
+    }
+    .map_err(|e| e.to_string())
 }
 
 async fn run_nsq_tail<R: Runtime>(args: NsqTailArgs) -> Result<(), String> {
@@ -315,8 +318,12 @@ async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
     let config = Config::new();
     let (secs, startup) = match args.mode.as_str() {
         "pub" => {
-            let producer = Producer::<R>::with_auto_batch(args.nsqd_tcp_address.clone(), config, args.auto_batch)
-                .map_err(|e| e.to_string())?;
+            let producer = match &args.nsqd_tcp_address[..] {
+                [one] => {
+                    Producer::<R>::with_auto_batch(one.clone(), config, args.auto_batch).map_err(|e| e.to_string())?
+                }
+                many => producer::<R>(many, args.strategy, config)?,
+            };
             producer.connect().await.map_err(|e| e.to_string())?;
             let startup = started.elapsed();
             let clock = Instant::now();
@@ -346,7 +353,7 @@ async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
             (secs, startup)
         }
         "mpub" => {
-            let producer = Producer::<R>::new(args.nsqd_tcp_address.clone(), config).map_err(|e| e.to_string())?;
+            let producer = producer::<R>(&args.nsqd_tcp_address, args.strategy, config)?;
             producer.connect().await.map_err(|e| e.to_string())?;
             let startup = started.elapsed();
             let batch: Vec<Bytes> = vec![body.clone(); args.batch.max(1)];
@@ -390,7 +397,7 @@ async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
                 },
                 args.concurrency.max(1),
             );
-            consumer.connect_to_nsqd(args.nsqd_tcp_address.clone()).await.map_err(|e| e.to_string())?;
+            consumer.connect_to_nsqds(args.nsqd_tcp_address.iter().cloned()).await.map_err(|e| e.to_string())?;
             let end = done_rx.next().await.ok_or("consumer ended early")?;
             let start = first.lock().ok().and_then(|f| *f).unwrap_or(end);
             consumer.stop().await;

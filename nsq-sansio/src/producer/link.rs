@@ -14,7 +14,7 @@ use crate::error::{ConnectionError, PublishError, SocketError};
 use crate::rng::{RetryDelay, Rng};
 use crate::Config;
 
-use super::TxId;
+use super::{Health, NsqdStats, TxId};
 
 /// Delay before an nsqd that could not be connected is dialled again; doubles per failure.
 pub(crate) const REDIAL_BASE: Duration = Duration::from_millis(100);
@@ -64,13 +64,27 @@ pub(crate) struct Link {
     last_error: Option<ConnectionError>,
     /// Count a connection lost within [`STABLE_AFTER`] as a failure.
     flap_guard: bool,
+    /// Publishes (PUB, MPUB or DPUB commands) sent, acknowledged, failed.
+    sent: u64,
+    acknowledged: u64,
+    failed: u64,
 }
 
 impl Link {
     /// A link that counts only failed dials and handshakes as failures: the owner dials only
     /// when asked to.
     pub(crate) fn new(addr: String) -> Self {
-        Self { addr, conn: None, failures: 0, retry_at: None, last_error: None, flap_guard: false }
+        Self {
+            addr,
+            conn: None,
+            failures: 0,
+            retry_at: None,
+            last_error: None,
+            flap_guard: false,
+            sent: 0,
+            acknowledged: 0,
+            failed: 0,
+        }
     }
 
     /// A link that also counts connections lost soon after they were made: for an owner that
@@ -129,7 +143,35 @@ impl Link {
     /// Records that `txs` wait for the answer to publish `id` of the current connection.
     pub(crate) fn track(&mut self, id: PublishId, txs: Vec<TxId>) {
         if let Some(conn) = &mut self.conn {
+            self.sent += 1;
             conn.txs.push_back((id, txs));
+        }
+    }
+
+    /// Health and counters; `started` says whether the owner has begun dialling.
+    pub(crate) fn stats(&self, now: Instant, started: bool) -> NsqdStats {
+        NsqdStats {
+            addr: self.addr.clone(),
+            health: self.health(now, started),
+            sent: self.sent,
+            acknowledged: self.acknowledged,
+            failed: self.failed,
+            retried_elsewhere: 0,
+        }
+    }
+
+    /// The link's health now; `started` says whether its owner has begun dialling.
+    pub(crate) fn health(&self, now: Instant, started: bool) -> Health {
+        if self.is_ready() {
+            Health::Connected
+        } else if self.has_conn() {
+            Health::Connecting
+        } else if let (Some(retry_at), Some(error)) = (self.held_until(now), &self.last_error) {
+            Health::Down { error: error.clone(), retry_at }
+        } else if started {
+            Health::Connecting
+        } else {
+            Health::Idle
         }
     }
 
@@ -217,6 +259,11 @@ impl Link {
                         continue;
                     };
                     if let Some((_, txs)) = conn.txs.remove(pos) {
+                        if result.is_ok() {
+                            self.acknowledged += 1;
+                        } else {
+                            self.failed += 1;
+                        }
                         for tx in txs {
                             out.push_back(LinkEvent::Published { tx, result: result.clone() });
                         }
@@ -226,6 +273,7 @@ impl Link {
                     // The connection resolves every publish it took before this event; anything
                     // left would be a bug, and still must not hang.
                     for (_, txs) in conn.txs.drain(..) {
+                        self.failed += 1;
                         for tx in txs {
                             let result = Err(PublishError::ConnectionLost(error.clone()));
                             out.push_back(LinkEvent::Published { tx, result });

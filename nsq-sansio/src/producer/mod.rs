@@ -329,6 +329,11 @@ impl ProducerState {
         self.link.addr()
     }
 
+    /// Health and publish counters of the nsqd.
+    pub fn stats(&self) -> NsqdStats {
+        self.link.stats(self.now, false)
+    }
+
     /// Whether a connection has finished its handshake and takes publishes now.
     pub fn is_connected(&self) -> bool {
         self.link.is_ready()

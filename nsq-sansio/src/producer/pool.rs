@@ -220,9 +220,6 @@ struct Publish {
 #[derive(Debug)]
 struct Member {
     link: Link,
-    sent: u64,
-    acknowledged: u64,
-    failed: u64,
     retried_elsewhere: u64,
     /// `remove_nsqd` was called: closing, then forgotten.
     removed: bool,
@@ -230,7 +227,7 @@ struct Member {
 
 impl Member {
     fn new(addr: String) -> Self {
-        Self { link: Link::with_flap_guard(addr), sent: 0, acknowledged: 0, failed: 0, retried_elsewhere: 0, removed: false }
+        Self { link: Link::with_flap_guard(addr), retried_elsewhere: 0, removed: false }
     }
 }
 
@@ -544,14 +541,7 @@ impl ProducerPoolState {
         self.members
             .iter()
             .filter(|m| !m.removed)
-            .map(|m| NsqdStats {
-                addr: m.link.addr().to_owned(),
-                health: self.health(m),
-                sent: m.sent,
-                acknowledged: m.acknowledged,
-                failed: m.failed,
-                retried_elsewhere: m.retried_elsewhere,
-            })
+            .map(|m| NsqdStats { retried_elsewhere: m.retried_elsewhere, ..m.link.stats(self.now, self.started) })
             .collect()
     }
 
@@ -585,20 +575,6 @@ impl ProducerPoolState {
 
     fn member_of(&self, conn: ConnId) -> Option<usize> {
         self.members.iter().position(|m| m.link.conn_id() == Some(conn))
-    }
-
-    fn health(&self, m: &Member) -> Health {
-        if m.link.is_ready() {
-            Health::Connected
-        } else if m.link.has_conn() {
-            Health::Connecting
-        } else if let (Some(retry_at), Some(error)) = (m.link.held_until(self.now), m.link.last_error()) {
-            Health::Down { error: error.clone(), retry_at }
-        } else if self.started {
-            Health::Connecting
-        } else {
-            Health::Idle
-        }
     }
 
     /// Starts dialling every nsqd, once.
@@ -705,7 +681,6 @@ impl ProducerPoolState {
         match queued {
             Ok(id) => {
                 member.link.track(id, vec![attempt]);
-                member.sent += 1;
                 p.in_flight += 1;
                 self.attempts.insert(attempt, (tx, i));
             }
@@ -737,7 +712,8 @@ impl ProducerPoolState {
                 ConnectionError::LocallyClosed
             } else {
                 let wait = self.options.wait;
-                let timeout = SocketError::new(std::io::ErrorKind::TimedOut, format!("no nsqd connected within {wait:?}"));
+                let timeout =
+                    SocketError::new(std::io::ErrorKind::TimedOut, format!("no nsqd connected within {wait:?}"));
                 ConnectionError::Io(timeout)
             };
             p.errors.push((String::new(), PublishError::NotConnected(error)));
@@ -788,14 +764,12 @@ impl ProducerPoolState {
         let member = &mut self.members[i];
         match result {
             Ok(()) => {
-                member.acknowledged += 1;
                 if self.options.strategy != Strategy::All {
                     // Earlier failures no longer matter: it is stored.
                     p.errors.clear();
                 }
             }
             Err(error) => {
-                member.failed += 1;
                 let resend = match &error {
                     // Never sent: safe to send anywhere.
                     PublishError::NotConnected(_) => true,
@@ -861,7 +835,7 @@ impl ProducerPoolState {
             return;
         }
         if self.members.iter().any(|m| m.removed && !m.link.has_conn()) {
-            self.members.retain(|m| !(m.removed && !m.link.has_conn()));
+            self.members.retain(|m| !m.removed || m.link.has_conn());
             self.turn = 0;
         }
     }
