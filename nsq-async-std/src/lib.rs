@@ -21,6 +21,22 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Publishing to several nsqds, the first one preferred while it is up:
+//!
+//! ```no_run
+//! use nsq_async_std::{Config, PoolOptions, Producer, Strategy};
+//!
+//! # async fn run() -> Result<(), nsq_async_std::Error> {
+//! let nsqds = ["10.0.0.1:4150", "10.0.0.2:4150"];
+//! let producer = Producer::pool(nsqds, PoolOptions::new(Strategy::Failover), Config::new())?;
+//! producer.publish("events", "hello").await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Failures come back with their cause: see "When things fail" in the README and the
+//! `Producer` and `Consumer` docs.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

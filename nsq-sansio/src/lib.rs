@@ -12,6 +12,8 @@
 //!   tracking, FIN/REQ/TOUCH/RDY, publishes matched to their responses, graceful CLS.
 //! - [`ProducerState`]: publishes to one nsqd with lazy connection and FIFO transaction
 //!   matching.
+//! - [`ProducerPoolState`]: publishes over several nsqds by a [`Strategy`] (failover, round
+//!   robin, all), with bounded retries on another nsqd and per-nsqd health.
 //! - [`ConsumerState`]: one topic/channel across many nsqds: RDY distribution, backoff,
 //!   redials, lookupd polling, max attempts, graceful stop.
 //! - The codec: [`Command`] encoding, frame [`decode`], [`Topic`]/[`Channel`] validation,
@@ -52,6 +54,16 @@
 //! assert!(conn.poll_timeout().is_some());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # Failures
+//!
+//! What nsqd or the network did arrives as an event carrying its cause: a connection ends with
+//! [`Event::Closed`] and a [`ConnectionError`] (the adapter's [`SocketError`] for a refused
+//! dial or a reset socket, nsqd's [`ServerError`], a TLS alert); a publish fails with a
+//! [`PublishError`] that says whether it was sent ([`PublishError::ConnectionLost`]: maybe
+//! stored) or not ([`PublishError::NotConnected`]). What the caller did wrong is an `Err` from
+//! the call. The producer and consumer state machines decide every retry, each with a delay, a
+//! cap and jitter: their docs give the exact schedules.
 //!
 //! `examples/blocking.rs` runs this loop over a blocking `std::net::TcpStream` in under 150
 //! lines: connect, then repeat: write everything `poll_transmit` returns, hand every
