@@ -214,6 +214,8 @@ struct Publish {
     todo: Vec<usize>,
     /// The nsqd its last attempt broke on: avoided for the next one when others are up.
     avoid: Option<usize>,
+    /// It is in the pool's queue, waiting for a connected nsqd.
+    queued: bool,
 }
 
 /// One nsqd of the pool.
@@ -414,6 +416,9 @@ impl ProducerPoolState {
         }
         self.stopping = true;
         for tx in std::mem::take(&mut self.queue) {
+            if let Some(p) = self.publishes.get_mut(&tx) {
+                p.queued = false;
+            }
             self.expire(tx);
         }
         for i in 0..self.members.len() {
@@ -479,6 +484,9 @@ impl ProducerPoolState {
         if !expired.is_empty() {
             self.queue.retain(|tx| !expired.contains(tx));
             for tx in expired {
+                if let Some(p) = self.publishes.get_mut(&tx) {
+                    p.queued = false;
+                }
                 self.expire(tx);
             }
         }
@@ -610,7 +618,16 @@ impl ProducerPoolState {
             _ => Vec::new(),
         };
         let deadline = deadline(self.now, self.options.wait);
-        let publish = Publish { payload, deadline, retries: 0, errors: Vec::new(), in_flight: 0, todo, avoid: None };
+        let publish = Publish {
+            payload,
+            deadline,
+            retries: 0,
+            errors: Vec::new(),
+            in_flight: 0,
+            todo,
+            avoid: None,
+            queued: true,
+        };
         self.publishes.insert(tx, publish);
         self.queue.push_back(tx);
         self.dispatch();
@@ -622,47 +639,53 @@ impl ProducerPoolState {
         if self.queue.is_empty() {
             return;
         }
-        let ready: Vec<usize> =
-            (0..self.members.len()).filter(|&i| !self.members[i].removed && self.members[i].link.is_ready()).collect();
-        if ready.is_empty() {
+        let n = self.members.len();
+        let ready = |members: &[Member], i: usize| !members[i].removed && members[i].link.is_ready();
+        let Some(first_ready) = (0..n).find(|&i| ready(&self.members, i)) else {
             return;
-        }
+        };
         let mut waiting = VecDeque::new();
+        let mut sent = Vec::new();
         while let Some(tx) = self.queue.pop_front() {
-            let Some(p) = self.publishes.get(&tx) else { continue };
-            let targets: Vec<usize> = match self.options.strategy {
-                Strategy::All => p.todo.iter().copied().filter(|i| ready.contains(i)).collect(),
+            let Some(p) = self.publishes.get_mut(&tx) else { continue };
+            p.queued = false;
+            let avoid = p.avoid;
+            match self.options.strategy {
+                Strategy::All => {
+                    let targets: Vec<usize> = p.todo.iter().copied().filter(|&i| ready(&self.members, i)).collect();
+                    for i in targets {
+                        self.send(tx, i);
+                    }
+                }
                 Strategy::Failover => {
-                    let avoid = p.avoid;
-                    let first = ready.iter().copied().find(|&i| Some(i) != avoid).or(ready.first().copied());
-                    first.into_iter().collect()
+                    let i = (0..n).find(|&i| Some(i) != avoid && ready(&self.members, i)).unwrap_or(first_ready);
+                    self.send(tx, i);
                 }
                 Strategy::RoundRobin => {
-                    let avoid = p.avoid;
-                    let n = self.members.len().max(1);
-                    let pick = (0..n)
+                    let i = (0..n)
                         .map(|k| (self.turn + k) % n)
-                        .find(|i| ready.contains(i) && Some(*i) != avoid)
-                        .or(ready.first().copied());
-                    if let Some(i) = pick {
-                        self.turn = i + 1;
-                    }
-                    pick.into_iter().collect()
+                        .find(|&i| Some(i) != avoid && ready(&self.members, i))
+                        .unwrap_or(first_ready);
+                    self.turn = i + 1;
+                    self.send(tx, i);
                 }
-            };
-            for i in targets {
-                self.send(tx, i);
             }
-            let still_waiting = self.publishes.get(&tx).is_some_and(|p| match self.options.strategy {
+            let Some(p) = self.publishes.get_mut(&tx) else { continue };
+            let still_waiting = match self.options.strategy {
                 Strategy::All => !p.todo.is_empty(),
-                _ => p.in_flight == 0,
-            });
+                _ => p.in_flight == 0 && p.errors.is_empty(),
+            };
             if still_waiting {
+                p.queued = true;
                 waiting.push_back(tx);
+            } else {
+                sent.push(tx);
             }
         }
         self.queue = waiting;
-        self.settle_all();
+        for tx in sent {
+            self.settle(tx);
+        }
     }
 
     /// Sends publish `tx` to member `i` (connected).
@@ -790,7 +813,8 @@ impl ProducerPoolState {
                     if self.options.strategy == Strategy::All {
                         p.todo.push(i);
                     }
-                    if !self.queue.contains(&tx) {
+                    if !p.queued {
+                        p.queued = true;
                         self.queue.push_back(tx);
                     }
                 } else {
@@ -808,10 +832,9 @@ impl ProducerPoolState {
     /// Resolves `tx` if nothing more will happen to it.
     fn settle(&mut self, tx: TxId) {
         let Some(p) = self.publishes.get(&tx) else { return };
-        let queued = self.queue.contains(&tx);
         let done = match self.options.strategy {
-            Strategy::All => p.in_flight == 0 && p.todo.is_empty() && !queued,
-            _ => p.in_flight == 0 && !queued,
+            Strategy::All => p.in_flight == 0 && p.todo.is_empty() && !p.queued,
+            _ => p.in_flight == 0 && !p.queued,
         };
         if !done {
             return;
