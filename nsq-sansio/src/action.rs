@@ -2,6 +2,8 @@
 //! decided on and an adapter carries out.
 
 use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -23,13 +25,20 @@ pub struct QueryId(pub u64);
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Action {
-    /// Open a TCP connection to `addr` (`host:port`) within `dial_timeout`, with TCP_NODELAY.
-    /// Report the outcome with `handle_connected` or `handle_connect_failed`.
+    /// Open a TCP connection to `addr` (`host:port`) with TCP_NODELAY, from `local_addr` when
+    /// set, giving up after `timeout`. Report the outcome with `handle_connected` or
+    /// `handle_connect_failed`.
     Connect {
         /// The connection this socket is for.
         conn: ConnId,
-        /// `host:port` of the nsqd.
+        /// `host:port` of the nsqd (or, for a consumer's lookupd query, of the lookupd).
         addr: String,
+        /// The local address to bind the socket to before connecting (`Config::local_addr`
+        /// for nsqd connections; lookupd queries get the one the OS chooses, as in go-nsq).
+        local_addr: Option<SocketAddr>,
+        /// How long the dial may take: `dial_timeout` for nsqd, `lookupd_poll_timeout` for a
+        /// lookupd query. A dial that takes longer fails with [`std::io::ErrorKind::TimedOut`].
+        timeout: Duration,
     },
     /// Close `conn`'s socket once what is still pending for it is written: call
     /// `poll_transmit` (or `poll_transmit_for(conn)`) first, it may return the connection's

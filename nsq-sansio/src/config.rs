@@ -345,10 +345,14 @@ impl Config {
         write_timeout, 100 * MS, 5 * MIN, "100ms..=5m"
     );
 
-    /// Local address to dial from (`local_addr`, default: chosen by the OS).
+    /// Local address to dial nsqd from (`local_addr`, default: chosen by the OS).
     ///
-    /// Accepted and validated as go-nsq does, but the runtime crates do not bind to it yet:
-    /// their sockets always get an address chosen by the OS.
+    /// Every nsqd connection's socket is bound to it before connecting ([`Action::Connect`]
+    /// carries it; the runtime crates bind on every runtime). Port 0 lets the OS pick the port,
+    /// which is what several connections from one address need. As in go-nsq, lookupd queries
+    /// are not bound to it.
+    ///
+    /// [`Action::Connect`]: crate::Action::Connect
     pub fn local_addr(&mut self, value: Option<SocketAddr>) -> &mut Self {
         self.local_addr = value;
         self

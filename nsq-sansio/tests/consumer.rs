@@ -64,7 +64,7 @@ impl Sim {
     fn drain(&mut self) {
         while let Some(action) = self.consumer.poll_action() {
             match action {
-                Action::Connect { conn, addr } => {
+                Action::Connect { conn, addr, .. } => {
                     self.dialled.insert(conn, addr);
                 }
                 Action::Close { conn } => self.closed.push(conn),

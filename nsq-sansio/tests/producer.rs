@@ -51,7 +51,7 @@ impl Sim {
     fn drain(&mut self) {
         while let Some(a) = self.p.poll_action() {
             match a {
-                Action::Connect { conn, addr } => {
+                Action::Connect { conn, addr, .. } => {
                     assert_eq!(addr, "127.0.0.1:4150");
                     self.dialled.push(conn);
                 }

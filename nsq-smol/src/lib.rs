@@ -31,6 +31,9 @@ pub use nsq_sansio::{Config, ConsumerStats, MessageId};
 nsq_sansio::__futures_io_runtime! {
     runtime: Smol ("smol"),
     stream: smol::net::TcpStream,
+    async_io: smol::Async<std::net::TcpStream>,
+    resolve: |addr| smol::net::resolve(addr),
+    from_std: |socket| smol::net::TcpStream::try_from(socket),
     spawn: |future| smol::spawn(future).detach(),
     sleep_until: |deadline| smol::Timer::at(deadline),
 }

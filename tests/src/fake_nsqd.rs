@@ -54,6 +54,8 @@ pub struct FakeStats {
     pub delivered: u64,
     /// Connections accepted in total.
     pub connections: u64,
+    /// The client address of each connection accepted, in order.
+    pub peers: Vec<SocketAddr>,
     /// Bodies finished, in order.
     pub finished_bodies: Vec<Vec<u8>>,
 }
@@ -418,6 +420,9 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
         let mut st = lock(shared);
         st.next_client += 1;
         st.stats.connections += 1;
+        if let Ok(peer) = sock.peer_addr() {
+            st.stats.peers.push(peer);
+        }
         let id = st.next_client;
         st.clients.insert(
             id,

@@ -70,6 +70,7 @@ macro_rules! scenario_tests {
             connecting_where_nothing_listens_fails_at_once,
             a_required_client_certificate_fails_the_first_connect,
             a_crash_mid_stream_then_stop_waits_for_nothing,
+            local_addr_is_bound_before_connecting,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -736,6 +737,59 @@ pub async fn a_crash_mid_stream_then_stop_waits_for_nothing<R: Runtime>() {
     distinct.sort();
     distinct.dedup();
     assert!(distinct.len() >= 300, "{} distinct finished", distinct.len());
+}
+
+/// A loopback address with a port nothing uses right now.
+fn free_local_addr() -> std::net::SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// `local_addr` set: the producer's and the consumer's sockets come from that address (nsqd
+/// sees the port); a local address of the other IP family is refused with the dial's cause.
+pub async fn local_addr_is_bound_before_connecting<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let from = free_local_addr();
+    let producer = Producer::<R>::new(
+        nsqd.addr(),
+        config(|c| {
+            c.local_addr(Some(from));
+        }),
+    )
+    .unwrap();
+    producer.publish("bound", "x").await.unwrap();
+    assert_eq!(nsqd.stats().peers, [from]);
+
+    let from = free_local_addr();
+    let consumer = Consumer::<R>::new(
+        "bound",
+        "ch",
+        config(|c| {
+            c.local_addr(Some(from));
+        }),
+    )
+    .unwrap();
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("the message", || seen.len() == 1).await;
+    assert_eq!(nsqd.stats().peers.last(), Some(&from));
+    consumer.stop().await;
+    producer.stop().await;
+
+    let v6 = Producer::<R>::new(
+        nsqd.addr(),
+        config(|c| {
+            c.set("local_addr", "[::1]:0").unwrap();
+        }),
+    )
+    .unwrap();
+    match v6.connect().await {
+        Err(Error::Connection(ConnectionError::Dial { error, .. })) => {
+            assert_eq!(error.kind(), std::io::ErrorKind::AddrNotAvailable, "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(nsqd.stats().connections, 2);
 }
 
 /// Keeps `Future` in scope for the macro's users.

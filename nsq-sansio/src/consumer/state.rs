@@ -161,7 +161,12 @@ impl Consumer {
                 last_rdy_at: self.now,
             },
         );
-        self.actions.push_back(Action::Connect { conn: id, addr: addr.to_owned() });
+        self.actions.push_back(Action::Connect {
+            conn: id,
+            addr: addr.to_owned(),
+            local_addr: self.config.local_addr,
+            timeout: self.config.dial_timeout,
+        });
     }
 
     // ---- inputs ------------------------------------------------------------------------------

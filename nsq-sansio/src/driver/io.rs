@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -67,20 +68,22 @@ pub(crate) struct Reports {
 pub(crate) fn spawn_connection<R: Runtime>(
     conn: ConnId,
     addr: String,
+    local_addr: Option<SocketAddr>,
     dial_timeout: Duration,
     write_timeout: Duration,
     reports: Reports,
     span: tracing::Span,
 ) {
     let task = async move {
-        let (mut reader, mut writer) = match with_timeout::<R, _>(dial_timeout, R::connect(addr.clone())).await {
-            Ok(halves) => halves,
-            Err(e) => {
-                debug!(%e, "connect failed");
-                let _ = reports.control.unbounded_send(IoEvent::ConnectFailed(conn, e.into()));
-                return;
-            }
-        };
+        let (mut reader, mut writer) =
+            match with_timeout::<R, _>(dial_timeout, R::connect(addr.clone(), local_addr)).await {
+                Ok(halves) => halves,
+                Err(e) => {
+                    debug!(%e, "connect failed");
+                    let _ = reports.control.unbounded_send(IoEvent::ConnectFailed(conn, e.into()));
+                    return;
+                }
+            };
         debug!("connected");
         let (bytes_tx, mut bytes_rx) = mpsc::unbounded::<Bytes>();
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
@@ -162,7 +165,7 @@ pub(crate) fn spawn_lookupd<R: Runtime>(
 ) {
     R::spawn(async move {
         let exchange = async {
-            let (mut reader, mut writer) = R::connect(addr.clone()).await?;
+            let (mut reader, mut writer) = R::connect(addr.clone(), None).await?;
             R::write_all(&mut writer, &request).await?;
             let mut buf = BytesMut::with_capacity(8 * 1024);
             loop {
@@ -233,7 +236,6 @@ machine!(
 
 /// An engine's sockets: dials, writers, and the reports coming back from their tasks.
 pub(crate) struct Sockets<R: Runtime> {
-    dial_timeout: Duration,
     write_timeout: Duration,
     /// How long one lookupd query may take, connect to last byte.
     lookupd_timeout: Duration,
@@ -252,7 +254,6 @@ impl<R: Runtime> Sockets<R> {
         let (control, control_rx) = mpsc::unbounded();
         let (reads, reads_rx) = mpsc::channel(16);
         Self {
-            dial_timeout: config.dial_timeout,
             write_timeout: config.write_timeout,
             lookupd_timeout: config.lookupd_poll_timeout,
             reports: Reports { control, reads },
@@ -324,13 +325,14 @@ impl<R: Runtime> Sockets<R> {
         while let Some(action) = machine.poll_action() {
             progress = true;
             match action {
-                Action::Connect { conn, addr } => {
+                Action::Connect { conn, addr, local_addr, timeout } => {
                     self.addrs.insert(conn, addr.as_str().into());
                     let span = tracing::debug_span!("nsqd", %addr, %conn);
                     spawn_connection::<R>(
                         conn,
                         addr,
-                        self.dial_timeout,
+                        local_addr,
+                        timeout,
                         self.write_timeout,
                         self.reports.clone(),
                         span,
