@@ -5,9 +5,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-
-/// Identifies one nsqd connection of a producer or consumer. Never reused.
+/// Identifies one connection of a producer or consumer: to an nsqd, or a consumer's lookupd
+/// query. Never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
 
@@ -16,10 +15,6 @@ impl fmt::Display for ConnId {
         write!(f, "conn#{}", self.0)
     }
 }
-
-/// Identifies one lookupd query; the adapter hands it back with the response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct QueryId(pub u64);
 
 /// Something the adapter must do. Drain with `poll_action` after every input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,20 +37,9 @@ pub enum Action {
     },
     /// Close `conn`'s socket once what is still pending for it is written: call
     /// `poll_transmit` (or `poll_transmit_for(conn)`) first, it may return the connection's
-    /// last bytes (final FINs, CLS). No more input is expected for it.
+    /// last bytes (final FINs, CLS, TLS close_notify). No more input is expected for it.
     Close {
         /// The connection to close.
         conn: ConnId,
-    },
-    /// Send `request` to the lookupd at `addr` (`host:port`) over a new TCP connection, read the
-    /// whole response until EOF (or the body is complete), and hand the bytes back with
-    /// `handle_lookupd_response`.
-    QueryLookupd {
-        /// The query id to hand back.
-        query: QueryId,
-        /// `host:port` of the nsqlookupd HTTP interface.
-        addr: String,
-        /// The complete HTTP request.
-        request: Bytes,
     },
 }

@@ -21,9 +21,14 @@
 //!
 //! Every state machine has the same shape. Feed it input with `handle_input` (bytes read),
 //! `handle_eof` and `handle_timeout`, call commands on it, and after each of those drain its
-//! outputs: `poll_transmit` (bytes to write), `poll_action` (sockets to open or close, lookupd
-//! queries; producer and consumer only), `poll_event` (what the application should know), and
-//! finally `poll_timeout` (when to call `handle_timeout` next). Time is always an argument.
+//! outputs: `poll_transmit` (bytes to write), `poll_action` (sockets to open or close; producer
+//! and consumer only), `poll_event` (what the application should know), and finally
+//! `poll_timeout` (when to call `handle_timeout` next). Time is always an argument.
+//!
+//! A consumer's lookupd queries are connections like its nsqd ones: [`Action::Connect`] to
+//! the lookupd, the HTTP request out of `poll_transmit_for`, the response into `handle_input`
+//! and `handle_eof`, then [`Action::Close`]. HTTP, TLS for `https://` lookupds and JSON happen
+//! in the core, so an event loop that can drive an nsqd socket drives lookupd the same way.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -78,7 +83,7 @@ mod rng;
 mod timer;
 mod transport;
 
-pub use action::{Action, ConnId, QueryId};
+pub use action::{Action, ConnId};
 pub use config::{BackoffStrategy, Config, ConfigError, MAX_MSG_SIZE_LIMIT, MESSAGE_FRAME_OVERHEAD};
 pub use connection::{
     AuthResponse, ConnectionState, ConnectionStats, Event, Phase, PublishId, DEFAULT_MAX_DEFER, DEFAULT_MAX_MSG_SIZE,

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use nsq_sansio::driver::{Consumer, Error, Message, Producer, Runtime};
 use nsq_sansio::{Config, ConnectionError, ErrorCode, PublishError};
 
-use crate::{FakeLookupd, FakeNsqd, FakeNsqdOptions};
+use crate::{FakeLookupd, FakeLookupdOptions, FakeNsqd, FakeNsqdOptions};
 
 /// How long any one wait may take before the scenario fails.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -71,6 +71,9 @@ macro_rules! scenario_tests {
             a_required_client_certificate_fails_the_first_connect,
             a_crash_mid_stream_then_stop_waits_for_nothing,
             local_addr_is_bound_before_connecting,
+            https_lookupd_demands_the_bearer_token,
+            a_failed_first_lookupd_then_a_good_second,
+            a_discovery_filter_chooses_the_nsqds,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -790,6 +793,111 @@ pub async fn local_addr_is_bound_before_connecting<R: Runtime>() {
         other => panic!("{other:?}"),
     }
     assert_eq!(nsqd.stats().connections, 2);
+}
+
+/// An https lookupd that answers only with `Authorization: Bearer <secret>`: a consumer with
+/// the CA and the secret finds the nsqd; without the secret, or with the header switched off
+/// (`skip_lookupd_authorization=false`), lookupd refuses it and nothing is dialled.
+pub async fn https_lookupd_demands_the_bearer_token<R: Runtime>() {
+    let pki = crate::TestPki::new("lookupd-bearer");
+    let options =
+        FakeLookupdOptions { tls: Some(pki.server.clone()), bearer: Some("s3cret".into()), ..Default::default() };
+    let lookupd = FakeLookupd::start_with(options).unwrap();
+    let nsqd = FakeNsqd::start_default().unwrap();
+    lookupd.register("secured", &nsqd.addr());
+    nsqd.publish("secured", b"found over https");
+    let url = format!("https://{}", lookupd.addr());
+    let ca = pki.ca_file.display().to_string();
+    let with = |secret: Option<&str>, header: bool| {
+        let mut c = Config::new();
+        // The CA verifies lookupd; nsqd is plain.
+        c.set("tls_root_ca_file", &ca).unwrap().set("tls_v1", "false").unwrap();
+        c.set("lookupd_poll_interval", "200ms").unwrap();
+        c.set("skip_lookupd_authorization", if header { "true" } else { "false" }).unwrap();
+        if let Some(secret) = secret {
+            c.auth_secret(secret);
+        }
+        c
+    };
+
+    let consumer = Consumer::<R>::new("secured", "ch", with(Some("s3cret"), true)).unwrap();
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqlookupd(url.clone()).await.unwrap();
+    wait_for::<R>("the message", || seen.len() == 1).await;
+    assert_eq!(seen.sorted(), [b"found over https".to_vec()]);
+    assert_eq!(lookupd.refused(), 0);
+    consumer.stop().await;
+    let connections = nsqd.stats().connections;
+
+    for (secret, header) in [(None, true), (Some("s3cret"), false), (Some("wrong"), true)] {
+        let refused = lookupd.refused();
+        let consumer = Consumer::<R>::new("secured", "ch", with(secret, header)).unwrap();
+        consumer.add_handler(recording_handler(&Seen::default()));
+        consumer.connect_to_nsqlookupd(url.clone()).await.unwrap();
+        wait_for::<R>("two refused queries", || lookupd.refused() >= refused + 2).await;
+        assert_eq!(nsqd.stats().connections, connections, "{secret:?} {header}: nothing dialled");
+        consumer.stop().await;
+    }
+}
+
+/// The first lookupd fails (500, after a moment); the next one is asked at once, long before
+/// the next poll, and its nsqd is consumed.
+pub async fn a_failed_first_lookupd_then_a_good_second<R: Runtime>() {
+    let failing = FakeLookupdOptions { fail: Some(500), delay: Duration::from_millis(300), ..Default::default() };
+    let bad = FakeLookupd::start_with(failing).unwrap();
+    let good = FakeLookupd::start().unwrap();
+    let nsqd = FakeNsqd::start_default().unwrap();
+    good.register("retry", &nsqd.addr());
+    nsqd.publish("retry", b"from the second lookupd");
+    // The default 60 s poll interval: only the retry can find the nsqd within the wait.
+    let consumer = consumer::<R>("retry", 1);
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqlookupds([bad.addr(), good.addr()]).await.unwrap();
+    wait_for::<R>("the message", || seen.len() == 1).await;
+    assert_eq!((bad.queries(), good.queries()), (1, 1));
+    consumer.stop().await;
+}
+
+/// A discovery filter sees every nsqd lookupd lists and keeps one: only that one is dialled,
+/// poll after poll.
+pub async fn a_discovery_filter_chooses_the_nsqds<R: Runtime>() {
+    let lookupd = FakeLookupd::start().unwrap();
+    let nsqds: Vec<FakeNsqd> = (0..2).map(|_| FakeNsqd::start_default().unwrap()).collect();
+    for n in &nsqds {
+        lookupd.register("filtered", &n.addr());
+        n.publish("filtered", n.addr().as_bytes());
+    }
+    let consumer = Consumer::<R>::new(
+        "filtered",
+        "ch",
+        config(|c| {
+            c.lookupd_poll_interval(Duration::from_millis(100)).unwrap();
+        }),
+    )
+    .unwrap();
+    let given: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let (record, keep) = (given.clone(), nsqds[1].addr());
+    consumer.set_discovery_filter(move |addrs| {
+        record.lock().unwrap().push(addrs.clone());
+        addrs.into_iter().filter(|a| *a == keep).collect()
+    });
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqlookupd(lookupd.addr()).await.unwrap();
+    wait_for::<R>("the kept nsqd's message", || seen.len() == 1).await;
+    wait_for::<R>("more polls", || lookupd.queries() >= 4).await;
+    assert_eq!(seen.sorted(), [nsqds[1].addr().into_bytes()]);
+    assert_eq!(nsqds[0].stats().connections, 0, "the filtered-out nsqd is never dialled");
+    assert_eq!(nsqds[1].stats().connections, 1);
+    let mut listed = vec![nsqds[0].addr(), nsqds[1].addr()];
+    listed.sort();
+    for mut seen_by_filter in given.lock().unwrap().clone() {
+        seen_by_filter.sort();
+        assert_eq!(seen_by_filter, listed);
+    }
+    consumer.stop().await;
 }
 
 /// Keeps `Future` in scope for the macro's users.

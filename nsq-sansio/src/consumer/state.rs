@@ -139,9 +139,15 @@ impl Consumer {
 
     // ---- connections -------------------------------------------------------------------------
 
-    fn open(&mut self, addr: &str) {
+    /// A new connection id: nsqd connections and lookupd queries share one space.
+    fn new_conn_id(&mut self) -> ConnId {
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
+        id
+    }
+
+    fn open(&mut self, addr: &str) {
+        let id = self.new_conn_id();
         let host = host_of(addr);
         let mut state = ConnectionState::new(self.config.clone(), host, self.now);
         // Held by the connection until its handshake is done.
@@ -175,6 +181,8 @@ impl Consumer {
         self.advance(now);
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.connected = true;
+        } else {
+            self.query_connected(id);
         }
     }
 
@@ -186,6 +194,8 @@ impl Consumer {
             while conn.state.poll_event().is_some() {}
             let addr = conn.addr.clone();
             self.on_closed(id, ConnectionError::Dial { addr, error });
+        } else {
+            self.query_io_error(id, error);
         }
     }
 
@@ -194,6 +204,8 @@ impl Consumer {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.state.handle_io_error(now, error);
             self.process(id);
+        } else {
+            self.query_io_error(id, error);
         }
     }
 
@@ -202,6 +214,8 @@ impl Consumer {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.state.handle_input(now, data);
             self.process(id);
+        } else {
+            self.query_input(id, data);
         }
     }
 
@@ -210,6 +224,8 @@ impl Consumer {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.state.handle_eof(now);
             self.process(id);
+        } else {
+            self.query_eof(id);
         }
     }
 
@@ -327,6 +343,7 @@ impl Consumer {
         self.timers.stop(Timer::Backoff);
         self.timers.stop(Timer::Redistribute);
         self.timers.set(Timer::Stop, deadline(now, STOP_TIMEOUT));
+        self.close_queries();
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             if let Some(conn) = self.conns.get_mut(&id) {
@@ -349,12 +366,20 @@ impl Consumer {
         if !self.final_writes.is_empty() {
             return Some(self.final_writes.remove(0));
         }
-        self.conns.iter_mut().filter(|(_, c)| c.connected).find_map(|(&id, c)| c.state.poll_transmit().map(|b| (id, b)))
+        let nsqd = self
+            .conns
+            .iter_mut()
+            .filter(|(_, c)| c.connected)
+            .find_map(|(&id, c)| c.state.poll_transmit().map(|b| (id, b)));
+        nsqd.or_else(|| self.any_query_transmit())
     }
 
     pub(crate) fn poll_transmit_for(&mut self, id: ConnId) -> Option<Bytes> {
         if let Some(i) = self.final_writes.iter().position(|(c, _)| *c == id) {
             return Some(self.final_writes.remove(i).1);
+        }
+        if self.lookupd.is_query(id) {
+            return self.query_transmit(id);
         }
         let conn = self.conns.get_mut(&id).filter(|c| c.connected)?;
         let bytes = conn.state.poll_transmit();

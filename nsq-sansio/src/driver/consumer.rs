@@ -72,6 +72,7 @@ enum Command {
     /// Resolved at once, except a direct nsqd: when its first connection subscribed or failed.
     Source(Source, oneshot::Sender<Result<(), Error>>),
     MaxInFlight(u32),
+    DiscoveryFilter(Box<dyn FnMut(Vec<String>) -> Vec<String> + Send>),
     Stats(oneshot::Sender<ConsumerStats>),
     Stop(Option<oneshot::Sender<()>>),
     Stopped(oneshot::Sender<()>),
@@ -181,7 +182,12 @@ impl<R: Runtime> Consumer<R> {
         Ok(())
     }
 
-    /// Polls a lookupd (`host:port` or `http://host:port`) and connects to the nsqds it lists.
+    /// Polls a lookupd (`host:port`, `http://host:port[/path]` or `https://host:port[/path]`)
+    /// and connects to the nsqds it lists (after the [discovery
+    /// filter](Self::set_discovery_filter), if any). `https://` uses the configuration's TLS
+    /// settings; with an `auth_secret`, queries carry `Authorization: Bearer <auth_secret>`
+    /// unless `skip_lookupd_authorization` is false. See
+    /// [`ConsumerState::connect_to_nsqlookupd`].
     pub async fn connect_to_nsqlookupd(&self, addr: impl Into<String>) -> Result<(), Error> {
         self.source(Source::Lookupd(addr.into())).await
     }
@@ -197,7 +203,8 @@ impl<R: Runtime> Consumer<R> {
         Ok(())
     }
 
-    /// Closes the connection to a direct nsqd and stops redialling it.
+    /// Closes the connection to an nsqd, given directly or found through lookupd; it is not
+    /// dialled again (even when lookupd lists it) until `connect_to_nsqd` names it.
     pub async fn disconnect_from_nsqd(&self, addr: impl Into<String>) -> Result<(), Error> {
         self.source(Source::NoNsqd(addr.into())).await
     }
@@ -205,6 +212,21 @@ impl<R: Runtime> Consumer<R> {
     /// Stops polling a lookupd.
     pub async fn disconnect_from_nsqlookupd(&self, addr: impl Into<String>) -> Result<(), Error> {
         self.source(Source::NoLookupd(addr.into())).await
+    }
+
+    /// Filters or reorders the nsqd addresses of every lookupd answer before they are dialled
+    /// (go-nsq's `DiscoveryFilter`): `filter` gets the `host:port` addresses lookupd listed and
+    /// returns those to dial, in order. Set it before connecting to lookupd; it replaces any
+    /// earlier filter. A filter that panics dials nothing from that answer.
+    pub fn set_discovery_filter(&self, mut filter: impl FnMut(Vec<String>) -> Vec<String> + Send + 'static) {
+        let guarded = move |addrs: Vec<String>| match std::panic::catch_unwind(AssertUnwindSafe(|| filter(addrs))) {
+            Ok(addrs) => addrs,
+            Err(_) => {
+                warn!("the discovery filter panicked; nothing from this lookupd answer is dialled");
+                Vec::new()
+            }
+        };
+        let _ = self.handle.commands.unbounded_send(Command::DiscoveryFilter(Box::new(guarded)));
     }
 
     /// Changes `max_in_flight`; RDY is redistributed.
@@ -429,6 +451,7 @@ impl<R: Runtime> Engine<R> {
                 let _ = reply.send(result.map_err(Error::from));
             }
             Input::Command(Command::MaxInFlight(n)) => self.state.change_max_in_flight(n, now),
+            Input::Command(Command::DiscoveryFilter(filter)) => self.state.set_discovery_filter(filter),
             Input::Command(Command::Stats(reply)) => {
                 let _ = reply.send(self.state.stats());
             }
