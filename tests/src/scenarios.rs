@@ -74,6 +74,7 @@ macro_rules! scenario_tests {
             https_lookupd_demands_the_bearer_token,
             a_failed_first_lookupd_then_a_good_second,
             a_discovery_filter_chooses_the_nsqds,
+            ping_writes_a_nop_or_says_why_it_cannot,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -898,6 +899,34 @@ pub async fn a_discovery_filter_chooses_the_nsqds<R: Runtime>() {
         assert_eq!(seen_by_filter, listed);
     }
     consumer.stop().await;
+}
+
+/// `ping` connects, writes a NOP (nsqd reads it and does not answer), and fails with the cause
+/// when the connection cannot be made.
+pub async fn ping_writes_a_nop_or_says_why_it_cannot<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let producer = Producer::<R>::new(nsqd.addr(), Config::new()).unwrap();
+    producer.ping().await.unwrap();
+    wait_for::<R>("the first NOP", || nsqd.stats().nops == 1).await;
+    producer.ping().await.unwrap();
+    wait_for::<R>("the second NOP", || nsqd.stats().nops == 2).await;
+    assert_eq!(nsqd.stats().connections, 1);
+    producer.publish("pinged", "x").await.unwrap();
+    producer.stop().await;
+    assert!(matches!(producer.ping().await, Err(Error::Command(_) | Error::Stopped)));
+
+    let dead = dead_addr();
+    match Producer::<R>::new(dead, Config::new()).unwrap().ping().await {
+        Err(Error::Connection(ConnectionError::Dial { error, .. })) => {
+            assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused)
+        }
+        other => panic!("{other:?}"),
+    }
+    let options = FakeNsqdOptions { auth_secrets: [("k".to_owned(), "id".to_owned())].into(), ..Default::default() };
+    let secured = FakeNsqd::start(options).unwrap();
+    let no_secret = Producer::<R>::new(secured.addr(), Config::new()).unwrap();
+    assert!(matches!(no_secret.ping().await, Err(Error::Connection(ConnectionError::AuthRequired))));
+    assert_eq!(secured.stats().nops, 0);
 }
 
 /// Keeps `Future` in scope for the macro's users.

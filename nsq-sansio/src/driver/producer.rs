@@ -14,7 +14,7 @@ use tracing::{debug, Instrument};
 
 use super::io::{IoEvent, Sockets};
 use super::{Error, Runtime};
-use crate::{Config, ProducerEvent, ProducerState, Topic, TxId};
+use crate::{Config, ConnId, ConnectionError, ProducerEvent, ProducerState, Topic, TxId};
 
 /// Publishes to one nsqd. Cheap to clone; clones share one connection, and concurrent publishes
 /// are pipelined on it (no lock is held across a round trip).
@@ -61,6 +61,7 @@ impl Drop for Handle {
 enum Command {
     Publish(Publish, oneshot::Sender<Result<(), Error>>),
     Connect(oneshot::Sender<Result<(), Error>>),
+    Ping(oneshot::Sender<Result<(), Error>>),
     Stop(oneshot::Sender<()>),
     Shutdown,
 }
@@ -102,9 +103,13 @@ impl<R: Runtime> Producer<R> {
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 
-    /// Checks the connection: connects if needed and waits for the handshake.
+    /// Checks the connection as go-nsq's `Ping` does: connects if needed and sends a `NOP`
+    /// (which nsqd does not answer); resolves once the NOP was written to the socket, or with
+    /// the error that prevented it: the dial, the handshake (TLS, AUTH), or the write.
     pub async fn ping(&self) -> Result<(), Error> {
-        self.connect().await
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Ping(tx))?;
+        rx.await.unwrap_or(Err(Error::Stopped))
     }
 
     /// Publishes one message.
@@ -172,6 +177,9 @@ struct Engine<R: Runtime> {
     sockets: Sockets<R>,
     pending: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
     connect_waiters: Vec<oneshot::Sender<Result<(), Error>>>,
+    pings: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
+    /// Pings whose NOP was handed to the connection's writer: resolved when that write ends.
+    ping_writes: Vec<(ConnId, oneshot::Sender<Result<(), Error>>)>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     connected: bool,
     shutdown: bool,
@@ -185,6 +193,8 @@ impl<R: Runtime> Engine<R> {
             sockets: Sockets::new(&config),
             pending: HashMap::new(),
             connect_waiters: Vec::new(),
+            pings: HashMap::new(),
+            ping_writes: Vec::new(),
             stop_waiters: Vec::new(),
             connected: false,
             shutdown: false,
@@ -279,11 +289,41 @@ impl<R: Runtime> Engine<R> {
                     self.connect_waiters.push(reply);
                 }
             }
+            Input::Command(Command::Ping(reply)) => match self.state.ping(now) {
+                Ok(tx) => {
+                    self.pings.insert(tx, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
             Input::Command(Command::Stop(reply)) => {
                 self.stop_waiters.push(reply);
                 self.state.stop(now);
             }
-            Input::Io(event) => self.sockets.apply(event, &mut self.state, now),
+            Input::Io(event) => {
+                match &event {
+                    IoEvent::Written(conn) => self.ping_written(*conn, Ok(())),
+                    IoEvent::Failed(conn, error) => {
+                        self.ping_written(*conn, Err(ConnectionError::Io(error.clone())));
+                    }
+                    _ => {}
+                }
+                self.sockets.apply(event, &mut self.state, now)
+            }
+        }
+    }
+
+    /// The write of `conn` that carried pings' NOPs ended (or the connection did).
+    fn ping_written(&mut self, conn: ConnId, result: Result<(), ConnectionError>) {
+        let mut i = 0;
+        while i < self.ping_writes.len() {
+            if self.ping_writes[i].0 == conn {
+                let (_, reply) = self.ping_writes.swap_remove(i);
+                let _ = reply.send(result.clone().map_err(Error::Connection));
+            } else {
+                i += 1;
+            }
         }
     }
 
@@ -308,6 +348,16 @@ impl<R: Runtime> Engine<R> {
                     let _ = reply.send(result.map_err(Error::from));
                 }
             }
+            ProducerEvent::Pinged { tx, conn, result } => {
+                if let Some(reply) = self.pings.remove(&tx) {
+                    match result {
+                        Ok(()) => self.ping_writes.push((conn, reply)),
+                        Err(e) => {
+                            let _ = reply.send(Err(Error::Connection(e)));
+                        }
+                    }
+                }
+            }
             ProducerEvent::Connected(conn) => {
                 debug!(%conn, "producer connected");
                 self.connected = true;
@@ -318,6 +368,7 @@ impl<R: Runtime> Engine<R> {
             ProducerEvent::Disconnected(conn, error) | ProducerEvent::ConnectFailed { conn, error, .. } => {
                 debug!(%conn, %error, "producer disconnected");
                 self.connected = false;
+                self.ping_written(conn, Err(error.clone()));
                 for waiter in self.connect_waiters.drain(..) {
                     let _ = waiter.send(Err(Error::Connection(error.clone())));
                 }

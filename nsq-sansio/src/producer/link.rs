@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use crate::action::ConnId;
 use crate::connection::{deadline, ConnectionState, Event, PublishId};
-use crate::error::{ConnectionError, PublishError, SocketError};
+use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::rng::{RetryDelay, Rng};
 use crate::Config;
 
@@ -26,6 +26,8 @@ pub(crate) const REDIAL_CAP: Duration = Duration::from_secs(5);
 pub(crate) enum LinkEvent {
     /// A publish resolved.
     Published { tx: TxId, result: Result<(), PublishError> },
+    /// A ping's NOP was handed to the socket (`Ok`), or the connection ended first.
+    Pinged { tx: TxId, conn: ConnId, result: Result<(), ConnectionError> },
     /// The handshake finished.
     Connected(ConnId),
     /// A connection ended; `was_ready` says whether its handshake had finished. The owner
@@ -44,6 +46,10 @@ struct Conn {
     ready: bool,
     /// Transactions by the connection's publish ids; a batch maps to several.
     txs: VecDeque<(PublishId, Vec<TxId>)>,
+    /// Pings whose NOP is queued and not yet handed to the socket.
+    pings: Vec<TxId>,
+    /// Pings whose NOP was handed to the socket, to report.
+    pinged: Vec<TxId>,
 }
 
 /// One nsqd of a producer.
@@ -103,7 +109,15 @@ impl Link {
         let host = crate::consumer::host_of(&self.addr);
         let state = ConnectionState::new(config.clone(), host, now);
         info!(conn = %id, addr = %self.addr, "connecting to nsqd");
-        self.conn = Some(Conn { id, state, connected: false, ready: false, txs: VecDeque::new() });
+        self.conn = Some(Conn {
+            id,
+            state,
+            connected: false,
+            ready: false,
+            txs: VecDeque::new(),
+            pings: Vec::new(),
+            pinged: Vec::new(),
+        });
     }
 
     /// The current connection's state, to queue publishes on.
@@ -116,6 +130,14 @@ impl Link {
         if let Some(conn) = &mut self.conn {
             conn.txs.push_back((id, txs));
         }
+    }
+
+    /// Queues a NOP for ping `tx` on the current connection.
+    pub(crate) fn ping(&mut self, tx: TxId) -> Result<(), CommandError> {
+        let conn = self.conn.as_mut().ok_or(CommandError::Closed)?;
+        conn.state.nop()?;
+        conn.pings.push(tx);
+        Ok(())
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -171,7 +193,13 @@ impl Link {
     /// What the current connection has to write, once its socket is connected.
     pub(crate) fn poll_transmit(&mut self, id: ConnId) -> Option<Bytes> {
         let conn = self.conn.as_mut().filter(|c| c.id == id && c.connected)?;
-        conn.state.poll_transmit()
+        let bytes = conn.state.poll_transmit()?;
+        if conn.state.is_ready() {
+            // Once the handshake is done every queued command is in what poll_transmit
+            // returns: the pings' NOPs are on their way to the socket.
+            conn.pinged.append(&mut conn.pings);
+        }
+        Some(bytes)
     }
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
@@ -188,6 +216,9 @@ impl Link {
         final_writes: &mut Vec<(ConnId, Bytes)>,
     ) {
         let Some(conn) = &mut self.conn else { return };
+        for tx in conn.pinged.drain(..) {
+            out.push_back(LinkEvent::Pinged { tx, conn: conn.id, result: Ok(()) });
+        }
         while let Some(event) = conn.state.poll_event() {
             match event {
                 Event::Ready(_) => {
@@ -216,6 +247,9 @@ impl Link {
                             let result = Err(PublishError::ConnectionLost(error.clone()));
                             out.push_back(LinkEvent::Published { tx, result });
                         }
+                    }
+                    for tx in conn.pings.drain(..) {
+                        out.push_back(LinkEvent::Pinged { tx, conn: conn.id, result: Err(error.clone()) });
                     }
                     if conn.connected && error.is_local_close() {
                         // What the connection queued last (a final PUB's bytes) goes out before
