@@ -459,6 +459,32 @@ fn a_failed_first_connect_is_reported_with_its_cause_and_not_retried() {
     assert_eq!(sim.dialled.len(), 1, "not retried");
 }
 
+#[test]
+fn the_auth_answer_is_reported_with_the_nsqd_address() {
+    let mut sim = Sim::new(|c| {
+        c.auth_secret("s3cret");
+    });
+    sim.consumer.connect_to_nsqd("127.0.0.1:4150", sim.now).unwrap();
+    sim.drain();
+    let conn = *sim.dialled.keys().last().unwrap();
+    sim.consumer.handle_connected(conn, sim.now);
+    sim.drain();
+    let identify = br#"{"max_rdy_count":2500,"msg_timeout":60000,"auth_required":true}"#;
+    sim.input(conn, frame(Frame::Response(Bytes::from_static(identify))));
+    assert!(sim.wrote(conn, "AUTH\n"));
+    sim.input(conn, frame(Frame::Response(Bytes::from_static(br#"{"identity":"bob","permission_count":1}"#))));
+    sim.input(conn, ok());
+    match &sim.events[..] {
+        [ConsumerEvent::Authenticated { conn: c, addr, auth }, ConsumerEvent::Connected { .. }] => {
+            assert_eq!(
+                (*c, addr.as_str(), auth.identity.as_str(), auth.permission_count),
+                (conn, "127.0.0.1:4150", "bob", 1)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 fn lookup_response(producers: &[(&str, u16)]) -> Bytes {
     let list: Vec<String> = producers
         .iter()

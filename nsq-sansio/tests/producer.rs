@@ -230,6 +230,25 @@ fn ping_fails_with_the_cause_when_the_connection_cannot_be_made() {
     assert_eq!(sim.p.ping(sim.now), Err(CommandError::Closed));
 }
 
+#[test]
+fn the_auth_answer_is_reported_before_connected() {
+    let mut sim = Sim::new();
+    sim.p = ProducerState::new("127.0.0.1:4150", Arc::new(Config::new().auth_secret("s3cret").clone()), sim.now);
+    sim.p.connect(sim.now).unwrap();
+    sim.drain();
+    sim.p.handle_connected(sim.conn(), sim.now);
+    sim.drain();
+    sim.input(response(br#"{"max_rdy_count":2500,"msg_timeout":60000,"auth_required":true}"#));
+    assert!(sim.wire().ends_with(b"AUTH\n\0\0\0\x06s3cret"));
+    sim.input(response(br#"{"identity":"alice","identity_url":"https://auth/alice","permission_count":3}"#));
+    let auth = sim.events.iter().position(|e| {
+        matches!(e, ProducerEvent::Authenticated { auth, .. }
+            if auth.identity == "alice" && auth.identity_url == "https://auth/alice" && auth.permission_count == 3)
+    });
+    let connected = sim.events.iter().position(|e| matches!(e, ProducerEvent::Connected(_)));
+    assert!(auth.is_some() && auth < connected, "{:?}", sim.events);
+}
+
 fn refused() -> std::io::Error {
     std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
 }

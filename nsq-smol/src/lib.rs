@@ -26,7 +26,7 @@
 #![deny(missing_docs)]
 
 pub use nsq_sansio::driver::{Error, Handler, HandlerError, HandlerResult, Message, Messages};
-pub use nsq_sansio::{Config, ConsumerStats, MessageId};
+pub use nsq_sansio::{AuthResponse, Config, ConsumerStats, MessageId};
 
 nsq_sansio::__futures_io_runtime! {
     runtime: Smol ("smol"),

@@ -36,7 +36,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 
 pub use nsq_sansio::driver::{Error, Handler, HandlerError, HandlerResult, Message, Messages};
-pub use nsq_sansio::{Config, ConsumerStats, MessageId};
+pub use nsq_sansio::{AuthResponse, Config, ConsumerStats, MessageId};
 
 /// A producer on tokio: see [`nsq_sansio::driver::Producer`].
 pub type Producer = nsq_sansio::driver::Producer<Tokio>;

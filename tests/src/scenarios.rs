@@ -494,7 +494,8 @@ pub async fn slow_handler_holds_at_most_max_in_flight<R: Runtime>() {
     assert!(most >= 2, "the handler was slow enough for messages to queue up ({most})");
 }
 
-/// AUTH with a good secret works; a wrong secret is a typed fatal error.
+/// AUTH with a good secret works and its answer is readable from the producer and the
+/// consumer; a wrong secret is a typed fatal error.
 pub async fn auth_good_and_bad<R: Runtime>() {
     let options = FakeNsqdOptions {
         auth_secrets: [("good-secret".to_owned(), "fixture-user".to_owned())].into(),
@@ -509,6 +510,8 @@ pub async fn auth_good_and_bad<R: Runtime>() {
     )
     .unwrap();
     good.publish("authed", "x").await.unwrap();
+    let auth = good.auth().unwrap();
+    assert_eq!((auth.identity.as_str(), auth.permission_count), ("fixture-user", 1));
     let bad = Producer::<R>::new(
         nsqd.addr(),
         config(|c| {
@@ -531,7 +534,26 @@ pub async fn auth_good_and_bad<R: Runtime>() {
     }
     let none = Producer::<R>::new(nsqd.addr(), Config::new()).unwrap();
     assert!(matches!(none.connect().await, Err(Error::Connection(ConnectionError::AuthRequired))));
+    assert_eq!(none.auth(), None);
     assert_eq!(nsqd.stats().published["authed"], 1);
+
+    let consumer = Consumer::<R>::new(
+        "authed",
+        "ch",
+        config(|c| {
+            c.auth_secret("good-secret");
+        }),
+    )
+    .unwrap();
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    assert!(consumer.auth().is_empty());
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    let answers = consumer.auth();
+    assert_eq!(answers.keys().collect::<Vec<_>>(), [&nsqd.addr()]);
+    assert_eq!(answers[&nsqd.addr()].identity, "fixture-user");
+    wait_for::<R>("the message", || seen.len() == 1).await;
+    consumer.stop().await;
 }
 
 /// The Stream way of consuming, with explicit answers.

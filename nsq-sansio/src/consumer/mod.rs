@@ -12,7 +12,7 @@ use crate::config::BackoffStrategy;
 use crate::error::{CommandError, ConnectionError, SocketError};
 use crate::lookupd::LookupdError;
 use crate::rng::Rng;
-use crate::{Channel, Config, Message, MessageId, Topic};
+use crate::{AuthResponse, Channel, Config, Message, MessageId, Topic};
 
 pub(crate) use state::host_of;
 use state::Consumer;
@@ -35,6 +35,16 @@ pub enum ConsumerEvent {
         conn: ConnId,
         /// The message.
         message: Message,
+    },
+    /// nsqd accepted the AUTH secret of `conn`, with what its auth server said (identity,
+    /// permissions). Comes before that connection's [`Connected`](Self::Connected).
+    Authenticated {
+        /// The connection.
+        conn: ConnId,
+        /// Its nsqd address.
+        addr: String,
+        /// nsqd's AUTH answer.
+        auth: AuthResponse,
     },
     /// A connection finished its handshake and subscribed.
     Connected {

@@ -484,7 +484,11 @@ impl Consumer {
                     debug!(conn = %id, %msg, "message timed out in flight")
                 }
                 Event::ServerError(e) => warn!(conn = %id, %e, "nsqd error"),
-                Event::Ready(_) | Event::Authenticated(_) | Event::CloseWait | Event::Published { .. } => {}
+                Event::Authenticated(auth) => {
+                    let addr = conn.addr.clone();
+                    self.events.push_back(ConsumerEvent::Authenticated { conn: id, addr, auth });
+                }
+                Event::Ready(_) | Event::CloseWait | Event::Published { .. } => {}
             }
         }
     }

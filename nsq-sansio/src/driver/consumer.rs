@@ -1,5 +1,6 @@
 //! [`Consumer`]: an async handle on a [`ConsumerState`] run by one engine task.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
@@ -16,9 +17,11 @@ use tracing::{debug, warn, Instrument};
 use super::io::{IoEvent, Sockets};
 use super::message::{Answer, Answers, Handler, Message};
 use super::{Error, Runtime};
-use crate::{Channel, Config, ConnectionError, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
+use crate::{AuthResponse, Channel, Config, ConnectionError, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
 
 type FailedHook = Arc<dyn Fn(&crate::Message) + Send + Sync>;
+/// nsqd's last AUTH answer, per nsqd address.
+type AuthAnswers = Arc<Mutex<BTreeMap<String, AuthResponse>>>;
 
 /// Consumes one topic/channel from every nsqd it is pointed at, directly or through lookupd.
 ///
@@ -60,6 +63,7 @@ struct Handle {
     messages: Mutex<Option<mpsc::UnboundedReceiver<Message>>>,
     shared_messages: Mutex<Option<Arc<AsyncMutex<mpsc::UnboundedReceiver<Message>>>>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
+    auth: AuthAnswers,
 }
 
 impl Drop for Handle {
@@ -98,6 +102,7 @@ impl<R: Runtime> Consumer<R> {
         let failed: Arc<Mutex<Option<FailedHook>>> = Arc::new(Mutex::new(None));
         let state = ConsumerState::new(topic.clone(), channel.clone(), Arc::new(config.clone()), R::now());
         let engine = Engine::<R>::new(state, config, commands_rx, messages_tx, failed.clone());
+        let auth = engine.auth.clone();
         let span = tracing::debug_span!("nsq_consumer", %topic, %channel);
         R::spawn(engine.run().instrument(span));
         let handle = Handle {
@@ -107,6 +112,7 @@ impl<R: Runtime> Consumer<R> {
             messages: Mutex::new(Some(messages_rx)),
             shared_messages: Mutex::new(None),
             failed,
+            auth,
         };
         Ok(Self { handle: Arc::new(handle), _runtime: PhantomData })
     }
@@ -234,6 +240,13 @@ impl<R: Runtime> Consumer<R> {
         let _ = self.handle.commands.unbounded_send(Command::MaxInFlight(max_in_flight));
     }
 
+    /// What each nsqd's auth server said about the `auth_secret` (identity, identity URL,
+    /// permission count), by nsqd address: the last AUTH answer of every nsqd this consumer
+    /// authenticated to. Empty when no nsqd asked for AUTH.
+    pub fn auth(&self) -> BTreeMap<String, AuthResponse> {
+        self.handle.auth.lock().map(|answers| answers.clone()).unwrap_or_default()
+    }
+
     /// Counters.
     pub async fn stats(&self) -> ConsumerStats {
         let (tx, rx) = oneshot::channel();
@@ -316,6 +329,7 @@ struct Engine<R: Runtime> {
     sockets: Sockets<R>,
     messages: Option<mpsc::UnboundedSender<Message>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
+    auth: AuthAnswers,
     stop_waiters: Vec<oneshot::Sender<()>>,
     /// `connect_to_nsqd` calls waiting for their address's first connection.
     connect_waiters: Vec<(String, oneshot::Sender<Result<(), Error>>)>,
@@ -345,6 +359,7 @@ impl<R: Runtime> Engine<R> {
             sockets: Sockets::new(&config),
             messages: Some(messages),
             failed,
+            auth: AuthAnswers::default(),
             stop_waiters: Vec::new(),
             connect_waiters: Vec::new(),
             shutdown: false,
@@ -512,6 +527,11 @@ impl<R: Runtime> Engine<R> {
                     None => {
                         warn!(id = %message.id, attempts = message.attempts, "message gave up after max_attempts")
                     }
+                }
+            }
+            ConsumerEvent::Authenticated { addr, auth, .. } => {
+                if let Ok(mut answers) = self.auth.lock() {
+                    answers.insert(addr, auth);
                 }
             }
             ConsumerEvent::Connected { conn, addr } => {

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use tracing::{debug, Instrument};
 
 use super::io::{IoEvent, Sockets};
 use super::{Error, Runtime};
-use crate::{Config, ConnId, ConnectionError, ProducerEvent, ProducerState, Topic, TxId};
+use crate::{AuthResponse, Config, ConnId, ConnectionError, ProducerEvent, ProducerState, Topic, TxId};
 
 /// Publishes to one nsqd. Cheap to clone; clones share one connection, and concurrent publishes
 /// are pipelined on it (no lock is held across a round trip).
@@ -50,6 +50,8 @@ impl<R: Runtime> fmt::Debug for Producer<R> {
 struct Handle {
     addr: String,
     commands: mpsc::UnboundedSender<Command>,
+    /// nsqd's last AUTH answer.
+    auth: Arc<Mutex<Option<AuthResponse>>>,
 }
 
 impl Drop for Handle {
@@ -90,9 +92,10 @@ impl<R: Runtime> Producer<R> {
         let mut state = ProducerState::new(addr.clone(), Arc::new(config.clone()), R::now());
         state.set_auto_batch(max_batch);
         let engine = Engine::<R>::new(state, config, rx);
+        let auth = engine.auth.clone();
         let span = tracing::debug_span!("nsq_producer", nsqd = %addr);
         R::spawn(engine.run().instrument(span));
-        Ok(Self { handle: Arc::new(Handle { addr, commands }), _runtime: PhantomData })
+        Ok(Self { handle: Arc::new(Handle { addr, commands, auth }), _runtime: PhantomData })
     }
 
     /// Connects now and waits for the handshake, instead of at the first publish; returns the
@@ -147,6 +150,13 @@ impl<R: Runtime> Producer<R> {
         }
     }
 
+    /// What nsqd's auth server said about the `auth_secret` (identity, identity URL,
+    /// permission count) at the last AUTH; `None` until a connection authenticated (or when
+    /// nsqd does not ask for AUTH).
+    pub fn auth(&self) -> Option<AuthResponse> {
+        self.handle.auth.lock().ok().and_then(|answer| answer.clone())
+    }
+
     /// The nsqd address.
     pub fn addr(&self) -> &str {
         &self.handle.addr
@@ -180,6 +190,7 @@ struct Engine<R: Runtime> {
     pings: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
     /// Pings whose NOP was handed to the connection's writer: resolved when that write ends.
     ping_writes: Vec<(ConnId, oneshot::Sender<Result<(), Error>>)>,
+    auth: Arc<Mutex<Option<AuthResponse>>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     connected: bool,
     shutdown: bool,
@@ -195,6 +206,7 @@ impl<R: Runtime> Engine<R> {
             connect_waiters: Vec::new(),
             pings: HashMap::new(),
             ping_writes: Vec::new(),
+            auth: Arc::default(),
             stop_waiters: Vec::new(),
             connected: false,
             shutdown: false,
@@ -356,6 +368,11 @@ impl<R: Runtime> Engine<R> {
                             let _ = reply.send(Err(Error::Connection(e)));
                         }
                     }
+                }
+            }
+            ProducerEvent::Authenticated { auth, .. } => {
+                if let Ok(mut slot) = self.auth.lock() {
+                    *slot = Some(auth);
                 }
             }
             ProducerEvent::Connected(conn) => {

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
 use crate::action::ConnId;
-use crate::connection::{deadline, ConnectionState, Event, PublishId};
+use crate::connection::{deadline, AuthResponse, ConnectionState, Event, PublishId};
 use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::rng::{RetryDelay, Rng};
 use crate::Config;
@@ -28,6 +28,8 @@ pub(crate) enum LinkEvent {
     Published { tx: TxId, result: Result<(), PublishError> },
     /// A ping's NOP was handed to the socket (`Ok`), or the connection ended first.
     Pinged { tx: TxId, conn: ConnId, result: Result<(), ConnectionError> },
+    /// nsqd accepted the AUTH secret.
+    Authenticated(ConnId, AuthResponse),
     /// The handshake finished.
     Connected(ConnId),
     /// A connection ended; `was_ready` says whether its handshake had finished. The owner
@@ -221,6 +223,7 @@ impl Link {
         }
         while let Some(event) = conn.state.poll_event() {
             match event {
+                Event::Authenticated(auth) => out.push_back(LinkEvent::Authenticated(conn.id, auth)),
                 Event::Ready(_) => {
                     conn.ready = true;
                     self.failures = 0;
@@ -283,7 +286,6 @@ impl Link {
                 | Event::Message(_)
                 | Event::MessageTimedOut(_)
                 | Event::ServerError(_)
-                | Event::Authenticated(_)
                 | Event::CloseWait => {}
             }
         }

@@ -12,7 +12,7 @@ use crate::action::{Action, ConnId};
 use crate::connection::DEFAULT_MAX_DEFER;
 use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::rng::Rng;
-use crate::{Config, Topic};
+use crate::{AuthResponse, Config, Topic};
 
 use link::{Link, LinkEvent};
 
@@ -41,6 +41,14 @@ pub enum ProducerEvent {
         conn: ConnId,
         /// `Ok` once the NOP left in what `poll_transmit` returned.
         result: Result<(), ConnectionError>,
+    },
+    /// nsqd accepted the AUTH secret of `conn`, with what its auth server said (identity,
+    /// permissions). Comes before [`Connected`](Self::Connected).
+    Authenticated {
+        /// The connection.
+        conn: ConnId,
+        /// nsqd's AUTH answer.
+        auth: AuthResponse,
     },
     /// A connection finished its handshake.
     Connected(ConnId),
@@ -463,6 +471,9 @@ impl ProducerState {
                 LinkEvent::Published { tx, result } => self.events.push_back(ProducerEvent::Published { tx, result }),
                 LinkEvent::Pinged { tx, conn, result } => {
                     self.events.push_back(ProducerEvent::Pinged { tx, conn, result })
+                }
+                LinkEvent::Authenticated(conn, auth) => {
+                    self.events.push_back(ProducerEvent::Authenticated { conn, auth })
                 }
                 LinkEvent::Connected(conn) => self.events.push_back(ProducerEvent::Connected(conn)),
                 LinkEvent::Closed { conn, error, was_ready, retry_at } => {
