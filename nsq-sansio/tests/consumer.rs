@@ -460,6 +460,24 @@ fn a_failed_first_connect_is_reported_with_its_cause_and_not_retried() {
 }
 
 #[test]
+fn starved_when_messages_in_flight_reach_85_percent_of_rdy() {
+    let mut sim = Sim::new(|c| {
+        c.set("max_in_flight", "10").unwrap();
+    });
+    let a = sim.connect("127.0.0.1:4150");
+    assert!(!sim.consumer.is_starved(), "nothing in flight");
+    let messages: Vec<Message> = (0..8).map(|_| sim.deliver(a, 1)).collect();
+    assert!(sim.consumer.is_starved(), "8 in flight >= 85% of RDY 10");
+    sim.respond(a, &messages[0], Response::Finish);
+    assert!(!sim.consumer.is_starved(), "7 in flight");
+    sim.deliver(a, 1);
+    assert!(sim.consumer.is_starved());
+    sim.consumer.stop(sim.now);
+    sim.drain();
+    assert!(!sim.consumer.is_starved(), "a closing connection is not starved");
+}
+
+#[test]
 fn the_auth_answer_is_reported_with_the_nsqd_address() {
     let mut sim = Sim::new(|c| {
         c.auth_secret("s3cret");

@@ -75,6 +75,7 @@ macro_rules! scenario_tests {
             a_failed_first_lookupd_then_a_good_second,
             a_discovery_filter_chooses_the_nsqds,
             ping_writes_a_nop_or_says_why_it_cannot,
+            a_blocked_handler_starves_the_consumer,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -949,6 +950,44 @@ pub async fn ping_writes_a_nop_or_says_why_it_cannot<R: Runtime>() {
     let no_secret = Producer::<R>::new(secured.addr(), Config::new()).unwrap();
     assert!(matches!(no_secret.ping().await, Err(Error::Connection(ConnectionError::AuthRequired))));
     assert_eq!(secured.stats().nops, 0);
+}
+
+/// A handler that holds its messages makes the consumer starved (go-nsq's `IsStarved`); once it
+/// lets them go, it is not.
+pub async fn a_blocked_handler_starves_the_consumer<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    for i in 0..2 {
+        nsqd.publish("starve", format!("{i}").as_bytes());
+    }
+    let consumer = consumer::<R>("starve", 2);
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = release.clone();
+    consumer.add_concurrent_handlers(
+        move |_m: Message| {
+            let gate = gate.clone();
+            async move {
+                while !gate.load(Ordering::SeqCst) {
+                    sleep::<R>(Duration::from_millis(5)).await;
+                }
+                Ok::<_, std::io::Error>(())
+            }
+        },
+        2,
+    );
+    assert!(!consumer.is_starved().await);
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    let start = Instant::now();
+    while !consumer.is_starved().await {
+        assert!(start.elapsed() < PATIENCE, "never starved");
+        sleep::<R>(Duration::from_millis(10)).await;
+    }
+    release.store(true, Ordering::SeqCst);
+    wait_for::<R>("both finished", || nsqd.stats().finished == 2).await;
+    while consumer.is_starved().await {
+        assert!(start.elapsed() < PATIENCE, "still starved");
+        sleep::<R>(Duration::from_millis(10)).await;
+    }
+    consumer.stop().await;
 }
 
 /// Keeps `Future` in scope for the macro's users.

@@ -342,6 +342,13 @@ impl ConsumerState {
         self.inner.in_backoff()
     }
 
+    /// Whether a connection is held back by the application (go-nsq's `IsStarved`): it has
+    /// messages in flight, at least 85% of its RDY count, and is not closing. A consumer that
+    /// stays starved has handlers too slow (or too few) for its `max_in_flight`.
+    pub fn is_starved(&self) -> bool {
+        self.inner.is_starved()
+    }
+
     /// The sum of RDY over all connections.
     pub fn total_rdy(&self) -> u64 {
         self.inner.total_rdy()

@@ -416,6 +416,14 @@ impl Consumer {
         self.backoff_level > 0
     }
 
+    pub(crate) fn is_starved(&self) -> bool {
+        self.conns.values().any(|c| {
+            // go-nsq's threshold: 85% of the connection's RDY, rounded down.
+            let in_flight = c.state.in_flight() as u64;
+            c.state.is_ready() && in_flight > 0 && in_flight >= u64::from(c.rdy) * 85 / 100
+        })
+    }
+
     pub(crate) fn total_rdy(&self) -> u64 {
         self.total_rdy
     }

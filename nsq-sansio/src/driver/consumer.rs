@@ -78,6 +78,7 @@ enum Command {
     MaxInFlight(u32),
     DiscoveryFilter(Box<dyn FnMut(Vec<String>) -> Vec<String> + Send>),
     Stats(oneshot::Sender<ConsumerStats>),
+    Starved(oneshot::Sender<bool>),
     Stop(Option<oneshot::Sender<()>>),
     Stopped(oneshot::Sender<()>),
 }
@@ -251,6 +252,14 @@ impl<R: Runtime> Consumer<R> {
     pub async fn stats(&self) -> ConsumerStats {
         let (tx, rx) = oneshot::channel();
         let _ = self.handle.commands.unbounded_send(Command::Stats(tx));
+        rx.await.unwrap_or_default()
+    }
+
+    /// Whether a connection has messages in flight up to 85% of its RDY count or more (go-nsq's
+    /// `IsStarved`): the handlers are the bottleneck. See [`ConsumerState::is_starved`].
+    pub async fn is_starved(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.handle.commands.unbounded_send(Command::Starved(tx));
         rx.await.unwrap_or_default()
     }
 
@@ -469,6 +478,9 @@ impl<R: Runtime> Engine<R> {
             Input::Command(Command::DiscoveryFilter(filter)) => self.state.set_discovery_filter(filter),
             Input::Command(Command::Stats(reply)) => {
                 let _ = reply.send(self.state.stats());
+            }
+            Input::Command(Command::Starved(reply)) => {
+                let _ = reply.send(self.state.is_starved());
             }
             Input::Command(Command::Stop(reply)) => {
                 if reply.is_none() {
