@@ -488,6 +488,10 @@ impl Config {
 
     /// All TLS settings at once (`tls_v1`, `tls_config`, `tls_root_ca_file`, `tls_cert`,
     /// `tls_key`, `tls_insecure_skip_verify`, `tls_min_version`, `tls_server_name`).
+    ///
+    /// Besides nsqd connections (when `tls_v1` is on), they also verify `https://` lookupds,
+    /// whatever `tls_v1` says; `tls_server_name` is for nsqd only (a lookupd's certificate
+    /// must carry the lookupd's host).
     pub fn tls(&mut self, value: TlsOptions) -> &mut Self {
         self.tls = value;
         self
@@ -514,10 +518,11 @@ impl Config {
         self
     }
 
-    /// PEM file of the CA certificates that verify nsqd (`tls_root_ca_file`). As in go-nsq,
-    /// they replace the system's trust store rather than add to it.
+    /// PEM file of the CA certificates that verify nsqd (`tls_root_ca_file`) and `https://`
+    /// lookupds. As in go-nsq, they replace the system's trust store rather than add to it.
     ///
-    /// Unlike go-nsq, this also switches TLS on (`tls_v1`).
+    /// Unlike go-nsq, this also switches TLS on (`tls_v1`); to verify an `https://` lookupd
+    /// with it while nsqd stays plain, call `tls_v1(false)` after it.
     pub fn tls_root_ca_file(&mut self, value: impl Into<PathBuf>) -> &mut Self {
         self.tls.root_ca_file = Some(value.into());
         self.tls.enabled = true;
