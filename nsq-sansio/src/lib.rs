@@ -13,7 +13,8 @@
 //! - [`ProducerState`]: publishes to one nsqd with lazy connection and FIFO transaction
 //!   matching.
 //! - [`ConsumerState`]: one topic/channel across many nsqds: RDY distribution, backoff,
-//!   redials, lookupd polling, max attempts, graceful stop.
+//!   redials, lookupd polling (HTTP, and TLS for `https://`, in the core), max attempts,
+//!   graceful stop.
 //! - The codec: [`Command`] encoding, frame [`decode`], [`Topic`]/[`Channel`] validation,
 //!   [`Config`] with every go-nsq option.
 //!

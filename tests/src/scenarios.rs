@@ -868,7 +868,8 @@ pub async fn https_lookupd_demands_the_bearer_token<R: Runtime>() {
 /// The first lookupd fails (500, after a moment); the next one is asked at once, long before
 /// the next poll, and its nsqd is consumed.
 pub async fn a_failed_first_lookupd_then_a_good_second<R: Runtime>() {
-    let failing = FakeLookupdOptions { fail: Some(500), delay: Duration::from_millis(300), ..Default::default() };
+    // The delay lets the second lookupd be added before the first query fails.
+    let failing = FakeLookupdOptions { fail: Some(500), delay: Duration::from_millis(500), ..Default::default() };
     let bad = FakeLookupd::start_with(failing).unwrap();
     let good = FakeLookupd::start().unwrap();
     let nsqd = FakeNsqd::start_default().unwrap();
