@@ -41,11 +41,16 @@
 #![deny(missing_docs)]
 
 pub use nsq_sansio::driver::{Error, Handler, HandlerError, HandlerResult, Message, Messages};
-pub use nsq_sansio::{Config, ConsumerStats, Health, MessageId, NsqdStats, PoolError, PoolOptions, Strategy};
+pub use nsq_sansio::{
+    AuthResponse, Config, ConsumerStats, Health, MessageId, NsqdStats, PoolError, PoolOptions, Strategy,
+};
 
 nsq_sansio::__futures_io_runtime! {
     runtime: AsyncStd ("async-std"),
     stream: async_std::net::TcpStream,
+    async_io: async_io::Async<std::net::TcpStream>,
+    resolve: |addr| async_std::net::ToSocketAddrs::to_socket_addrs(&addr),
+    from_std: |socket| std::io::Result::Ok(async_std::net::TcpStream::from(socket)),
     spawn: |future| async_std::task::spawn(future),
     sleep_until: |deadline| async_std::task::sleep(deadline.saturating_duration_since(std::time::Instant::now())),
 }

@@ -2,10 +2,11 @@
 //! decided on and an adapter carries out.
 
 use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
 
-use bytes::Bytes;
-
-/// Identifies one nsqd connection of a producer or consumer. Never reused.
+/// Identifies one connection of a producer or consumer: to an nsqd, or a consumer's lookupd
+/// query. Never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
 
@@ -15,38 +16,30 @@ impl fmt::Display for ConnId {
     }
 }
 
-/// Identifies one lookupd query; the adapter hands it back with the response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct QueryId(pub u64);
-
 /// Something the adapter must do. Drain with `poll_action` after every input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Action {
-    /// Open a TCP connection to `addr` (`host:port`) within `dial_timeout`, with TCP_NODELAY.
-    /// Report the outcome with `handle_connected` or `handle_connect_failed`.
+    /// Open a TCP connection to `addr` (`host:port`) with TCP_NODELAY, from `local_addr` when
+    /// set, giving up after `timeout`. Report the outcome with `handle_connected` or
+    /// `handle_connect_failed`.
     Connect {
         /// The connection this socket is for.
         conn: ConnId,
-        /// `host:port` of the nsqd.
+        /// `host:port` of the nsqd (or, for a consumer's lookupd query, of the lookupd).
         addr: String,
+        /// The local address to bind the socket to before connecting (`Config::local_addr`
+        /// for nsqd connections; lookupd queries get the one the OS chooses, as in go-nsq).
+        local_addr: Option<SocketAddr>,
+        /// How long the dial may take: `dial_timeout` for nsqd, `lookupd_poll_timeout` for a
+        /// lookupd query. A dial that takes longer fails with [`std::io::ErrorKind::TimedOut`].
+        timeout: Duration,
     },
     /// Close `conn`'s socket once what is still pending for it is written: call
     /// `poll_transmit` (or `poll_transmit_for(conn)`) first, it may return the connection's
-    /// last bytes (final FINs, CLS). No more input is expected for it.
+    /// last bytes (final FINs, CLS, TLS close_notify). No more input is expected for it.
     Close {
         /// The connection to close.
         conn: ConnId,
-    },
-    /// Send `request` to the lookupd at `addr` (`host:port`) over a new TCP connection, read the
-    /// whole response until EOF (or the body is complete), and hand the bytes back with
-    /// `handle_lookupd_response`.
-    QueryLookupd {
-        /// The query id to hand back.
-        query: QueryId,
-        /// `host:port` of the nsqlookupd HTTP interface.
-        addr: String,
-        /// The complete HTTP request.
-        request: Bytes,
     },
 }

@@ -345,10 +345,14 @@ impl Config {
         write_timeout, 100 * MS, 5 * MIN, "100ms..=5m"
     );
 
-    /// Local address to dial from (`local_addr`, default: chosen by the OS).
+    /// Local address to dial nsqd from (`local_addr`, default: chosen by the OS).
     ///
-    /// Accepted and validated as go-nsq does, but the runtime crates do not bind to it yet:
-    /// their sockets always get an address chosen by the OS.
+    /// Every nsqd connection's socket is bound to it before connecting ([`Action::Connect`]
+    /// carries it; the runtime crates bind on every runtime). Port 0 lets the OS pick the port,
+    /// which is what several connections from one address need. As in go-nsq, lookupd queries
+    /// are not bound to it.
+    ///
+    /// [`Action::Connect`]: crate::Action::Connect
     pub fn local_addr(&mut self, value: Option<SocketAddr>) -> &mut Self {
         self.local_addr = value;
         self
@@ -484,6 +488,10 @@ impl Config {
 
     /// All TLS settings at once (`tls_v1`, `tls_config`, `tls_root_ca_file`, `tls_cert`,
     /// `tls_key`, `tls_insecure_skip_verify`, `tls_min_version`, `tls_server_name`).
+    ///
+    /// Besides nsqd connections (when `tls_v1` is on), they also verify `https://` lookupds,
+    /// whatever `tls_v1` says; `tls_server_name` is for nsqd only (a lookupd's certificate
+    /// must carry the lookupd's host).
     pub fn tls(&mut self, value: TlsOptions) -> &mut Self {
         self.tls = value;
         self
@@ -510,10 +518,11 @@ impl Config {
         self
     }
 
-    /// PEM file of the CA certificates that verify nsqd (`tls_root_ca_file`). As in go-nsq,
-    /// they replace the system's trust store rather than add to it.
+    /// PEM file of the CA certificates that verify nsqd (`tls_root_ca_file`) and `https://`
+    /// lookupds. As in go-nsq, they replace the system's trust store rather than add to it.
     ///
-    /// Unlike go-nsq, this also switches TLS on (`tls_v1`).
+    /// Unlike go-nsq, this also switches TLS on (`tls_v1`); to verify an `https://` lookupd
+    /// with it while nsqd stays plain, call `tls_v1(false)` after it.
     pub fn tls_root_ca_file(&mut self, value: impl Into<PathBuf>) -> &mut Self {
         self.tls.root_ca_file = Some(value.into());
         self.tls.enabled = true;

@@ -15,7 +15,8 @@
 //! - [`ProducerPoolState`]: publishes over several nsqds by a [`Strategy`] (failover, round
 //!   robin, all), with bounded retries on another nsqd and per-nsqd health.
 //! - [`ConsumerState`]: one topic/channel across many nsqds: RDY distribution, backoff,
-//!   redials, lookupd polling, max attempts, graceful stop.
+//!   redials, lookupd polling (HTTP, and TLS for `https://`, in the core), max attempts,
+//!   graceful stop.
 //! - The codec: [`Command`] encoding, frame [`decode`], [`Topic`]/[`Channel`] validation,
 //!   [`Config`] with every go-nsq option.
 //!
@@ -23,9 +24,14 @@
 //!
 //! Every state machine has the same shape. Feed it input with `handle_input` (bytes read),
 //! `handle_eof` and `handle_timeout`, call commands on it, and after each of those drain its
-//! outputs: `poll_transmit` (bytes to write), `poll_action` (sockets to open or close, lookupd
-//! queries; producer and consumer only), `poll_event` (what the application should know), and
-//! finally `poll_timeout` (when to call `handle_timeout` next). Time is always an argument.
+//! outputs: `poll_transmit` (bytes to write), `poll_action` (sockets to open or close; producer
+//! and consumer only), `poll_event` (what the application should know), and finally
+//! `poll_timeout` (when to call `handle_timeout` next). Time is always an argument.
+//!
+//! A consumer's lookupd queries are connections like its nsqd ones: [`Action::Connect`] to
+//! the lookupd, the HTTP request out of `poll_transmit_for`, the response into `handle_input`
+//! and `handle_eof`, then [`Action::Close`]. HTTP, TLS for `https://` lookupds and JSON happen
+//! in the core, so an event loop that can drive an nsqd socket drives lookupd the same way.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -90,7 +96,7 @@ mod rng;
 mod timer;
 mod transport;
 
-pub use action::{Action, ConnId, QueryId};
+pub use action::{Action, ConnId};
 pub use config::{BackoffStrategy, Config, ConfigError, MAX_MSG_SIZE_LIMIT, MESSAGE_FRAME_OVERHEAD};
 pub use connection::{
     AuthResponse, ConnectionState, ConnectionStats, Event, Phase, PublishId, DEFAULT_MAX_DEFER, DEFAULT_MAX_MSG_SIZE,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use nsq_sansio::{
     Action, Channel, Config, ConnId, ConnectionError, ConsumerError, ConsumerEvent, ConsumerState, ErrorCode, Frame,
-    LookupdError, Message, MessageId, QueryId, Response, ServerError, SocketError, Topic,
+    LookupdError, Message, MessageId, Response, ServerError, Topic,
 };
 use proptest::prelude::*;
 
@@ -36,7 +36,8 @@ struct Sim {
     /// What each connection wrote.
     written: BTreeMap<ConnId, Vec<u8>>,
     closed: Vec<ConnId>,
-    queries: Vec<(QueryId, String)>,
+    /// Lookupd queries (connections to a `:4161` address), with their address.
+    queries: Vec<(ConnId, String)>,
     events: Vec<ConsumerEvent>,
     next_msg: u64,
 }
@@ -64,14 +65,14 @@ impl Sim {
     fn drain(&mut self) {
         while let Some(action) = self.consumer.poll_action() {
             match action {
-                Action::Connect { conn, addr } => {
+                Action::Connect { conn, addr, local_addr, .. } if addr.ends_with(":4161") => {
+                    assert_eq!(local_addr, None, "lookupd queries are not bound to local_addr");
+                    self.queries.push((conn, addr));
+                }
+                Action::Connect { conn, addr, .. } => {
                     self.dialled.insert(conn, addr);
                 }
                 Action::Close { conn } => self.closed.push(conn),
-                Action::QueryLookupd { query, addr, request } => {
-                    assert!(request.starts_with(b"GET /lookup?topic=t "), "{request:?}");
-                    self.queries.push((query, addr));
-                }
                 other => panic!("{other:?}"),
             }
         }
@@ -458,6 +459,50 @@ fn a_failed_first_connect_is_reported_with_its_cause_and_not_retried() {
     assert_eq!(sim.dialled.len(), 1, "not retried");
 }
 
+#[test]
+fn starved_when_messages_in_flight_reach_85_percent_of_rdy() {
+    let mut sim = Sim::new(|c| {
+        c.set("max_in_flight", "10").unwrap();
+    });
+    let a = sim.connect("127.0.0.1:4150");
+    assert!(!sim.consumer.is_starved(), "nothing in flight");
+    let messages: Vec<Message> = (0..8).map(|_| sim.deliver(a, 1)).collect();
+    assert!(sim.consumer.is_starved(), "8 in flight >= 85% of RDY 10");
+    sim.respond(a, &messages[0], Response::Finish);
+    assert!(!sim.consumer.is_starved(), "7 in flight");
+    sim.deliver(a, 1);
+    assert!(sim.consumer.is_starved());
+    sim.consumer.stop(sim.now);
+    sim.drain();
+    assert!(!sim.consumer.is_starved(), "a closing connection is not starved");
+}
+
+#[test]
+fn the_auth_answer_is_reported_with_the_nsqd_address() {
+    let mut sim = Sim::new(|c| {
+        c.auth_secret("s3cret");
+    });
+    sim.consumer.connect_to_nsqd("127.0.0.1:4150", sim.now).unwrap();
+    sim.drain();
+    let conn = *sim.dialled.keys().last().unwrap();
+    sim.consumer.handle_connected(conn, sim.now);
+    sim.drain();
+    let identify = br#"{"max_rdy_count":2500,"msg_timeout":60000,"auth_required":true}"#;
+    sim.input(conn, frame(Frame::Response(Bytes::from_static(identify))));
+    assert!(sim.wrote(conn, "AUTH\n"));
+    sim.input(conn, frame(Frame::Response(Bytes::from_static(br#"{"identity":"bob","permission_count":1}"#))));
+    sim.input(conn, ok());
+    match &sim.events[..] {
+        [ConsumerEvent::Authenticated { conn: c, addr, auth }, ConsumerEvent::Connected { .. }] => {
+            assert_eq!(
+                (*c, addr.as_str(), auth.identity.as_str(), auth.permission_count),
+                (conn, "127.0.0.1:4150", "bob", 1)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 fn lookup_response(producers: &[(&str, u16)]) -> Bytes {
     let list: Vec<String> = producers
         .iter()
@@ -485,8 +530,27 @@ impl Sim {
     /// Answers the last lookupd query with `producers`.
     fn answer(&mut self, producers: &[(&str, u16)]) {
         let (q, _) = self.queries.last().unwrap().clone();
-        self.consumer.handle_lookupd_response(q, Ok(lookup_response(producers)), self.now);
+        self.answer_query(q, &lookup_response(producers));
+    }
+
+    /// Plays lookupd on query `q`: accepts the connection, reads the request, sends `response`;
+    /// the consumer closes the connection once the response is complete.
+    fn answer_query(&mut self, q: ConnId, response: &[u8]) {
+        self.consumer.handle_connected(q, self.now);
         self.drain();
+        let request = String::from_utf8(self.written.get(&q).cloned().unwrap_or_default()).unwrap();
+        assert!(request.starts_with("GET /lookup?topic=t HTTP/1.1\r\n"), "{request:?}");
+        assert!(request.ends_with("\r\n\r\n"), "{request:?}");
+        self.consumer.handle_input(q, self.now, BytesMut::from(response));
+        self.drain();
+        assert!(self.closed.contains(&q), "the query's connection closes once answered");
+    }
+
+    /// Query `q`'s dial is refused.
+    fn refuse_query(&mut self, q: ConnId) {
+        self.consumer.handle_connect_failed(q, refused(), self.now);
+        self.drain();
+        assert!(self.closed.contains(&q));
     }
 
     fn dials_of(&self, addr: &str) -> Vec<ConnId> {
@@ -541,8 +605,8 @@ fn lookupd_discovers_producers_and_polls_on_an_interval() {
     }
     assert!(sim.now - t2 <= Duration::from_secs(61));
     let (q, _) = sim.queries[3].clone();
-    sim.consumer.handle_lookupd_response(q, Err(SocketError::from(refused())), sim.now);
-    sim.consumer.handle_lookupd_response(QueryId(999), Ok(Bytes::new()), sim.now);
+    sim.refuse_query(q);
+    sim.consumer.handle_input(ConnId(999), sim.now, BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]));
     sim.drain();
     assert!(sim.events.iter().any(|e| matches!(e, ConsumerEvent::LookupdFailed { error: LookupdError::Io(e), .. } if e.kind() == std::io::ErrorKind::ConnectionRefused)));
     assert_eq!(sim.queries.len(), 4, "one lookupd: nothing else to try until the next poll");
@@ -564,8 +628,7 @@ fn a_dead_nsqd_that_lookupd_lists_is_dialled_once_per_poll_and_never_causes_a_qu
         while handled < sim.queries.len() {
             handled += 1;
             let (q, _) = sim.queries[handled - 1].clone();
-            sim.consumer.handle_lookupd_response(q, Ok(lookup_response(&listed)), sim.now);
-            sim.drain();
+            sim.answer_query(q, &lookup_response(&listed));
         }
         for conn in sim.live() {
             match sim.dialled[&conn].as_str() {
@@ -682,13 +745,11 @@ fn a_failed_lookupd_query_tries_the_next_lookupd_at_most_three() {
     assert_eq!(sim.queries.len(), 1);
     for expected in 2..=3 {
         let (q, _) = sim.queries.last().unwrap().clone();
-        sim.consumer.handle_lookupd_response(q, Err(SocketError::from(refused())), sim.now);
-        sim.drain();
+        sim.refuse_query(q);
         assert_eq!(sim.queries.len(), expected, "the next lookupd at once");
     }
     let (q, _) = sim.queries.last().unwrap().clone();
-    sim.consumer.handle_lookupd_response(q, Err(SocketError::from(refused())), sim.now);
-    sim.drain();
+    sim.refuse_query(q);
     assert_eq!(sim.queries.len(), 3, "three per poll");
     let addrs: Vec<&str> = sim.queries.iter().map(|(_, a)| a.as_str()).collect();
     assert_eq!(addrs, ["127.0.0.1:4161", "127.0.0.2:4161", "127.0.0.3:4161"]);
@@ -711,7 +772,7 @@ fn disconnecting_from_a_lookupd_found_nsqd_keeps_it_away() {
     sim.consumer.disconnect_from_nsqd("10.0.0.1:4150", sim.now).unwrap();
     sim.drain();
     sim.input(conn, frame(Frame::Response(Bytes::from_static(b"CLOSE_WAIT"))));
-    assert_eq!(sim.closed, [conn]);
+    assert_eq!(sim.closed.last(), Some(&conn));
     sim.advance(Duration::from_secs(100));
     sim.answer(&[("10.0.0.1", 4150)]);
     assert_eq!(sim.dialled.len(), 1, "not dialled again");

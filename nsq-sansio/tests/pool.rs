@@ -80,7 +80,7 @@ impl Sim {
             while let Some(a) = self.pool.poll_action() {
                 progress = true;
                 match a {
-                    Action::Connect { conn, addr } => {
+                    Action::Connect { conn, addr, .. } => {
                         self.dialled.insert(conn, addr);
                     }
                     Action::Close { conn } => {

@@ -51,7 +51,7 @@ impl Sim {
     fn drain(&mut self) {
         while let Some(a) = self.p.poll_action() {
             match a {
-                Action::Connect { conn, addr } => {
+                Action::Connect { conn, addr, .. } => {
                     assert_eq!(addr, "127.0.0.1:4150");
                     self.dialled.push(conn);
                 }
@@ -171,6 +171,82 @@ fn connection_loss_and_connect_failure_resolve_every_publish() {
         |e| matches!(e, ProducerEvent::ConnectFailed { conn: c, error: ConnectionError::Dial { .. }, .. } if *c == conn)
     ));
     assert_eq!(sim.p.outstanding(), 0);
+}
+
+impl Sim {
+    fn pinged(&self, tx: TxId) -> Option<&Result<(), ConnectionError>> {
+        self.events.iter().find_map(|e| match e {
+            ProducerEvent::Pinged { tx: t, result, .. } if *t == tx => Some(result),
+            _ => None,
+        })
+    }
+}
+
+#[test]
+fn ping_connects_sends_a_nop_after_the_handshake_and_resolves_when_it_leaves() {
+    let mut sim = Sim::new();
+    let tx = sim.p.ping(sim.now).unwrap();
+    sim.drain();
+    assert_eq!(sim.dialled.len(), 1, "ping dials");
+    sim.p.handle_connected(sim.conn(), sim.now);
+    sim.drain();
+    assert!(sim.wire().starts_with(b"  V2IDENTIFY\n"));
+    assert!(sim.pinged(tx).is_none(), "the NOP waits for the handshake");
+    sim.input(response(b"OK"));
+    assert!(sim.wire().ends_with(b"NOP\n"));
+    assert_eq!(sim.pinged(tx), Some(&Ok(())));
+    // Connected: the NOP goes out in the next write; nsqd does not answer it.
+    let writes = sim.writes.len();
+    let again = sim.p.ping(sim.now).unwrap();
+    assert!(sim.pinged(again).is_none());
+    sim.drain();
+    assert_eq!((sim.writes.len(), sim.wire().ends_with(b"NOP\nNOP\n")), (writes + 1, true));
+    assert_eq!(sim.pinged(again), Some(&Ok(())));
+    assert_eq!(sim.dialled.len(), 1);
+}
+
+#[test]
+fn ping_fails_with_the_cause_when_the_connection_cannot_be_made() {
+    let mut sim = Sim::new();
+    let tx = sim.p.ping(sim.now).unwrap();
+    sim.drain();
+    sim.p.handle_connect_failed(sim.conn(), refused(), sim.now);
+    sim.drain();
+    assert!(matches!(sim.pinged(tx), Some(Err(ConnectionError::Dial { .. }))), "{:?}", sim.pinged(tx));
+    // Left alone after the failure, a publish fails at once; a ping dials again, as go-nsq's.
+    let t = Topic::new("t").unwrap();
+    sim.p.publish(&t, Bytes::from_static(b"x"), sim.now).unwrap();
+    sim.drain();
+    assert_eq!(sim.dialled.len(), 1);
+    let tx = sim.p.ping(sim.now).unwrap();
+    sim.drain();
+    assert_eq!(sim.dialled.len(), 2);
+    sim.p.handle_connected(sim.conn(), sim.now);
+    sim.drain();
+    sim.input(error(b"E_BAD_BODY IDENTIFY refused"));
+    assert!(matches!(sim.pinged(tx), Some(Err(ConnectionError::Server(_)))), "{:?}", sim.pinged(tx));
+    assert!(!sim.wire().ends_with(b"NOP\n"), "never sent");
+    sim.p.stop(sim.now);
+    assert_eq!(sim.p.ping(sim.now), Err(CommandError::Closed));
+}
+
+#[test]
+fn the_auth_answer_is_reported_before_connected() {
+    let mut sim = Sim::new();
+    sim.p = ProducerState::new("127.0.0.1:4150", Arc::new(Config::new().auth_secret("s3cret").clone()), sim.now);
+    sim.p.connect(sim.now).unwrap();
+    sim.drain();
+    sim.p.handle_connected(sim.conn(), sim.now);
+    sim.drain();
+    sim.input(response(br#"{"max_rdy_count":2500,"msg_timeout":60000,"auth_required":true}"#));
+    assert!(sim.wire().ends_with(b"AUTH\n\0\0\0\x06s3cret"));
+    sim.input(response(br#"{"identity":"alice","identity_url":"https://auth/alice","permission_count":3}"#));
+    let auth = sim.events.iter().position(|e| {
+        matches!(e, ProducerEvent::Authenticated { auth, .. }
+            if auth.identity == "alice" && auth.identity_url == "https://auth/alice" && auth.permission_count == 3)
+    });
+    let connected = sim.events.iter().position(|e| matches!(e, ProducerEvent::Connected(_)));
+    assert!(auth.is_some() && auth < connected, "{:?}", sim.events);
 }
 
 fn refused() -> std::io::Error {

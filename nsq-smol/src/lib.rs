@@ -42,11 +42,16 @@
 #![deny(missing_docs)]
 
 pub use nsq_sansio::driver::{Error, Handler, HandlerError, HandlerResult, Message, Messages};
-pub use nsq_sansio::{Config, ConsumerStats, Health, MessageId, NsqdStats, PoolError, PoolOptions, Strategy};
+pub use nsq_sansio::{
+    AuthResponse, Config, ConsumerStats, Health, MessageId, NsqdStats, PoolError, PoolOptions, Strategy,
+};
 
 nsq_sansio::__futures_io_runtime! {
     runtime: Smol ("smol"),
     stream: smol::net::TcpStream,
+    async_io: smol::Async<std::net::TcpStream>,
+    resolve: |addr| smol::net::resolve(addr),
+    from_std: |socket| smol::net::TcpStream::try_from(socket),
     spawn: |future| smol::spawn(future).detach(),
     sleep_until: |deadline| smol::Timer::at(deadline),
 }

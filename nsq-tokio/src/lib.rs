@@ -43,15 +43,18 @@
 #![deny(missing_docs)]
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 pub use nsq_sansio::driver::{Error, Handler, HandlerError, HandlerResult, Message, Messages};
-pub use nsq_sansio::{Config, ConsumerStats, Health, MessageId, NsqdStats, PoolError, PoolOptions, Strategy};
+pub use nsq_sansio::{
+    AuthResponse, Config, ConsumerStats, Health, MessageId, NsqdStats, PoolError, PoolOptions, Strategy,
+};
 
 /// A producer on tokio: see [`nsq_sansio::driver::Producer`].
 pub type Producer = nsq_sansio::driver::Producer<Tokio>;
@@ -66,8 +69,19 @@ impl nsq_sansio::driver::Runtime for Tokio {
     type Reader = OwnedReadHalf;
     type Writer = OwnedWriteHalf;
 
-    async fn connect(addr: String) -> io::Result<(OwnedReadHalf, OwnedWriteHalf)> {
-        let stream = TcpStream::connect(addr).await?;
+    async fn connect(addr: String, local_addr: Option<SocketAddr>) -> io::Result<(OwnedReadHalf, OwnedWriteHalf)> {
+        let stream = match local_addr {
+            None => TcpStream::connect(addr).await?,
+            Some(local) => {
+                let remotes = tokio::net::lookup_host(addr).await?;
+                nsq_sansio::driver::connect_from(local, remotes, |remote| async move {
+                    let socket = if remote.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                    socket.bind(local)?;
+                    socket.connect(remote).await
+                })
+                .await?
+            }
+        };
         stream.set_nodelay(true)?;
         Ok(stream.into_split())
     }

@@ -1,5 +1,5 @@
 //! An in-process nsqlookupd HTTP interface: `/lookup?topic=` and `/ping`, answering like the
-//! captured nsqlookupd 1.3.0.
+//! captured nsqlookupd 1.3.0; optionally over TLS, demanding a Bearer token, or failing.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -9,41 +9,76 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use crate::tls_stream::{TlsRead, TlsShared, TlsWrite};
+
+/// How a [`FakeLookupd`] behaves.
+#[derive(Debug, Clone, Default)]
+pub struct FakeLookupdOptions {
+    /// Serve HTTPS with this configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Answer `/lookup` only with `Authorization: Bearer <this>`; 401 without the header, 403
+    /// with another token (as an nsqlookupd behind an authenticating proxy would).
+    pub bearer: Option<String>,
+    /// Answer every request with this status (e.g. 500) after `delay`.
+    pub fail: Option<u16>,
+    /// Wait this long before answering.
+    pub delay: Duration,
+}
+
 /// A running fake nsqlookupd. Dropping it stops it.
 #[derive(Debug)]
 pub struct FakeLookupd {
     addr: SocketAddr,
     producers: Arc<Mutex<HashMap<String, Vec<SocketAddr>>>>,
     stopped: Arc<AtomicBool>,
-    queries: Arc<AtomicU64>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    queries: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl FakeLookupd {
-    /// Starts on a free loopback port.
+    /// Starts plain HTTP on a free loopback port.
     pub fn start() -> io::Result<Self> {
+        Self::start_with(FakeLookupdOptions::default())
+    }
+
+    /// Starts on a free loopback port with `options`.
+    pub fn start_with(options: FakeLookupdOptions) -> io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let producers: Arc<Mutex<HashMap<String, Vec<SocketAddr>>>> = Arc::default();
         let stopped = Arc::new(AtomicBool::new(false));
-        let queries = Arc::new(AtomicU64::new(0));
-        let (p, s, q) = (producers.clone(), stopped.clone(), queries.clone());
+        let counts = Arc::new(Counts::default());
+        let (p, s, c) = (producers.clone(), stopped.clone(), counts.clone());
         thread::spawn(move || {
             for sock in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
                     return;
                 }
                 if let Ok(sock) = sock {
-                    q.fetch_add(1, Ordering::Relaxed);
-                    let _ = answer(sock, &p);
+                    c.queries.fetch_add(1, Ordering::Relaxed);
+                    let (p, c, options) = (p.clone(), c.clone(), options.clone());
+                    thread::spawn(move || {
+                        let _ = serve(sock, &p, &c, &options);
+                    });
                 }
             }
         });
-        Ok(Self { addr, producers, stopped, queries })
+        Ok(Self { addr, producers, stopped, counts })
     }
 
     /// The HTTP address, `127.0.0.1:port`.
     pub fn addr(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// Requests refused for a missing or wrong Bearer token.
+    pub fn refused(&self) -> u64 {
+        self.counts.refused.load(Ordering::Relaxed)
     }
 
     /// Lists an nsqd (its TCP address) as a producer of `topic`.
@@ -67,9 +102,9 @@ impl FakeLookupd {
         }
     }
 
-    /// HTTP requests served so far.
+    /// Connections accepted so far (one per query).
     pub fn queries(&self) -> u64 {
-        self.queries.load(Ordering::Relaxed)
+        self.counts.queries.load(Ordering::Relaxed)
     }
 }
 
@@ -80,12 +115,33 @@ impl Drop for FakeLookupd {
     }
 }
 
-fn answer(mut sock: TcpStream, producers: &Mutex<HashMap<String, Vec<SocketAddr>>>) -> io::Result<()> {
+fn serve(
+    sock: TcpStream,
+    producers: &Mutex<HashMap<String, Vec<SocketAddr>>>,
+    counts: &Counts,
+    options: &FakeLookupdOptions,
+) -> io::Result<()> {
     sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    match &options.tls {
+        Some(config) => {
+            let shared = TlsShared::handshake(config.clone(), sock)?;
+            answer(&mut TlsRead(shared.clone()), &mut TlsWrite(shared), producers, counts, options)
+        }
+        None => answer(&mut sock.try_clone()?, &mut &sock, producers, counts, options),
+    }
+}
+
+fn answer(
+    rd: &mut impl Read,
+    sock: &mut impl Write,
+    producers: &Mutex<HashMap<String, Vec<SocketAddr>>>,
+    counts: &Counts,
+    options: &FakeLookupdOptions,
+) -> io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    let path = loop {
-        let n = sock.read(&mut chunk)?;
+    let (path, authorization) = loop {
+        let n = rd.read(&mut chunk)?;
         if n == 0 {
             return Ok(());
         }
@@ -93,23 +149,48 @@ fn answer(mut sock: TcpStream, producers: &Mutex<HashMap<String, Vec<SocketAddr>
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => break req.path.unwrap_or("/").to_owned(),
+            Ok(httparse::Status::Complete(_)) => {
+                let authorization = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+                    .map(|h| String::from_utf8_lossy(h.value).into_owned());
+                break (req.path.unwrap_or("/").to_owned(), authorization);
+            }
             Ok(httparse::Status::Partial) => continue,
-            Err(_) => return respond(&mut sock, "400 Bad Request", r#"{"message":"BAD_REQUEST"}"#),
+            Err(_) => return respond(sock, "400 Bad Request", r#"{"message":"BAD_REQUEST"}"#),
         }
     };
+    thread::sleep(options.delay);
+    if let Some(status) = options.fail {
+        return respond(sock, &format!("{status} Failing"), r#"{"message":"FAILING"}"#);
+    }
+    if let Some(token) = &options.bearer {
+        let expected = format!("Bearer {token}");
+        match authorization {
+            Some(given) if given == expected => {}
+            Some(_) => {
+                counts.refused.fetch_add(1, Ordering::Relaxed);
+                return respond(sock, "403 Forbidden", r#"{"message":"FORBIDDEN"}"#);
+            }
+            None => {
+                counts.refused.fetch_add(1, Ordering::Relaxed);
+                return respond(sock, "401 Unauthorized", r#"{"message":"UNAUTHORIZED"}"#);
+            }
+        }
+    }
     let (route, query) = path.split_once('?').unwrap_or((&path, ""));
     match route {
-        "/ping" => respond(&mut sock, "200 OK", "OK"),
+        "/ping" => respond(sock, "200 OK", "OK"),
         "/lookup" => {
             let topic = query.split('&').find_map(|kv| kv.strip_prefix("topic="));
             let Some(topic) = topic.filter(|t| !t.is_empty()) else {
-                return respond(&mut sock, "400 Bad Request", r#"{"message":"MISSING_ARG_TOPIC"}"#);
+                return respond(sock, "400 Bad Request", r#"{"message":"MISSING_ARG_TOPIC"}"#);
             };
             let topic = topic.replace("%23", "#");
             let list = producers.lock().unwrap_or_else(|e| e.into_inner()).get(&topic).cloned();
             match list {
-                None => respond(&mut sock, "404 Not Found", r#"{"message":"TOPIC_NOT_FOUND"}"#),
+                None => respond(sock, "404 Not Found", r#"{"message":"TOPIC_NOT_FOUND"}"#),
                 Some(list) => {
                     let producers: Vec<String> = list
                         .iter()
@@ -123,15 +204,15 @@ fn answer(mut sock: TcpStream, producers: &Mutex<HashMap<String, Vec<SocketAddr>
                         })
                         .collect();
                     let body = format!(r#"{{"channels":[],"producers":[{}]}}"#, producers.join(","));
-                    respond(&mut sock, "200 OK", &body)
+                    respond(sock, "200 OK", &body)
                 }
             }
         }
-        _ => respond(&mut sock, "404 Not Found", r#"{"message":"NOT_FOUND"}"#),
+        _ => respond(sock, "404 Not Found", r#"{"message":"NOT_FOUND"}"#),
     }
 }
 
-fn respond(sock: &mut TcpStream, status: &str, body: &str) -> io::Result<()> {
+fn respond(sock: &mut impl Write, status: &str, body: &str) -> io::Result<()> {
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json; charset=utf-8\r\nX-Nsq-Content-Type: nsq; version=1.0\r\nDate: Tue, 24 Nov 2026 00:00:00 GMT\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()

@@ -56,6 +56,10 @@ pub struct FakeStats {
     pub delivered: u64,
     /// Connections accepted in total.
     pub connections: u64,
+    /// The client address of each connection accepted, in order.
+    pub peers: Vec<SocketAddr>,
+    /// NOPs read (heartbeat answers and pings).
+    pub nops: u64,
     /// Bodies finished, in order.
     pub finished_bodies: Vec<Vec<u8>>,
 }
@@ -435,6 +439,9 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
         let mut st = lock(shared);
         st.next_client += 1;
         st.stats.connections += 1;
+        if let Ok(peer) = sock.peer_addr() {
+            st.stats.peers.push(peer);
+        }
         let id = st.next_client;
         st.clients.insert(
             id,
@@ -490,7 +497,10 @@ fn serve(sock: TcpStream, shared: &Arc<Shared>, options: &FakeNsqdOptions) -> io
                 return Err(Fatal(format!("E_AUTH_FIRST AUTH required before {cmd}")));
             }
             let reply: Option<Vec<u8>> = match cmd {
-                "NOP" => None,
+                "NOP" => {
+                    lock(shared).stats.nops += 1;
+                    None
+                }
                 "IDENTIFY" => {
                     let b = body()?;
                     let v: serde_json::Value = serde_json::from_slice(&b)

@@ -11,5 +11,5 @@ pub mod scenarios;
 pub mod tls_stream;
 
 pub use certs::TestPki;
-pub use fake_lookupd::FakeLookupd;
+pub use fake_lookupd::{FakeLookupd, FakeLookupdOptions};
 pub use fake_nsqd::{FakeNsqd, FakeNsqdOptions, FakeStats};

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use nsq_sansio::driver::{Consumer, Error, Message, Producer, Runtime};
 use nsq_sansio::{Config, ConnectionError, ErrorCode, PoolOptions, PublishError, Strategy};
 
-use crate::{FakeLookupd, FakeNsqd, FakeNsqdOptions};
+use crate::{FakeLookupd, FakeLookupdOptions, FakeNsqd, FakeNsqdOptions};
 
 /// How long any one wait may take before the scenario fails.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -71,6 +71,12 @@ macro_rules! scenario_tests {
             a_required_client_certificate_fails_the_first_connect,
             a_crash_mid_stream_then_stop_waits_for_nothing,
             a_pool_loses_an_nsqd_mid_stream,
+            local_addr_is_bound_before_connecting,
+            https_lookupd_demands_the_bearer_token,
+            a_failed_first_lookupd_then_a_good_second,
+            a_discovery_filter_chooses_the_nsqds,
+            ping_writes_a_nop_or_says_why_it_cannot,
+            a_blocked_handler_starves_the_consumer,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -490,7 +496,8 @@ pub async fn slow_handler_holds_at_most_max_in_flight<R: Runtime>() {
     assert!(most >= 2, "the handler was slow enough for messages to queue up ({most})");
 }
 
-/// AUTH with a good secret works; a wrong secret is a typed fatal error.
+/// AUTH with a good secret works and its answer is readable from the producer and the
+/// consumer; a wrong secret is a typed fatal error.
 pub async fn auth_good_and_bad<R: Runtime>() {
     let options = FakeNsqdOptions {
         auth_secrets: [("good-secret".to_owned(), "fixture-user".to_owned())].into(),
@@ -505,6 +512,8 @@ pub async fn auth_good_and_bad<R: Runtime>() {
     )
     .unwrap();
     good.publish("authed", "x").await.unwrap();
+    let auth = good.auth().unwrap();
+    assert_eq!((auth.identity.as_str(), auth.permission_count), ("fixture-user", 1));
     let bad = Producer::<R>::new(
         nsqd.addr(),
         config(|c| {
@@ -527,7 +536,26 @@ pub async fn auth_good_and_bad<R: Runtime>() {
     }
     let none = Producer::<R>::new(nsqd.addr(), Config::new()).unwrap();
     assert!(matches!(none.connect().await, Err(Error::Connection(ConnectionError::AuthRequired))));
+    assert_eq!(none.auth(), None);
     assert_eq!(nsqd.stats().published["authed"], 1);
+
+    let consumer = Consumer::<R>::new(
+        "authed",
+        "ch",
+        config(|c| {
+            c.auth_secret("good-secret");
+        }),
+    )
+    .unwrap();
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    assert!(consumer.auth().is_empty());
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    let answers = consumer.auth();
+    assert_eq!(answers.keys().collect::<Vec<_>>(), [&nsqd.addr()]);
+    assert_eq!(answers[&nsqd.addr()].identity, "fixture-user");
+    wait_for::<R>("the message", || seen.len() == 1).await;
+    consumer.stop().await;
 }
 
 /// The Stream way of consuming, with explicit answers.
@@ -828,6 +856,231 @@ pub async fn a_pool_loses_an_nsqd_mid_stream<R: Runtime>() {
         assert_eq!(stats[1].health, nsq_sansio::Health::Connected);
         pool.stop().await;
     }
+}
+
+/// A loopback address with a port nothing uses right now.
+fn free_local_addr() -> std::net::SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// `local_addr` set: the producer's and the consumer's sockets come from that address (nsqd
+/// sees the port); a local address of the other IP family is refused with the dial's cause.
+pub async fn local_addr_is_bound_before_connecting<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let from = free_local_addr();
+    let producer = Producer::<R>::new(
+        nsqd.addr(),
+        config(|c| {
+            c.local_addr(Some(from));
+        }),
+    )
+    .unwrap();
+    producer.publish("bound", "x").await.unwrap();
+    assert_eq!(nsqd.stats().peers, [from]);
+
+    let from = free_local_addr();
+    let consumer = Consumer::<R>::new(
+        "bound",
+        "ch",
+        config(|c| {
+            c.local_addr(Some(from));
+        }),
+    )
+    .unwrap();
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("the message", || seen.len() == 1).await;
+    assert_eq!(nsqd.stats().peers.last(), Some(&from));
+    consumer.stop().await;
+    producer.stop().await;
+
+    let v6 = Producer::<R>::new(
+        nsqd.addr(),
+        config(|c| {
+            c.set("local_addr", "[::1]:0").unwrap();
+        }),
+    )
+    .unwrap();
+    match v6.connect().await {
+        Err(Error::Connection(ConnectionError::Dial { error, .. })) => {
+            assert_eq!(error.kind(), std::io::ErrorKind::AddrNotAvailable, "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(nsqd.stats().connections, 2);
+}
+
+/// An https lookupd that answers only with `Authorization: Bearer <secret>`: a consumer with
+/// the CA and the secret finds the nsqd; without the secret, or with the header switched off
+/// (`skip_lookupd_authorization=false`), lookupd refuses it and nothing is dialled.
+pub async fn https_lookupd_demands_the_bearer_token<R: Runtime>() {
+    let pki = crate::TestPki::new("lookupd-bearer");
+    let options =
+        FakeLookupdOptions { tls: Some(pki.server.clone()), bearer: Some("s3cret".into()), ..Default::default() };
+    let lookupd = FakeLookupd::start_with(options).unwrap();
+    let nsqd = FakeNsqd::start_default().unwrap();
+    lookupd.register("secured", &nsqd.addr());
+    nsqd.publish("secured", b"found over https");
+    let url = format!("https://{}", lookupd.addr());
+    let ca = pki.ca_file.display().to_string();
+    let with = |secret: Option<&str>, header: bool| {
+        let mut c = Config::new();
+        // The CA verifies lookupd; nsqd is plain.
+        c.set("tls_root_ca_file", &ca).unwrap().set("tls_v1", "false").unwrap();
+        c.set("lookupd_poll_interval", "200ms").unwrap();
+        c.set("skip_lookupd_authorization", if header { "true" } else { "false" }).unwrap();
+        if let Some(secret) = secret {
+            c.auth_secret(secret);
+        }
+        c
+    };
+
+    let consumer = Consumer::<R>::new("secured", "ch", with(Some("s3cret"), true)).unwrap();
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqlookupd(url.clone()).await.unwrap();
+    wait_for::<R>("the message", || seen.len() == 1).await;
+    assert_eq!(seen.sorted(), [b"found over https".to_vec()]);
+    assert_eq!(lookupd.refused(), 0);
+    consumer.stop().await;
+    let connections = nsqd.stats().connections;
+
+    for (secret, header) in [(None, true), (Some("s3cret"), false), (Some("wrong"), true)] {
+        let refused = lookupd.refused();
+        let consumer = Consumer::<R>::new("secured", "ch", with(secret, header)).unwrap();
+        consumer.add_handler(recording_handler(&Seen::default()));
+        consumer.connect_to_nsqlookupd(url.clone()).await.unwrap();
+        wait_for::<R>("two refused queries", || lookupd.refused() >= refused + 2).await;
+        assert_eq!(nsqd.stats().connections, connections, "{secret:?} {header}: nothing dialled");
+        consumer.stop().await;
+    }
+}
+
+/// The first lookupd fails (500, after a moment); the next one is asked at once, long before
+/// the next poll, and its nsqd is consumed.
+pub async fn a_failed_first_lookupd_then_a_good_second<R: Runtime>() {
+    // The delay lets the second lookupd be added before the first query fails.
+    let failing = FakeLookupdOptions { fail: Some(500), delay: Duration::from_millis(500), ..Default::default() };
+    let bad = FakeLookupd::start_with(failing).unwrap();
+    let good = FakeLookupd::start().unwrap();
+    let nsqd = FakeNsqd::start_default().unwrap();
+    good.register("retry", &nsqd.addr());
+    nsqd.publish("retry", b"from the second lookupd");
+    // The default 60 s poll interval: only the retry can find the nsqd within the wait.
+    let consumer = consumer::<R>("retry", 1);
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqlookupds([bad.addr(), good.addr()]).await.unwrap();
+    wait_for::<R>("the message", || seen.len() == 1).await;
+    assert_eq!((bad.queries(), good.queries()), (1, 1));
+    consumer.stop().await;
+}
+
+/// A discovery filter sees every nsqd lookupd lists and keeps one: only that one is dialled,
+/// poll after poll.
+pub async fn a_discovery_filter_chooses_the_nsqds<R: Runtime>() {
+    let lookupd = FakeLookupd::start().unwrap();
+    let nsqds: Vec<FakeNsqd> = (0..2).map(|_| FakeNsqd::start_default().unwrap()).collect();
+    for n in &nsqds {
+        lookupd.register("filtered", &n.addr());
+        n.publish("filtered", n.addr().as_bytes());
+    }
+    let consumer = Consumer::<R>::new(
+        "filtered",
+        "ch",
+        config(|c| {
+            c.lookupd_poll_interval(Duration::from_millis(100)).unwrap();
+        }),
+    )
+    .unwrap();
+    let given: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let (record, keep) = (given.clone(), nsqds[1].addr());
+    consumer.set_discovery_filter(move |addrs| {
+        record.lock().unwrap().push(addrs.clone());
+        addrs.into_iter().filter(|a| *a == keep).collect()
+    });
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqlookupd(lookupd.addr()).await.unwrap();
+    wait_for::<R>("the kept nsqd's message", || seen.len() == 1).await;
+    wait_for::<R>("more polls", || lookupd.queries() >= 4).await;
+    assert_eq!(seen.sorted(), [nsqds[1].addr().into_bytes()]);
+    assert_eq!(nsqds[0].stats().connections, 0, "the filtered-out nsqd is never dialled");
+    assert_eq!(nsqds[1].stats().connections, 1);
+    let mut listed = vec![nsqds[0].addr(), nsqds[1].addr()];
+    listed.sort();
+    for mut seen_by_filter in given.lock().unwrap().clone() {
+        seen_by_filter.sort();
+        assert_eq!(seen_by_filter, listed);
+    }
+    consumer.stop().await;
+}
+
+/// `ping` connects, writes a NOP (nsqd reads it and does not answer), and fails with the cause
+/// when the connection cannot be made.
+pub async fn ping_writes_a_nop_or_says_why_it_cannot<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let producer = Producer::<R>::new(nsqd.addr(), Config::new()).unwrap();
+    producer.ping().await.unwrap();
+    wait_for::<R>("the first NOP", || nsqd.stats().nops == 1).await;
+    producer.ping().await.unwrap();
+    wait_for::<R>("the second NOP", || nsqd.stats().nops == 2).await;
+    assert_eq!(nsqd.stats().connections, 1);
+    producer.publish("pinged", "x").await.unwrap();
+    producer.stop().await;
+    assert!(matches!(producer.ping().await, Err(Error::Command(_) | Error::Stopped)));
+
+    let dead = dead_addr();
+    match Producer::<R>::new(dead, Config::new()).unwrap().ping().await {
+        Err(Error::Connection(ConnectionError::Dial { error, .. })) => {
+            assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused)
+        }
+        other => panic!("{other:?}"),
+    }
+    let options = FakeNsqdOptions { auth_secrets: [("k".to_owned(), "id".to_owned())].into(), ..Default::default() };
+    let secured = FakeNsqd::start(options).unwrap();
+    let no_secret = Producer::<R>::new(secured.addr(), Config::new()).unwrap();
+    assert!(matches!(no_secret.ping().await, Err(Error::Connection(ConnectionError::AuthRequired))));
+    assert_eq!(secured.stats().nops, 0);
+}
+
+/// A handler that holds its messages makes the consumer starved (go-nsq's `IsStarved`); once it
+/// lets them go, it is not.
+pub async fn a_blocked_handler_starves_the_consumer<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    for i in 0..2 {
+        nsqd.publish("starve", format!("{i}").as_bytes());
+    }
+    let consumer = consumer::<R>("starve", 2);
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = release.clone();
+    consumer.add_concurrent_handlers(
+        move |_m: Message| {
+            let gate = gate.clone();
+            async move {
+                while !gate.load(Ordering::SeqCst) {
+                    sleep::<R>(Duration::from_millis(5)).await;
+                }
+                Ok::<_, std::io::Error>(())
+            }
+        },
+        2,
+    );
+    assert!(!consumer.is_starved().await);
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    let start = Instant::now();
+    while !consumer.is_starved().await {
+        assert!(start.elapsed() < PATIENCE, "never starved");
+        sleep::<R>(Duration::from_millis(10)).await;
+    }
+    release.store(true, Ordering::SeqCst);
+    wait_for::<R>("both finished", || nsqd.stats().finished == 2).await;
+    while consumer.is_starved().await {
+        assert!(start.elapsed() < PATIENCE, "still starved");
+        sleep::<R>(Duration::from_millis(10)).await;
+    }
+    consumer.stop().await;
 }
 
 /// Keeps `Future` in scope for the macro's users.

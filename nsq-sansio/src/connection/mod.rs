@@ -387,6 +387,14 @@ impl ConnectionState {
         Ok(self.expect_publish())
     }
 
+    /// Sends `NOP`, which nsqd reads and does not answer: a write that checks the connection
+    /// (go-nsq's producer `Ping`). Queued until the handshake is done, like every command.
+    pub fn nop(&mut self) -> Result<(), CommandError> {
+        self.check_open()?;
+        self.queue(Command::Nop);
+        Ok(())
+    }
+
     /// Sends `DPUB`: nsqd delivers the message after `delay` (at most one hour by default).
     pub fn deferred_publish(&mut self, topic: &Topic, delay: Duration, body: Bytes) -> Result<PublishId, CommandError> {
         self.check_publish()?;

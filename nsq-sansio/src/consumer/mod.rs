@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::action::{Action, ConnId, QueryId};
+use crate::action::{Action, ConnId};
 use crate::config::BackoffStrategy;
 use crate::error::{CommandError, ConnectionError, SocketError};
 use crate::lookupd::LookupdError;
 use crate::rng::Rng;
-use crate::{Channel, Config, Message, MessageId, Topic};
+use crate::{AuthResponse, Channel, Config, Message, MessageId, Topic};
 
 pub(crate) use state::host_of;
 use state::Consumer;
@@ -35,6 +35,16 @@ pub enum ConsumerEvent {
         conn: ConnId,
         /// The message.
         message: Message,
+    },
+    /// nsqd accepted the AUTH secret of `conn`, with what its auth server said (identity,
+    /// permissions). Comes before that connection's [`Connected`](Self::Connected).
+    Authenticated {
+        /// The connection.
+        conn: ConnId,
+        /// Its nsqd address.
+        addr: String,
+        /// nsqd's AUTH answer.
+        auth: AuthResponse,
     },
     /// A connection finished its handshake and subscribed.
     Connected {
@@ -200,8 +210,17 @@ impl ConsumerState {
         self.inner.disconnect_from_nsqd(addr, now)
     }
 
-    /// Adds a lookupd (`host:port` or `http://host:port`); it is queried at once, then every
-    /// `lookupd_poll_interval` (lookupds take turns).
+    /// Adds a lookupd (`host:port`, `http://host:port[/path]` or `https://host:port[/path]`);
+    /// it is queried at once, then every `lookupd_poll_interval` (lookupds take turns).
+    ///
+    /// Each query is a connection of this consumer, driven like an nsqd connection: an
+    /// [`Action::Connect`] to the lookupd's `host:port`, the request through
+    /// [`poll_transmit_for`](Self::poll_transmit_for), the response through
+    /// [`handle_input`](Self::handle_input) and [`handle_eof`](Self::handle_eof), and an
+    /// [`Action::Close`] once the answer is complete. `https://` is TLS inside the core, with
+    /// the same TLS settings as nsqd connections, verifying the lookupd's host name. When
+    /// `auth_secret` is set, queries carry `Authorization: Bearer <auth_secret>` (over `http://`
+    /// too, as go-nsq sends it) unless [`Config::lookupd_authorization`] is off.
     pub fn connect_to_nsqlookupd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
         self.inner.connect_to_nsqlookupd(addr, now)
     }
@@ -209,6 +228,14 @@ impl ConsumerState {
     /// Removes a lookupd.
     pub fn disconnect_from_nsqlookupd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
         self.inner.disconnect_from_nsqlookupd(addr, now)
+    }
+
+    /// Sets the hook every lookupd answer goes through (go-nsq's `DiscoveryFilter`): it gets
+    /// the nsqd addresses lookupd listed (`host:port`, in lookupd's order) and returns those to
+    /// dial, in the order to dial them. Addresses it adds are dialled like listed ones; one
+    /// that is not `host:port` is ignored with a warning. Replaces any previous filter.
+    pub fn set_discovery_filter(&mut self, filter: impl FnMut(Vec<String>) -> Vec<String> + Send + 'static) {
+        self.inner.set_discovery_filter(Box::new(filter))
     }
 
     /// Answers a message delivered as [`ConsumerEvent::Message`] on `conn`; `attempts` is the
@@ -236,7 +263,7 @@ impl ConsumerState {
         self.inner.stop(now)
     }
 
-    /// The adapter connected the socket of `conn`.
+    /// The adapter connected the socket of `conn` (an nsqd connection or a lookupd query).
     pub fn handle_connected(&mut self, conn: ConnId, now: Instant) {
         self.inner.handle_connected(conn, now)
     }
@@ -260,12 +287,6 @@ impl ConsumerState {
     /// Reading or writing `conn`'s socket failed (pass the `std::io::Error`).
     pub fn handle_io_error(&mut self, conn: ConnId, error: impl Into<SocketError>, now: Instant) {
         self.inner.handle_io_error(conn, error.into(), now)
-    }
-
-    /// The complete response to a lookupd query, or the socket error that prevented it (a
-    /// `std::io::Error` converts with `.into()`).
-    pub fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, SocketError>, now: Instant) {
-        self.inner.handle_lookupd_response(query, response, now)
     }
 
     /// Lets timers fire. Calling it early or twice does nothing.
@@ -319,6 +340,13 @@ impl ConsumerState {
     /// Whether the consumer is backing off.
     pub fn in_backoff(&self) -> bool {
         self.inner.in_backoff()
+    }
+
+    /// Whether a connection is held back by the application (go-nsq's `IsStarved`): it has
+    /// messages in flight, at least 85% of its RDY count, and is not closing. A consumer that
+    /// stays starved has handlers too slow (or too few) for its `max_in_flight`.
+    pub fn is_starved(&self) -> bool {
+        self.inner.is_starved()
     }
 
     /// The sum of RDY over all connections.

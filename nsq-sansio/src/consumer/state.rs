@@ -139,9 +139,15 @@ impl Consumer {
 
     // ---- connections -------------------------------------------------------------------------
 
-    fn open(&mut self, addr: &str) {
+    /// A new connection id: nsqd connections and lookupd queries share one space.
+    fn new_conn_id(&mut self) -> ConnId {
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
+        id
+    }
+
+    fn open(&mut self, addr: &str) {
+        let id = self.new_conn_id();
         let host = host_of(addr);
         let mut state = ConnectionState::new(self.config.clone(), host, self.now);
         // Held by the connection until its handshake is done.
@@ -161,7 +167,12 @@ impl Consumer {
                 last_rdy_at: self.now,
             },
         );
-        self.actions.push_back(Action::Connect { conn: id, addr: addr.to_owned() });
+        self.actions.push_back(Action::Connect {
+            conn: id,
+            addr: addr.to_owned(),
+            local_addr: self.config.local_addr,
+            timeout: self.config.dial_timeout,
+        });
     }
 
     // ---- inputs ------------------------------------------------------------------------------
@@ -170,6 +181,8 @@ impl Consumer {
         self.advance(now);
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.connected = true;
+        } else {
+            self.query_connected(id);
         }
     }
 
@@ -181,6 +194,8 @@ impl Consumer {
             while conn.state.poll_event().is_some() {}
             let addr = conn.addr.clone();
             self.on_closed(id, ConnectionError::Dial { addr, error });
+        } else {
+            self.query_io_error(id, error);
         }
     }
 
@@ -189,6 +204,8 @@ impl Consumer {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.state.handle_io_error(now, error);
             self.process(id);
+        } else {
+            self.query_io_error(id, error);
         }
     }
 
@@ -197,6 +214,8 @@ impl Consumer {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.state.handle_input(now, data);
             self.process(id);
+        } else {
+            self.query_input(id, data);
         }
     }
 
@@ -205,6 +224,8 @@ impl Consumer {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.state.handle_eof(now);
             self.process(id);
+        } else {
+            self.query_eof(id);
         }
     }
 
@@ -322,6 +343,7 @@ impl Consumer {
         self.timers.stop(Timer::Backoff);
         self.timers.stop(Timer::Redistribute);
         self.timers.set(Timer::Stop, deadline(now, STOP_TIMEOUT));
+        self.close_queries();
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             if let Some(conn) = self.conns.get_mut(&id) {
@@ -344,12 +366,20 @@ impl Consumer {
         if !self.final_writes.is_empty() {
             return Some(self.final_writes.remove(0));
         }
-        self.conns.iter_mut().filter(|(_, c)| c.connected).find_map(|(&id, c)| c.state.poll_transmit().map(|b| (id, b)))
+        let nsqd = self
+            .conns
+            .iter_mut()
+            .filter(|(_, c)| c.connected)
+            .find_map(|(&id, c)| c.state.poll_transmit().map(|b| (id, b)));
+        nsqd.or_else(|| self.any_query_transmit())
     }
 
     pub(crate) fn poll_transmit_for(&mut self, id: ConnId) -> Option<Bytes> {
         if let Some(i) = self.final_writes.iter().position(|(c, _)| *c == id) {
             return Some(self.final_writes.remove(i).1);
+        }
+        if self.lookupd.is_query(id) {
+            return self.query_transmit(id);
         }
         let conn = self.conns.get_mut(&id).filter(|c| c.connected)?;
         let bytes = conn.state.poll_transmit();
@@ -384,6 +414,14 @@ impl Consumer {
 
     pub(crate) fn in_backoff(&self) -> bool {
         self.backoff_level > 0
+    }
+
+    pub(crate) fn is_starved(&self) -> bool {
+        self.conns.values().any(|c| {
+            // go-nsq's threshold: 85% of the connection's RDY, rounded down.
+            let in_flight = c.state.in_flight() as u64;
+            c.state.is_ready() && in_flight > 0 && in_flight >= u64::from(c.rdy) * 85 / 100
+        })
     }
 
     pub(crate) fn total_rdy(&self) -> u64 {
@@ -454,7 +492,11 @@ impl Consumer {
                     debug!(conn = %id, %msg, "message timed out in flight")
                 }
                 Event::ServerError(e) => warn!(conn = %id, %e, "nsqd error"),
-                Event::Ready(_) | Event::Authenticated(_) | Event::CloseWait | Event::Published { .. } => {}
+                Event::Authenticated(auth) => {
+                    let addr = conn.addr.clone();
+                    self.events.push_back(ConsumerEvent::Authenticated { conn: id, addr, auth });
+                }
+                Event::Ready(_) | Event::CloseWait | Event::Published { .. } => {}
             }
         }
     }

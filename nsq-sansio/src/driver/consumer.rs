@@ -1,5 +1,6 @@
 //! [`Consumer`]: an async handle on a [`ConsumerState`] run by one engine task.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
@@ -16,9 +17,11 @@ use tracing::{debug, warn, Instrument};
 use super::io::{IoEvent, Sockets};
 use super::message::{Answer, Answers, Handler, Message};
 use super::{Error, Runtime};
-use crate::{Channel, Config, ConnectionError, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
+use crate::{AuthResponse, Channel, Config, ConnectionError, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
 
 type FailedHook = Arc<dyn Fn(&crate::Message) + Send + Sync>;
+/// nsqd's last AUTH answer, per nsqd address.
+type AuthAnswers = Arc<Mutex<BTreeMap<String, AuthResponse>>>;
 
 /// Consumes one topic/channel from every nsqd it is pointed at, directly or through lookupd.
 ///
@@ -60,6 +63,7 @@ struct Handle {
     messages: Mutex<Option<mpsc::UnboundedReceiver<Message>>>,
     shared_messages: Mutex<Option<Arc<AsyncMutex<mpsc::UnboundedReceiver<Message>>>>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
+    auth: AuthAnswers,
 }
 
 impl Drop for Handle {
@@ -72,7 +76,9 @@ enum Command {
     /// Resolved at once, except a direct nsqd: when its first connection subscribed or failed.
     Source(Source, oneshot::Sender<Result<(), Error>>),
     MaxInFlight(u32),
+    DiscoveryFilter(Box<dyn FnMut(Vec<String>) -> Vec<String> + Send>),
     Stats(oneshot::Sender<ConsumerStats>),
+    Starved(oneshot::Sender<bool>),
     Stop(Option<oneshot::Sender<()>>),
     Stopped(oneshot::Sender<()>),
 }
@@ -97,6 +103,7 @@ impl<R: Runtime> Consumer<R> {
         let failed: Arc<Mutex<Option<FailedHook>>> = Arc::new(Mutex::new(None));
         let state = ConsumerState::new(topic.clone(), channel.clone(), Arc::new(config.clone()), R::now());
         let engine = Engine::<R>::new(state, config, commands_rx, messages_tx, failed.clone());
+        let auth = engine.auth.clone();
         let span = tracing::debug_span!("nsq_consumer", %topic, %channel);
         R::spawn(engine.run().instrument(span));
         let handle = Handle {
@@ -106,6 +113,7 @@ impl<R: Runtime> Consumer<R> {
             messages: Mutex::new(Some(messages_rx)),
             shared_messages: Mutex::new(None),
             failed,
+            auth,
         };
         Ok(Self { handle: Arc::new(handle), _runtime: PhantomData })
     }
@@ -181,7 +189,12 @@ impl<R: Runtime> Consumer<R> {
         Ok(())
     }
 
-    /// Polls a lookupd (`host:port` or `http://host:port`) and connects to the nsqds it lists.
+    /// Polls a lookupd (`host:port`, `http://host:port[/path]` or `https://host:port[/path]`)
+    /// and connects to the nsqds it lists (after the [discovery
+    /// filter](Self::set_discovery_filter), if any). `https://` uses the configuration's TLS
+    /// settings; with an `auth_secret`, queries carry `Authorization: Bearer <auth_secret>`
+    /// unless `skip_lookupd_authorization` is false. See
+    /// [`ConsumerState::connect_to_nsqlookupd`].
     pub async fn connect_to_nsqlookupd(&self, addr: impl Into<String>) -> Result<(), Error> {
         self.source(Source::Lookupd(addr.into())).await
     }
@@ -197,7 +210,8 @@ impl<R: Runtime> Consumer<R> {
         Ok(())
     }
 
-    /// Closes the connection to a direct nsqd and stops redialling it.
+    /// Closes the connection to an nsqd, given directly or found through lookupd; it is not
+    /// dialled again (even when lookupd lists it) until `connect_to_nsqd` names it.
     pub async fn disconnect_from_nsqd(&self, addr: impl Into<String>) -> Result<(), Error> {
         self.source(Source::NoNsqd(addr.into())).await
     }
@@ -207,15 +221,45 @@ impl<R: Runtime> Consumer<R> {
         self.source(Source::NoLookupd(addr.into())).await
     }
 
+    /// Filters or reorders the nsqd addresses of every lookupd answer before they are dialled
+    /// (go-nsq's `DiscoveryFilter`): `filter` gets the `host:port` addresses lookupd listed and
+    /// returns those to dial, in order. Set it before connecting to lookupd; it replaces any
+    /// earlier filter. A filter that panics dials nothing from that answer.
+    pub fn set_discovery_filter(&self, mut filter: impl FnMut(Vec<String>) -> Vec<String> + Send + 'static) {
+        let guarded = move |addrs: Vec<String>| match std::panic::catch_unwind(AssertUnwindSafe(|| filter(addrs))) {
+            Ok(addrs) => addrs,
+            Err(_) => {
+                warn!("the discovery filter panicked; nothing from this lookupd answer is dialled");
+                Vec::new()
+            }
+        };
+        let _ = self.handle.commands.unbounded_send(Command::DiscoveryFilter(Box::new(guarded)));
+    }
+
     /// Changes `max_in_flight`; RDY is redistributed.
     pub fn change_max_in_flight(&self, max_in_flight: u32) {
         let _ = self.handle.commands.unbounded_send(Command::MaxInFlight(max_in_flight));
+    }
+
+    /// What each nsqd's auth server said about the `auth_secret` (identity, identity URL,
+    /// permission count), by nsqd address: the last AUTH answer of every nsqd this consumer
+    /// authenticated to. Empty when no nsqd asked for AUTH.
+    pub fn auth(&self) -> BTreeMap<String, AuthResponse> {
+        self.handle.auth.lock().map(|answers| answers.clone()).unwrap_or_default()
     }
 
     /// Counters.
     pub async fn stats(&self) -> ConsumerStats {
         let (tx, rx) = oneshot::channel();
         let _ = self.handle.commands.unbounded_send(Command::Stats(tx));
+        rx.await.unwrap_or_default()
+    }
+
+    /// Whether a connection has messages in flight up to 85% of its RDY count or more (go-nsq's
+    /// `IsStarved`): the handlers are the bottleneck. See [`ConsumerState::is_starved`].
+    pub async fn is_starved(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.handle.commands.unbounded_send(Command::Starved(tx));
         rx.await.unwrap_or_default()
     }
 
@@ -294,6 +338,7 @@ struct Engine<R: Runtime> {
     sockets: Sockets<R>,
     messages: Option<mpsc::UnboundedSender<Message>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
+    auth: AuthAnswers,
     stop_waiters: Vec<oneshot::Sender<()>>,
     /// `connect_to_nsqd` calls waiting for their address's first connection.
     connect_waiters: Vec<(String, oneshot::Sender<Result<(), Error>>)>,
@@ -323,6 +368,7 @@ impl<R: Runtime> Engine<R> {
             sockets: Sockets::new(&config),
             messages: Some(messages),
             failed,
+            auth: AuthAnswers::default(),
             stop_waiters: Vec::new(),
             connect_waiters: Vec::new(),
             shutdown: false,
@@ -429,8 +475,12 @@ impl<R: Runtime> Engine<R> {
                 let _ = reply.send(result.map_err(Error::from));
             }
             Input::Command(Command::MaxInFlight(n)) => self.state.change_max_in_flight(n, now),
+            Input::Command(Command::DiscoveryFilter(filter)) => self.state.set_discovery_filter(filter),
             Input::Command(Command::Stats(reply)) => {
                 let _ = reply.send(self.state.stats());
+            }
+            Input::Command(Command::Starved(reply)) => {
+                let _ = reply.send(self.state.is_starved());
             }
             Input::Command(Command::Stop(reply)) => {
                 if reply.is_none() {
@@ -489,6 +539,11 @@ impl<R: Runtime> Engine<R> {
                     None => {
                         warn!(id = %message.id, attempts = message.attempts, "message gave up after max_attempts")
                     }
+                }
+            }
+            ConsumerEvent::Authenticated { addr, auth, .. } => {
+                if let Ok(mut answers) = self.auth.lock() {
+                    answers.insert(addr, auth);
                 }
             }
             ConsumerEvent::Connected { conn, addr } => {

@@ -1,8 +1,9 @@
-//! The tasks that touch sockets: one reader and one writer per nsqd connection, one task per
-//! lookupd query. They move bytes and report; they decide nothing.
+//! The tasks that touch sockets: one reader and one writer per connection (to an nsqd, or a
+//! consumer's lookupd query). They move bytes and report; they decide nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -12,12 +13,10 @@ use futures_util::{SinkExt, StreamExt};
 use tracing::{debug, trace, Instrument};
 
 use super::{with_timeout, Runtime};
-use crate::{Action, Config, ConnId, ConsumerState, QueryId, SocketError};
+use crate::{Action, Config, ConnId, ConsumerState, SocketError};
 
 /// Read buffer growth per read: large enough to drain a busy socket in few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
-/// The largest lookupd response read.
-const MAX_LOOKUPD_RESPONSE: usize = 4 * 1024 * 1024;
 /// How long a closed connection waits for nsqd's EOF after half-closing.
 const LINGER: Duration = Duration::from_secs(5);
 
@@ -34,7 +33,6 @@ pub(crate) enum IoEvent {
     /// The writer task ended: it wrote everything it was given and shut the socket down, or a
     /// write failed.
     WriterDone(ConnId),
-    Lookupd(QueryId, Result<Bytes, SocketError>),
 }
 
 /// The engine's end of a connection: bytes to write go in; dropping it closes the socket
@@ -67,20 +65,22 @@ pub(crate) struct Reports {
 pub(crate) fn spawn_connection<R: Runtime>(
     conn: ConnId,
     addr: String,
+    local_addr: Option<SocketAddr>,
     dial_timeout: Duration,
     write_timeout: Duration,
     reports: Reports,
     span: tracing::Span,
 ) {
     let task = async move {
-        let (mut reader, mut writer) = match with_timeout::<R, _>(dial_timeout, R::connect(addr.clone())).await {
-            Ok(halves) => halves,
-            Err(e) => {
-                debug!(%e, "connect failed");
-                let _ = reports.control.unbounded_send(IoEvent::ConnectFailed(conn, e.into()));
-                return;
-            }
-        };
+        let (mut reader, mut writer) =
+            match with_timeout::<R, _>(dial_timeout, R::connect(addr.clone(), local_addr)).await {
+                Ok(halves) => halves,
+                Err(e) => {
+                    debug!(%e, "connect failed");
+                    let _ = reports.control.unbounded_send(IoEvent::ConnectFailed(conn, e.into()));
+                    return;
+                }
+            };
         debug!("connected");
         let (bytes_tx, mut bytes_rx) = mpsc::unbounded::<Bytes>();
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
@@ -152,34 +152,6 @@ pub(crate) fn spawn_connection<R: Runtime>(
     R::spawn(task.instrument(span));
 }
 
-/// Sends one lookupd request and reports the whole response.
-pub(crate) fn spawn_lookupd<R: Runtime>(
-    query: QueryId,
-    addr: String,
-    request: Bytes,
-    timeout: Duration,
-    control: mpsc::UnboundedSender<IoEvent>,
-) {
-    R::spawn(async move {
-        let exchange = async {
-            let (mut reader, mut writer) = R::connect(addr.clone()).await?;
-            R::write_all(&mut writer, &request).await?;
-            let mut buf = BytesMut::with_capacity(8 * 1024);
-            loop {
-                if buf.len() > MAX_LOOKUPD_RESPONSE {
-                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "lookupd response too large"));
-                }
-                buf.reserve(8 * 1024);
-                if R::read(&mut reader, &mut buf).await? == 0 {
-                    return Ok(buf.freeze());
-                }
-            }
-        };
-        let result = with_timeout::<R, _>(timeout, exchange).await.map_err(SocketError::from);
-        let _ = control.unbounded_send(IoEvent::Lookupd(query, result));
-    });
-}
-
 /// What the engines need of a state machine to carry out its I/O.
 pub(crate) trait Machine {
     fn handle_connected(&mut self, conn: ConnId, now: Instant);
@@ -187,8 +159,6 @@ pub(crate) trait Machine {
     fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut);
     fn handle_eof(&mut self, conn: ConnId, now: Instant);
     fn handle_io_error(&mut self, conn: ConnId, error: SocketError, now: Instant);
-    /// Only consumers query lookupd.
-    fn handle_lookupd_response(&mut self, _query: QueryId, _response: Result<Bytes, SocketError>, _now: Instant) {}
     fn poll_action(&mut self) -> Option<Action>;
     fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes>;
 }
@@ -223,19 +193,11 @@ macro_rules! machine {
     };
 }
 
-machine!(
-    ConsumerState,
-    fn handle_lookupd_response(&mut self, query: QueryId, response: Result<Bytes, SocketError>, now: Instant) {
-        self.handle_lookupd_response(query, response, now)
-    }
-);
+machine!(ConsumerState);
 
 /// An engine's sockets: dials, writers, and the reports coming back from their tasks.
 pub(crate) struct Sockets<R: Runtime> {
-    dial_timeout: Duration,
     write_timeout: Duration,
-    /// How long one lookupd query may take, connect to last byte.
-    lookupd_timeout: Duration,
     reports: Reports,
     events: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
     writers: HashMap<ConnId, Writer>,
@@ -251,9 +213,7 @@ impl<R: Runtime> Sockets<R> {
         let (control, control_rx) = mpsc::unbounded();
         let (reads, reads_rx) = mpsc::channel(16);
         Self {
-            dial_timeout: config.dial_timeout,
             write_timeout: config.write_timeout,
-            lookupd_timeout: config.lookupd_poll_timeout,
             reports: Reports { control, reads },
             events: futures_util::stream::select(control_rx, reads_rx),
             writers: HashMap::new(),
@@ -312,7 +272,6 @@ impl<R: Runtime> Sockets<R> {
                 }
                 self.flushing.remove(&conn);
             }
-            IoEvent::Lookupd(query, response) => machine.handle_lookupd_response(query, response, now),
         }
     }
 
@@ -323,13 +282,14 @@ impl<R: Runtime> Sockets<R> {
         while let Some(action) = machine.poll_action() {
             progress = true;
             match action {
-                Action::Connect { conn, addr } => {
+                Action::Connect { conn, addr, local_addr, timeout } => {
                     self.addrs.insert(conn, addr.as_str().into());
-                    let span = tracing::debug_span!("nsqd", %addr, %conn);
+                    let span = tracing::debug_span!("socket", %addr, %conn);
                     spawn_connection::<R>(
                         conn,
                         addr,
-                        self.dial_timeout,
+                        local_addr,
+                        timeout,
                         self.write_timeout,
                         self.reports.clone(),
                         span,
@@ -347,9 +307,6 @@ impl<R: Runtime> Sockets<R> {
                             }
                         }
                     }
-                }
-                Action::QueryLookupd { query, addr, request } => {
-                    spawn_lookupd::<R>(query, addr, request, self.lookupd_timeout, self.reports.control.clone())
                 }
             }
         }

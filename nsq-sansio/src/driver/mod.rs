@@ -20,6 +20,7 @@ pub mod tools;
 
 use std::future::Future;
 use std::io as stdio;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -37,9 +38,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// The write half of a TCP connection.
     type Writer: Send + 'static;
 
-    /// Connects to `addr` (`host:port`) with TCP_NODELAY set. The driver applies the dial
-    /// timeout around it.
-    fn connect(addr: String) -> impl Future<Output = stdio::Result<(Self::Reader, Self::Writer)>> + Send;
+    /// Connects to `addr` (`host:port`) with TCP_NODELAY set, from `local_addr` when given
+    /// (bind before connect: see [`connect_from`]). The driver applies the dial timeout
+    /// around it.
+    fn connect(
+        addr: String,
+        local_addr: Option<SocketAddr>,
+    ) -> impl Future<Output = stdio::Result<(Self::Reader, Self::Writer)>> + Send;
 
     /// Reads what is available into the spare capacity of `buf` (reserved by the caller);
     /// `Ok(0)` is end of file.
@@ -69,8 +74,11 @@ pub trait FuturesIoRuntime: Send + Sync + 'static {
     /// The TCP stream; one clone reads while another writes.
     type Stream: futures_util::io::AsyncRead + futures_util::io::AsyncWrite + Clone + Unpin + Send + Sync + 'static;
 
-    /// Connects to `addr` (`host:port`) with TCP_NODELAY set.
-    fn connect(addr: String) -> impl Future<Output = stdio::Result<Self::Stream>> + Send;
+    /// Connects to `addr` (`host:port`) with TCP_NODELAY set, from `local_addr` when given.
+    fn connect(
+        addr: String,
+        local_addr: Option<SocketAddr>,
+    ) -> impl Future<Output = stdio::Result<Self::Stream>> + Send;
 
     /// Shuts down the write direction (TCP FIN).
     fn shutdown(stream: &Self::Stream) -> stdio::Result<()>;
@@ -86,8 +94,8 @@ impl<T: FuturesIoRuntime> Runtime for T {
     type Reader = T::Stream;
     type Writer = T::Stream;
 
-    async fn connect(addr: String) -> stdio::Result<(T::Stream, T::Stream)> {
-        let stream = <T as FuturesIoRuntime>::connect(addr).await?;
+    async fn connect(addr: String, local_addr: Option<SocketAddr>) -> stdio::Result<(T::Stream, T::Stream)> {
+        let stream = <T as FuturesIoRuntime>::connect(addr, local_addr).await?;
         Ok((stream.clone(), stream))
     }
 
@@ -117,16 +125,24 @@ impl<T: FuturesIoRuntime> Runtime for T {
     }
 }
 
-/// Defines a runtime crate's public types for a futures-io runtime whose `TcpStream` has the
-/// inherent `connect`, `set_nodelay` and `shutdown` of async-std's and smol's: the unit struct
-/// implementing [`FuturesIoRuntime`], and the `Producer` and `Consumer` aliases on it.
-/// `nsq-async-std` and `nsq-smol` are this macro plus their spawn and timer.
+/// Defines a runtime crate's public types for a futures-io runtime on `async-io` whose
+/// `TcpStream` has the inherent `connect`, `set_nodelay` and `shutdown` of async-std's and
+/// smol's: the unit struct implementing [`FuturesIoRuntime`], and the `Producer` and `Consumer`
+/// aliases on it. `nsq-async-std` and `nsq-smol` are this macro plus their name resolution,
+/// socket conversion, spawn and timer.
+///
+/// `resolve` turns `host:port` into a future of the addresses (anything iterable); `from_std`
+/// makes the runtime's stream of a connected `std::net::TcpStream` (an `io::Result`); `Async`
+/// is `async-io`'s `Async` (used to wait for a socket bound to `local_addr` to connect).
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __futures_io_runtime {
     (
         runtime: $name:ident ($label:literal),
         stream: $stream:ty,
+        async_io: $async_io:ty,
+        resolve: |$host:ident| $resolve:expr,
+        from_std: |$std:ident| $from_std:expr,
         spawn: |$future:ident| $spawn:expr,
         sleep_until: |$deadline:ident| $sleep:expr $(,)?
     ) => {
@@ -137,8 +153,24 @@ macro_rules! __futures_io_runtime {
         impl $crate::driver::FuturesIoRuntime for $name {
             type Stream = $stream;
 
-            async fn connect(addr: String) -> std::io::Result<$stream> {
-                let stream = <$stream>::connect(addr).await?;
+            async fn connect(addr: String, local_addr: Option<std::net::SocketAddr>) -> std::io::Result<$stream> {
+                let stream = match local_addr {
+                    None => <$stream>::connect(addr).await?,
+                    Some(local) => {
+                        let $host = addr;
+                        let remotes: Vec<std::net::SocketAddr> = $resolve.await?.into_iter().collect();
+                        $crate::driver::connect_from(local, remotes, |remote| async move {
+                            let $std = $crate::driver::connect_bound(local, remote, |socket| async move {
+                                let socket = <$async_io>::new(socket)?;
+                                socket.writable().await?;
+                                socket.into_inner()
+                            })
+                            .await?;
+                            $from_std
+                        })
+                        .await?
+                    }
+                };
                 stream.set_nodelay(true)?;
                 Ok(stream)
             }
@@ -161,6 +193,63 @@ macro_rules! __futures_io_runtime {
         #[doc = concat!("A consumer on ", $label, ": see [`nsq_sansio::driver::Consumer`].")]
         pub type Consumer = $crate::driver::Consumer<$name>;
     };
+}
+
+/// Dials, with `dial`, each of `remotes` in the address family of `local` (the address
+/// `local_addr` binds to) until one connects; returns the last failure, or
+/// [`AddrNotAvailable`](stdio::ErrorKind::AddrNotAvailable) when no address is of that family.
+///
+/// The runtime crates resolve `host:port` themselves and call this with a `dial` that binds a
+/// socket to `local` before connecting it (tokio's `TcpSocket`, or [`connect_bound`]).
+pub async fn connect_from<S, F, Fut>(
+    local: SocketAddr,
+    remotes: impl IntoIterator<Item = SocketAddr>,
+    mut dial: F,
+) -> stdio::Result<S>
+where
+    F: FnMut(SocketAddr) -> Fut,
+    Fut: Future<Output = stdio::Result<S>>,
+{
+    let mut last = None;
+    for remote in remotes.into_iter().filter(|r| r.is_ipv4() == local.is_ipv4()) {
+        match dial(remote).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        stdio::Error::new(stdio::ErrorKind::AddrNotAvailable, format!("no address of local_addr {local}'s family"))
+    }))
+}
+
+/// Connects a TCP socket bound to `local` to `remote` without blocking, for runtimes that
+/// have no bound connect of their own: the socket is made non-blocking, bound and its connect
+/// started; `writable` hands it to the runtime's reactor, waits until it is writable and hands
+/// it back; then the outcome of the connect is read from the socket.
+pub async fn connect_bound<F, Fut>(
+    local: SocketAddr,
+    remote: SocketAddr,
+    writable: F,
+) -> stdio::Result<std::net::TcpStream>
+where
+    F: FnOnce(std::net::TcpStream) -> Fut,
+    Fut: Future<Output = stdio::Result<std::net::TcpStream>>,
+{
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(remote), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&local.into())?;
+    // Non-blocking: "in progress" is the usual answer; any other failure shows below too, as
+    // the socket's error or as no peer.
+    let started = socket.connect(&remote.into()).err();
+    let stream = writable(socket.into()).await?;
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    match stream.peer_addr() {
+        Ok(_) => Ok(stream),
+        Err(e) => Err(started.unwrap_or(e)),
+    }
 }
 
 /// An error from the async API.

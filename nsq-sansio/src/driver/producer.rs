@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -16,8 +16,8 @@ use tracing::{debug, Instrument};
 use super::io::{IoEvent, Sockets};
 use super::{Error, Runtime};
 use crate::{
-    Action, CommandError, Config, ConnId, Health, NsqdStats, PoolError, PoolEvent, PoolOptions, ProducerEvent,
-    ProducerPoolState, ProducerState, SocketError, Strategy, Topic, TxId,
+    Action, AuthResponse, CommandError, Config, ConnId, ConnectionError, Health, NsqdStats, PoolError, PoolEvent,
+    PoolOptions, ProducerEvent, ProducerPoolState, ProducerState, SocketError, Strategy, Topic, TxId,
 };
 
 /// Publishes to one nsqd ([`new`](Self::new)) or to a pool of nsqds ([`pool`](Self::pool)).
@@ -60,6 +60,8 @@ impl<R: Runtime> fmt::Debug for Producer<R> {
 struct Handle {
     addr: String,
     commands: mpsc::UnboundedSender<Command>,
+    /// nsqd's last AUTH answer.
+    auth: Arc<Mutex<Option<AuthResponse>>>,
 }
 
 /// The state machine an engine runs.
@@ -108,8 +110,13 @@ impl super::io::Machine for Machine {
 /// What the engine does with an event.
 enum Outcome {
     Published(TxId, Result<(), Error>),
+    /// A ping's NOP was handed to `conn`'s writer, or the connection ended first.
+    Pinged(TxId, ConnId, Result<(), ConnectionError>),
+    Authenticated(AuthResponse),
     /// Connections came or went: connect waiters may have their answer.
     Changed,
+    /// A connection ended: pings waiting for its writes fail with the cause.
+    Lost(ConnId, ConnectionError),
     Quiet,
 }
 
@@ -132,12 +139,15 @@ impl Machine {
                 }
                 ProducerEvent::Disconnected(conn, error) | ProducerEvent::ConnectFailed { conn, error, .. } => {
                     debug!(%conn, %error, "producer disconnected");
-                    Outcome::Changed
+                    Outcome::Lost(conn, error)
                 }
+                ProducerEvent::Pinged { tx, conn, result } => Outcome::Pinged(tx, conn, result),
+                ProducerEvent::Authenticated { auth, .. } => Outcome::Authenticated(auth),
                 _ => Outcome::Quiet,
             }),
             Self::Pool(m) => m.poll_event().map(|event| match event {
                 PoolEvent::Published { tx, result } => Outcome::Published(tx, result.map_err(Error::Pool)),
+                PoolEvent::Authenticated { auth, .. } => Outcome::Authenticated(auth),
                 PoolEvent::Connected { .. } | PoolEvent::ConnectFailed { .. } | PoolEvent::Disconnected { .. } => {
                     Outcome::Changed
                 }
@@ -216,6 +226,7 @@ impl Drop for Handle {
 enum Command {
     Publish(Publish, oneshot::Sender<Result<(), Error>>),
     Connect(oneshot::Sender<Result<(), Error>>),
+    Ping(oneshot::Sender<Result<(), Error>>),
     Stats(oneshot::Sender<Vec<NsqdStats>>),
     Stop(oneshot::Sender<()>),
     Shutdown,
@@ -279,8 +290,9 @@ impl<R: Runtime> Producer<R> {
     fn spawn(addr: String, machine: Machine, config: &Config, span: tracing::Span) -> Self {
         let (commands, rx) = mpsc::unbounded();
         let engine = Engine::<R>::new(machine, config, rx);
+        let auth = engine.auth.clone();
         R::spawn(engine.run().instrument(span));
-        Self { handle: Arc::new(Handle { addr, commands }), _runtime: PhantomData }
+        Self { handle: Arc::new(Handle { addr, commands, auth }), _runtime: PhantomData }
     }
 
     /// Connects now and waits for the handshake, instead of at the first publish; returns the
@@ -293,9 +305,14 @@ impl<R: Runtime> Producer<R> {
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 
-    /// Checks the connection: connects if needed and waits for the handshake.
+    /// Checks the connection as go-nsq's `Ping` does: connects if needed and sends a `NOP`
+    /// (which nsqd does not answer); resolves once the NOP was written to the socket, or with
+    /// the error that prevented it: the dial, the handshake (TLS, AUTH), or the write. A pool
+    /// answers as [`connect`](Self::connect) does.
     pub async fn ping(&self) -> Result<(), Error> {
-        self.connect().await
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Ping(tx))?;
+        rx.await.unwrap_or(Err(Error::Stopped))
     }
 
     /// Publishes one message.
@@ -331,6 +348,13 @@ impl<R: Runtime> Producer<R> {
         if self.send(Command::Stop(tx)).is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// What nsqd's auth server said about the `auth_secret` (identity, identity URL,
+    /// permission count) at the last AUTH (of any nsqd, for a pool); `None` until a connection
+    /// authenticated (or when nsqd does not ask for AUTH).
+    pub fn auth(&self) -> Option<AuthResponse> {
+        self.handle.auth.lock().ok().and_then(|answer| answer.clone())
     }
 
     /// The nsqd address (a pool's first).
@@ -372,6 +396,10 @@ struct Engine<R: Runtime> {
     sockets: Sockets<R>,
     pending: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
     connect_waiters: Vec<oneshot::Sender<Result<(), Error>>>,
+    pings: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
+    /// Pings whose NOP was handed to the connection's writer: resolved when that write ends.
+    ping_writes: Vec<(ConnId, oneshot::Sender<Result<(), Error>>)>,
+    auth: Arc<Mutex<Option<AuthResponse>>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     shutdown: bool,
 }
@@ -384,6 +412,9 @@ impl<R: Runtime> Engine<R> {
             sockets: Sockets::new(config),
             pending: HashMap::new(),
             connect_waiters: Vec::new(),
+            pings: HashMap::new(),
+            ping_writes: Vec::new(),
+            auth: Arc::default(),
             stop_waiters: Vec::new(),
             shutdown: false,
         }
@@ -462,6 +493,17 @@ impl<R: Runtime> Engine<R> {
                     let _ = reply.send(Err(e.into()));
                 }
             },
+            Input::Command(Command::Ping(reply)) => match state {
+                Machine::One(m) => match m.ping(now) {
+                    Ok(tx) => {
+                        self.pings.insert(tx, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                },
+                Machine::Pool(_) => self.handle(Input::Command(Command::Connect(reply)), now),
+            },
             Input::Command(Command::Connect(reply)) => {
                 if let Some(Ok(())) = state.connect_verdict() {
                     let _ = reply.send(Ok(()));
@@ -478,7 +520,27 @@ impl<R: Runtime> Engine<R> {
                 self.stop_waiters.push(reply);
                 either!(state.stop(now));
             }
-            Input::Io(event) => self.sockets.apply(event, state, now),
+            Input::Io(event) => {
+                match &event {
+                    IoEvent::Written(conn) => self.ping_written(*conn, Ok(())),
+                    IoEvent::Failed(conn, error) => self.ping_written(*conn, Err(ConnectionError::Io(error.clone()))),
+                    _ => {}
+                }
+                self.sockets.apply(event, &mut self.state, now)
+            }
+        }
+    }
+
+    /// The write of `conn` that carried pings' NOPs ended (or the connection did).
+    fn ping_written(&mut self, conn: ConnId, result: Result<(), ConnectionError>) {
+        let mut i = 0;
+        while i < self.ping_writes.len() {
+            if self.ping_writes[i].0 == conn {
+                let (_, reply) = self.ping_writes.swap_remove(i);
+                let _ = reply.send(result.clone().map_err(Error::Connection));
+            } else {
+                i += 1;
+            }
         }
     }
 
@@ -494,6 +556,25 @@ impl<R: Runtime> Engine<R> {
                         if let Some(reply) = self.pending.remove(&tx) {
                             let _ = reply.send(result);
                         }
+                    }
+                    Outcome::Pinged(tx, conn, result) => {
+                        if let Some(reply) = self.pings.remove(&tx) {
+                            match result {
+                                Ok(()) => self.ping_writes.push((conn, reply)),
+                                Err(e) => {
+                                    let _ = reply.send(Err(Error::Connection(e)));
+                                }
+                            }
+                        }
+                    }
+                    Outcome::Authenticated(auth) => {
+                        if let Ok(mut slot) = self.auth.lock() {
+                            *slot = Some(auth);
+                        }
+                    }
+                    Outcome::Lost(conn, error) => {
+                        self.ping_written(conn, Err(error));
+                        changed = true;
                     }
                     Outcome::Changed => changed = true,
                     Outcome::Quiet => {}

@@ -8,7 +8,7 @@ use arbitrary::Arbitrary;
 use bytes::{Bytes, BytesMut};
 
 use crate::{
-    Action, Channel, Config, ConnId, ConsumerEvent, ConsumerState, Frame, Message, MessageId, QueryId, Response, Topic,
+    Action, Channel, Config, ConnId, ConsumerEvent, ConsumerState, Frame, Message, MessageId, Response, Topic,
 };
 
 /// One step of a fuzzed consumer.
@@ -32,7 +32,7 @@ pub enum Op {
     MaxInFlight(u8),
     /// Virtual time passes (ms).
     Advance(u32),
-    /// A lookupd answer (raw bytes) to the oldest query.
+    /// The oldest lookupd query connects, reads these bytes, then EOF.
     Lookupd(Vec<u8>),
     /// `stop`.
     Stop,
@@ -51,7 +51,8 @@ pub fn consumer(max_in_flight: u8, ops: Vec<Op>) {
     let _ = c.connect_to_nsqlookupd("127.0.0.1:4161", now);
     let mut max = u64::from(max_in_flight);
     let mut dialled: Vec<ConnId> = Vec::new();
-    let mut queries: Vec<QueryId> = Vec::new();
+    // Lookupd query connections, oldest first.
+    let mut queries: Vec<ConnId> = Vec::new();
     let mut pending: Vec<(ConnId, Message)> = Vec::new();
     let mut answered: HashSet<(ConnId, MessageId)> = HashSet::new();
     let mut next_id = 0u32;
@@ -123,18 +124,22 @@ pub fn consumer(max_in_flight: u8, ops: Vec<Op>) {
                 c.handle_timeout(now);
             }
             Op::Lookupd(bytes) => {
-                if !queries.is_empty() {
-                    let q = queries.remove(0);
-                    c.handle_lookupd_response(q, Ok(Bytes::from(bytes)), now);
+                if let Some(&q) = queries.first() {
+                    c.handle_connected(q, now);
+                    c.handle_input(q, now, BytesMut::from(&bytes[..]));
+                    c.handle_eof(q, now);
                 }
             }
             Op::Stop => c.stop(now),
         }
         while let Some(action) = c.poll_action() {
             match action {
+                Action::Connect { conn, addr, .. } if addr == "127.0.0.1:4161" => queries.push(conn),
                 Action::Connect { conn, .. } => dialled.push(conn),
-                Action::QueryLookupd { query, .. } => queries.push(query),
-                Action::Close { conn } => pending.retain(|(p, _)| *p != conn),
+                Action::Close { conn } => {
+                    pending.retain(|(p, _)| *p != conn);
+                    queries.retain(|q| *q != conn);
+                }
             }
         }
         while c.poll_transmit().is_some() {}

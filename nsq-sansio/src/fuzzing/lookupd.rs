@@ -12,7 +12,9 @@ pub fn response(data: &[u8]) {
         if let Ok(addr) = crate::LookupdAddress::parse(text) {
             assert!(!addr.host_port().is_empty());
             if let Ok(topic) = crate::Topic::new("t") {
-                assert!(addr.request(&topic, text).ends_with(b"\r\n\r\n"));
+                if let Ok(request) = addr.request(&topic, text, Some(text)) {
+                    assert!(request.ends_with(b"\r\n\r\n"));
+                }
             }
         }
     }

@@ -9,8 +9,8 @@ use bytes::{Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
 use crate::action::ConnId;
-use crate::connection::{deadline, ConnectionState, Event, PublishId};
-use crate::error::{ConnectionError, PublishError, SocketError};
+use crate::connection::{deadline, AuthResponse, ConnectionState, Event, PublishId};
+use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::rng::{RetryDelay, Rng};
 use crate::Config;
 
@@ -31,6 +31,10 @@ pub(crate) const STABLE_AFTER: Duration = Duration::from_secs(10);
 pub(crate) enum LinkEvent {
     /// A publish resolved.
     Published { tx: TxId, result: Result<(), PublishError> },
+    /// A ping's NOP was handed to the socket (`Ok`), or the connection ended first.
+    Pinged { tx: TxId, conn: ConnId, result: Result<(), ConnectionError> },
+    /// nsqd accepted the AUTH secret.
+    Authenticated(ConnId, AuthResponse),
     /// The handshake finished.
     Connected(ConnId),
     /// A connection ended; `was_ready` says whether its handshake had finished. The owner
@@ -49,6 +53,10 @@ struct Conn {
     ready_at: Option<Instant>,
     /// Transactions by the connection's publish ids; a batch maps to several.
     txs: VecDeque<(PublishId, Vec<TxId>)>,
+    /// Pings whose NOP is queued and not yet handed to the socket.
+    pings: Vec<TxId>,
+    /// Pings whose NOP was handed to the socket, to report.
+    pinged: Vec<TxId>,
 }
 
 /// One nsqd of a producer.
@@ -132,7 +140,15 @@ impl Link {
         let host = crate::consumer::host_of(&self.addr);
         let state = ConnectionState::new(config.clone(), host, now);
         info!(conn = %id, addr = %self.addr, "connecting to nsqd");
-        self.conn = Some(Conn { id, state, connected: false, ready_at: None, txs: VecDeque::new() });
+        self.conn = Some(Conn {
+            id,
+            state,
+            connected: false,
+            ready_at: None,
+            txs: VecDeque::new(),
+            pings: Vec::new(),
+            pinged: Vec::new(),
+        });
     }
 
     /// The current connection's state, to queue publishes on.
@@ -173,6 +189,14 @@ impl Link {
         } else {
             Health::Idle
         }
+    }
+
+    /// Queues a NOP for ping `tx` on the current connection.
+    pub(crate) fn ping(&mut self, tx: TxId) -> Result<(), CommandError> {
+        let conn = self.conn.as_mut().ok_or(CommandError::Closed)?;
+        conn.state.nop()?;
+        conn.pings.push(tx);
+        Ok(())
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -228,7 +252,13 @@ impl Link {
     /// What the current connection has to write, once its socket is connected.
     pub(crate) fn poll_transmit(&mut self, id: ConnId) -> Option<Bytes> {
         let conn = self.conn.as_mut().filter(|c| c.id == id && c.connected)?;
-        conn.state.poll_transmit()
+        let bytes = conn.state.poll_transmit()?;
+        if conn.state.is_ready() {
+            // Once the handshake is done every queued command is in what poll_transmit
+            // returns: the pings' NOPs are on their way to the socket.
+            conn.pinged.append(&mut conn.pings);
+        }
+        Some(bytes)
     }
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
@@ -245,8 +275,12 @@ impl Link {
         final_writes: &mut Vec<(ConnId, Bytes)>,
     ) {
         let Some(conn) = &mut self.conn else { return };
+        for tx in conn.pinged.drain(..) {
+            out.push_back(LinkEvent::Pinged { tx, conn: conn.id, result: Ok(()) });
+        }
         while let Some(event) = conn.state.poll_event() {
             match event {
+                Event::Authenticated(auth) => out.push_back(LinkEvent::Authenticated(conn.id, auth)),
                 Event::Ready(_) => {
                     conn.ready_at = Some(now);
                     self.retry_at = None;
@@ -278,6 +312,9 @@ impl Link {
                             let result = Err(PublishError::ConnectionLost(error.clone()));
                             out.push_back(LinkEvent::Published { tx, result });
                         }
+                    }
+                    for tx in conn.pings.drain(..) {
+                        out.push_back(LinkEvent::Pinged { tx, conn: conn.id, result: Err(error.clone()) });
                     }
                     if conn.connected && error.is_local_close() {
                         // What the connection queued last (a final PUB's bytes) goes out before
@@ -320,7 +357,6 @@ impl Link {
                 | Event::Message(_)
                 | Event::MessageTimedOut(_)
                 | Event::ServerError(_)
-                | Event::Authenticated(_)
                 | Event::CloseWait => {}
             }
         }

@@ -13,12 +13,13 @@ use crate::action::{Action, ConnId};
 use crate::connection::DEFAULT_MAX_DEFER;
 use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::rng::Rng;
-use crate::{Config, Topic};
+use crate::{AuthResponse, Config, Topic};
 
 use link::{Link, LinkEvent};
 pub use pool::{Health, NsqdStats, PoolError, PoolEvent, PoolOptions, ProducerPoolState, Strategy};
 
-/// Identifies one publish of a [`ProducerState`]; [`ProducerEvent::Published`] carries it back.
+/// Identifies one publish (or ping) of a [`ProducerState`]; [`ProducerEvent::Published`] (or
+/// [`ProducerEvent::Pinged`]) carries it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TxId(pub u64);
 
@@ -32,6 +33,24 @@ pub enum ProducerEvent {
         tx: TxId,
         /// `Ok` once nsqd acknowledged it.
         result: Result<(), PublishError>,
+    },
+    /// A ping's NOP was handed to the socket of `conn` (`Ok`; nsqd does not answer a NOP), or
+    /// the connection ended before it could be (the dial, the handshake, or a lost connection).
+    Pinged {
+        /// The id [`ProducerState::ping`] returned.
+        tx: TxId,
+        /// The connection the NOP was for.
+        conn: ConnId,
+        /// `Ok` once the NOP left in what `poll_transmit` returned.
+        result: Result<(), ConnectionError>,
+    },
+    /// nsqd accepted the AUTH secret of `conn`, with what its auth server said (identity,
+    /// permissions). Comes before [`Connected`](Self::Connected).
+    Authenticated {
+        /// The connection.
+        conn: ConnId,
+        /// nsqd's AUTH answer.
+        auth: AuthResponse,
     },
     /// A connection finished its handshake.
     Connected(ConnId),
@@ -135,6 +154,22 @@ impl ProducerState {
         self.check_running()?;
         self.ensure_conn();
         Ok(())
+    }
+
+    /// Checks the connection as go-nsq's `Ping` does: connects if there is no connection (even
+    /// while a failed nsqd is left alone: this is the application asking) and queues a `NOP`,
+    /// sent once the handshake is done. [`ProducerEvent::Pinged`] resolves it: `Ok` when the
+    /// NOP was handed over by [`poll_transmit`](Self::poll_transmit), the connection's error
+    /// when the dial or handshake failed or the connection ended first. An adapter that waits
+    /// for the write of those bytes to finish reports write errors as go-nsq does.
+    pub fn ping(&mut self, now: Instant) -> Result<TxId, CommandError> {
+        self.advance(now);
+        self.check_running()?;
+        self.flush_batch();
+        self.ensure_conn();
+        let tx = self.next_tx();
+        self.link.ping(tx)?;
+        Ok(tx)
     }
 
     /// Queues a PUB. Arguments are checked before anything is queued.
@@ -371,7 +406,12 @@ impl ProducerState {
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
         self.link.open(id, &self.config, self.now);
-        self.actions.push_back(Action::Connect { conn: id, addr: self.link.addr().to_owned() });
+        self.actions.push_back(Action::Connect {
+            conn: id,
+            addr: self.link.addr().to_owned(),
+            local_addr: self.config.local_addr,
+            timeout: self.config.dial_timeout,
+        });
     }
 
     /// Queues a publish on the current connection for `txs`.
@@ -436,6 +476,12 @@ impl ProducerState {
         while let Some(event) = self.link_events.pop_front() {
             match event {
                 LinkEvent::Published { tx, result } => self.events.push_back(ProducerEvent::Published { tx, result }),
+                LinkEvent::Pinged { tx, conn, result } => {
+                    self.events.push_back(ProducerEvent::Pinged { tx, conn, result })
+                }
+                LinkEvent::Authenticated(conn, auth) => {
+                    self.events.push_back(ProducerEvent::Authenticated { conn, auth })
+                }
                 LinkEvent::Connected(conn) => self.events.push_back(ProducerEvent::Connected(conn)),
                 LinkEvent::Closed { conn, error, was_ready, retry_at } => {
                     self.actions.push_back(Action::Close { conn });

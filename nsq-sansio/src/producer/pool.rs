@@ -15,7 +15,7 @@ use crate::action::{Action, ConnId};
 use crate::connection::{deadline, DEFAULT_MAX_DEFER};
 use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::rng::Rng;
-use crate::{Config, Topic};
+use crate::{AuthResponse, Config, Topic};
 
 /// How a pool spreads publishes over its nsqds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -165,6 +165,15 @@ pub enum PoolEvent {
         conn: ConnId,
         /// Its nsqd.
         addr: String,
+    },
+    /// nsqd accepted the AUTH secret and said who it belongs to.
+    Authenticated {
+        /// The connection.
+        conn: ConnId,
+        /// Its nsqd.
+        addr: String,
+        /// The auth server's answer.
+        auth: AuthResponse,
     },
     /// A connection never finished its handshake; the nsqd is redialled at `retry_at`.
     ConnectFailed {
@@ -605,7 +614,12 @@ impl ProducerPoolState {
             let id = ConnId(self.next_conn);
             self.next_conn += 1;
             m.link.open(id, &self.config, self.now);
-            self.actions.push_back(Action::Connect { conn: id, addr: m.link.addr().to_owned() });
+            self.actions.push_back(Action::Connect {
+                conn: id,
+                addr: m.link.addr().to_owned(),
+                local_addr: self.config.local_addr,
+                timeout: self.config.dial_timeout,
+            });
         }
     }
 
@@ -759,6 +773,12 @@ impl ProducerPoolState {
         while let Some(event) = self.link_events.pop_front() {
             match event {
                 LinkEvent::Published { tx: attempt, result } => self.attempt_done(attempt, result),
+                LinkEvent::Authenticated(conn, auth) => {
+                    let addr = self.members[i].link.addr().to_owned();
+                    self.events.push_back(PoolEvent::Authenticated { conn, addr, auth });
+                }
+                // The pool sends no pings.
+                LinkEvent::Pinged { .. } => {}
                 LinkEvent::Connected(conn) => {
                     let addr = self.members[i].link.addr().to_owned();
                     info!(%conn, %addr, "pool: nsqd connected");

@@ -16,18 +16,25 @@
 //!   under way; its answer redials only addresses whose last connection stayed up.
 //! - A failed query is retried at once on the next lookupd, at most three lookupds per poll, as
 //!   go-nsq's `queryLookupd` does; a query unanswered for `lookupd_poll_timeout` counts as failed.
+//!
+//! A lookupd query is a connection of the consumer, in the same `ConnId` space as its nsqd
+//! connections: `Action::Connect` to the lookupd's `host:port`, the request and response
+//! through `poll_transmit` and `handle_input` (TLS for `https://` inside [`Exchange`]), and
+//! `Action::Close` once the response is complete, parsed, or failed.
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use std::fmt;
+
+use bytes::{Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
 use super::{check_addr, Consumer, DialState, Direct, Timer};
-use crate::action::{Action, ConnId, QueryId};
+use crate::action::{Action, ConnId};
 use crate::connection::deadline;
 use crate::consumer::{ConsumerError, ConsumerEvent};
 use crate::error::{ConnectionError, SocketError};
-use crate::lookupd::{LookupdAddress, LookupdError};
+use crate::lookupd::{Exchange, Lookup, LookupdAddress, LookupdError};
 use crate::rng::RetryDelay;
 
 /// Delay before the first redial of a direct nsqd; doubles per failed attempt.
@@ -40,26 +47,43 @@ pub(crate) const RECHECK_JITTER: Duration = Duration::from_secs(1);
 /// How many lookupds one poll tries before giving up until the next poll.
 const LOOKUPD_ATTEMPTS: usize = 3;
 
+/// The application's hook over the nsqd addresses a lookupd answer lists (go-nsq's
+/// `DiscoveryFilter`).
+pub(crate) type DiscoveryFilter = Box<dyn FnMut(Vec<String>) -> Vec<String> + Send>;
+
 /// The lookupds of a consumer and their polling schedule.
 #[derive(Debug, Default)]
 pub(crate) struct Lookupd {
     addrs: Vec<LookupdAddress>,
     next: usize,
-    next_query: u64,
-    /// Queries under way.
+    /// Queries under way, each on its own connection.
     pending: Vec<Pending>,
     /// The first periodic poll was scheduled (with its jitter).
     scheduled: bool,
+    filter: Filter,
 }
 
+#[derive(Default)]
+struct Filter(Option<DiscoveryFilter>);
+
+impl fmt::Debug for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "Filter(set)" } else { "Filter(none)" })
+    }
+}
+
+/// One lookupd query: its connection and where it stands.
 #[derive(Debug)]
 struct Pending {
-    query: QueryId,
+    conn: ConnId,
     addr: LookupdAddress,
     kind: QueryKind,
     /// Lookupds tried before this one in the same poll.
     attempt: usize,
     expires: Instant,
+    exchange: Exchange,
+    /// The socket is connected: the request may be written.
+    connected: bool,
 }
 
 /// Why a lookupd query was made.
@@ -75,6 +99,15 @@ pub(super) enum QueryKind {
 impl Lookupd {
     pub(crate) fn has_lookupds(&self) -> bool {
         !self.addrs.is_empty()
+    }
+
+    /// Whether `conn` is a lookupd query's connection.
+    pub(super) fn is_query(&self, conn: ConnId) -> bool {
+        self.pending.iter().any(|p| p.conn == conn)
+    }
+
+    fn query(&mut self, conn: ConnId) -> Option<&mut Pending> {
+        self.pending.iter_mut().find(|p| p.conn == conn)
     }
 }
 
@@ -280,7 +313,7 @@ impl Consumer {
         self.timers.set(Timer::Recheck, deadline(self.now, delay));
     }
 
-    /// Queries the next lookupd in turn.
+    /// Queries the next lookupd in turn, on a new connection.
     fn query_lookupd(&mut self, kind: QueryKind, attempt: usize) {
         if self.stopping || self.lookupd.addrs.is_empty() {
             return;
@@ -288,13 +321,24 @@ impl Consumer {
         let index = self.lookupd.next % self.lookupd.addrs.len();
         self.lookupd.next = index + 1;
         let addr = self.lookupd.addrs[index].clone();
-        let query = QueryId(self.lookupd.next_query);
-        self.lookupd.next_query += 1;
-        let request = addr.request(&self.topic, &self.config.user_agent);
-        info!(lookupd = %addr, ?kind, "querying lookupd");
-        self.actions.push_back(Action::QueryLookupd { query, addr: addr.host_port().to_owned(), request });
+        let bearer = self.config.auth_secret.as_deref().filter(|_| self.config.lookupd_authorization);
+        let exchange = addr
+            .request(&self.topic, &self.config.user_agent, bearer)
+            .and_then(|request| Exchange::new(&addr, request, &self.config.tls));
+        let exchange = match exchange {
+            Ok(exchange) => exchange,
+            Err(error) => return self.query_failed(&addr, kind, attempt, error),
+        };
+        let conn = self.new_conn_id();
+        info!(lookupd = %addr, %conn, ?kind, "querying lookupd");
+        self.actions.push_back(Action::Connect {
+            conn,
+            addr: addr.host_port().to_owned(),
+            local_addr: None,
+            timeout: self.config.lookupd_poll_timeout,
+        });
         let expires = deadline(self.now, self.config.lookupd_poll_timeout);
-        self.lookupd.pending.push(Pending { query, addr, kind, attempt, expires });
+        self.lookupd.pending.push(Pending { conn, addr, kind, attempt, expires, exchange, connected: false });
         self.arm_lookupd_expiry();
     }
 
@@ -308,57 +352,132 @@ impl Consumer {
     /// Queries unanswered for too long count as failed.
     pub(super) fn lookupd_expired(&mut self) {
         let now = self.now;
-        let expired: Vec<QueryId> = self.lookupd.pending.iter().filter(|p| p.expires <= now).map(|p| p.query).collect();
-        for query in expired {
+        let expired: Vec<ConnId> = self.lookupd.pending.iter().filter(|p| p.expires <= now).map(|p| p.conn).collect();
+        for conn in expired {
             let timeout = self.config.lookupd_poll_timeout;
             let error = SocketError::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"));
-            self.lookupd_answered(query, Err(error));
+            self.query_done(conn, Err(LookupdError::Io(error)));
         }
         self.arm_lookupd_expiry();
     }
 
-    pub(crate) fn handle_lookupd_response(
-        &mut self,
-        query: QueryId,
-        response: Result<Bytes, SocketError>,
-        now: Instant,
-    ) {
-        self.advance(now);
-        self.lookupd_answered(query, response);
+    // ---- a lookupd query's connection ----------------------------------------------------------
+
+    /// The socket of a lookupd query connected.
+    pub(super) fn query_connected(&mut self, conn: ConnId) {
+        if let Some(query) = self.lookupd.query(conn) {
+            query.connected = true;
+        }
+    }
+
+    /// Bytes read from a lookupd query's socket.
+    pub(super) fn query_input(&mut self, conn: ConnId, data: BytesMut) {
+        let Some(query) = self.lookupd.query(conn) else { return };
+        if let Some(outcome) = query.exchange.handle_input(data) {
+            self.query_done(conn, outcome);
+        }
+    }
+
+    /// lookupd closed a query's connection.
+    pub(super) fn query_eof(&mut self, conn: ConnId) {
+        let Some(query) = self.lookupd.query(conn) else { return };
+        let outcome = query.exchange.handle_eof();
+        self.query_done(conn, outcome);
+    }
+
+    /// A query's socket could not connect, or failed.
+    pub(super) fn query_io_error(&mut self, conn: ConnId, error: SocketError) {
+        self.query_done(conn, Err(LookupdError::Io(error)));
+    }
+
+    /// What a query's connection has to write.
+    pub(super) fn query_transmit(&mut self, conn: ConnId) -> Option<Bytes> {
+        self.lookupd.query(conn).filter(|q| q.connected).and_then(|q| q.exchange.poll_transmit())
+    }
+
+    /// A connected query with something to write.
+    pub(super) fn any_query_transmit(&mut self) -> Option<(ConnId, Bytes)> {
+        self.lookupd
+            .pending
+            .iter_mut()
+            .filter(|q| q.connected)
+            .find_map(|q| q.exchange.poll_transmit().map(|b| (q.conn, b)))
+    }
+
+    /// Ends every query under way (the consumer is stopping): their sockets close.
+    pub(super) fn close_queries(&mut self) {
+        let conns: Vec<ConnId> = self.lookupd.pending.iter().map(|p| p.conn).collect();
+        for conn in conns {
+            self.close_query(conn);
+        }
         self.arm_lookupd_expiry();
     }
 
-    fn lookupd_answered(&mut self, query: QueryId, response: Result<Bytes, SocketError>) {
-        let Some(pos) = self.lookupd.pending.iter().position(|p| p.query == query) else {
-            return;
-        };
-        let pending = self.lookupd.pending.swap_remove(pos);
+    /// Removes a query and closes its connection (after TLS close_notify, if any).
+    fn close_query(&mut self, conn: ConnId) -> Option<Pending> {
+        let pos = self.lookupd.pending.iter().position(|p| p.conn == conn)?;
+        let mut query = self.lookupd.pending.swap_remove(pos);
+        if query.connected {
+            query.exchange.close();
+            if let Some(last) = query.exchange.poll_transmit() {
+                self.final_writes.push((conn, last));
+            }
+        }
+        self.actions.push_back(Action::Close { conn });
+        Some(query)
+    }
+
+    /// A query's outcome: its connection closes; the answer is acted on.
+    fn query_done(&mut self, conn: ConnId, outcome: Result<Lookup, LookupdError>) {
+        let Some(query) = self.close_query(conn) else { return };
+        self.arm_lookupd_expiry();
         if self.stopping {
             return;
         }
-        let parsed = response.map_err(LookupdError::Io).and_then(|bytes| crate::lookupd::parse_response(&bytes));
-        match parsed {
-            Ok(lookup) => {
-                debug!(lookupd = %pending.addr, producers = lookup.producers.len(), "lookupd answered");
-                let listed: Vec<String> = lookup.producers.iter().map(|p| p.tcp_address()).collect();
-                for addr in &listed {
-                    self.discovered(addr, pending.kind);
-                }
-                // Forget the history of addresses no longer listed and not in use.
-                let conns: Vec<String> = self.conns.values().map(|c| c.addr.clone()).collect();
-                let direct: Vec<String> = self.direct.iter().map(|d| d.addr.clone()).collect();
-                self.dials.retain(|a, _| listed.contains(a) || conns.contains(a) || direct.contains(a));
-            }
-            Err(error) => {
-                warn!(lookupd = %pending.addr, %error, "lookupd query failed");
-                self.events.push_back(ConsumerEvent::LookupdFailed { addr: pending.addr.to_string(), error });
-                let tries = LOOKUPD_ATTEMPTS.min(self.lookupd.addrs.len());
-                if pending.attempt + 1 < tries {
-                    info!("trying the next lookupd");
-                    self.query_lookupd(pending.kind, pending.attempt + 1);
-                }
-            }
+        match outcome {
+            Ok(lookup) => self.lookupd_answered(&query, &lookup),
+            Err(error) => self.query_failed(&query.addr, query.kind, query.attempt, error),
         }
+    }
+
+    /// A query failed: the application hears why, and the next lookupd is tried (at most
+    /// three per poll).
+    fn query_failed(&mut self, addr: &LookupdAddress, kind: QueryKind, attempt: usize, error: LookupdError) {
+        warn!(lookupd = %addr, %error, "lookupd query failed");
+        self.events.push_back(ConsumerEvent::LookupdFailed { addr: addr.to_string(), error });
+        let tries = LOOKUPD_ATTEMPTS.min(self.lookupd.addrs.len());
+        if attempt + 1 < tries {
+            info!("trying the next lookupd");
+            self.query_lookupd(kind, attempt + 1);
+        }
+    }
+
+    /// lookupd answered: the nsqds it lists (through the discovery filter) are dialled.
+    fn lookupd_answered(&mut self, query: &Pending, lookup: &Lookup) {
+        debug!(lookupd = %query.addr, producers = lookup.producers.len(), "lookupd answered");
+        let mut listed: Vec<String> = lookup.producers.iter().map(|p| p.tcp_address()).collect();
+        if let Some(filter) = &mut self.lookupd.filter.0 {
+            listed = filter(listed);
+            listed.retain(|addr| match check_addr(addr) {
+                Ok(()) => true,
+                Err(error) => {
+                    warn!(%error, "the discovery filter returned a bad address; ignored");
+                    false
+                }
+            });
+        }
+        for addr in &listed {
+            self.discovered(addr, query.kind);
+        }
+        // Forget the history of addresses no longer listed and not in use.
+        let conns: Vec<String> = self.conns.values().map(|c| c.addr.clone()).collect();
+        let direct: Vec<String> = self.direct.iter().map(|d| d.addr.clone()).collect();
+        self.dials.retain(|a, _| listed.contains(a) || conns.contains(a) || direct.contains(a));
+    }
+
+    /// Sets the hook that filters or reorders the nsqd addresses of every lookupd answer.
+    pub(crate) fn set_discovery_filter(&mut self, filter: DiscoveryFilter) {
+        self.lookupd.filter = Filter(Some(filter));
     }
 
     /// Opens a connection to a lookupd-listed nsqd unless one exists or its history says wait.

@@ -1,23 +1,30 @@
-//! The nsqlookupd HTTP API: `GET /lookup?topic=...` request bytes and response parsing.
+//! The nsqlookupd HTTP API: `GET /lookup?topic=...` request bytes, the exchange over a
+//! consumer's connection (plain or TLS), and response parsing.
 //!
-//! The adapter carries the bytes over TCP; parsing happens here, with `httparse` for the head
-//! and `serde_json` for the body.
+//! The adapter carries the bytes over TCP like any other connection's; everything else
+//! happens here: TLS through rustls, `httparse` for the head and `serde_json` for the body.
+
+mod exchange;
 
 use std::fmt;
 
 use bytes::Bytes;
 use serde::Deserialize;
 
+use crate::transport::TransportError;
 use crate::Topic;
+
+pub(crate) use exchange::Exchange;
 
 /// The largest lookupd response accepted, head and body.
 pub const MAX_LOOKUPD_RESPONSE: usize = 4 * 1024 * 1024;
 
-/// Why a lookupd address or response was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a lookupd address, query or response was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LookupdError {
-    /// The address is not `host:port` or `http://host:port[/path]`.
+    /// The address is not `host:port`, `http://host:port[/path]` or
+    /// `https://host:port[/path]`.
     #[error("bad lookupd address {addr:?}: {reason}")]
     Address {
         /// The address.
@@ -28,6 +35,15 @@ pub enum LookupdError {
     /// lookupd could not be reached, or the exchange failed (refused, timed out, reset).
     #[error("{0}")]
     Io(crate::SocketError),
+    /// TLS with an `https://` lookupd failed: its certificate, the handshake, or the TLS
+    /// settings (CA file, client certificate).
+    #[error(transparent)]
+    Tls(TransportError),
+    /// `auth_secret` holds characters an HTTP header cannot carry (control characters), so
+    /// the `Authorization` header cannot be sent; go-nsq's HTTP client refuses such a query
+    /// too.
+    #[error("auth_secret cannot be sent in an Authorization header: it holds control characters")]
+    Secret,
     /// The response ended before it was complete.
     #[error("truncated lookupd response")]
     Truncated,
@@ -37,7 +53,8 @@ pub enum LookupdError {
     /// The status line or headers are not HTTP/1.x.
     #[error("bad HTTP response from lookupd: {0}")]
     Http(String),
-    /// lookupd answered with an error status.
+    /// lookupd answered with an error status (401 or 403: the `Authorization` header was
+    /// missing or refused).
     #[error("lookupd answered {status}: {body}")]
     Status {
         /// The HTTP status.
@@ -50,26 +67,28 @@ pub enum LookupdError {
     Json(String),
 }
 
-/// A parsed lookupd address: where to connect and the path prefix to ask under.
+/// A parsed lookupd address: the scheme, where to connect, and the path prefix to ask under.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LookupdAddress {
+    https: bool,
     host_port: String,
     path: String,
 }
 
 impl LookupdAddress {
-    /// Parses `host:port` or `http://host:port[/path]` as go-nsq does (`/lookup` is appended
-    /// to an empty path). `https://` is refused: the lookupd transport is plain TCP.
+    /// Parses `host:port`, `http://host:port[/path]` or `https://host:port[/path]` as go-nsq
+    /// does: no scheme means `http://`, the port is required (for `https://` too), and
+    /// `/lookup` is appended to an empty path. IPv6 hosts are bracketed: `http://[::1]:4161`.
     pub fn parse(addr: &str) -> Result<Self, LookupdError> {
         let bad = |reason| LookupdError::Address { addr: addr.to_owned(), reason };
-        let rest = if let Some(rest) = addr.strip_prefix("http://") {
-            rest
-        } else if addr.starts_with("https://") {
-            return Err(bad("https is not supported; use the lookupd's http address"));
+        let (https, rest) = if let Some(rest) = addr.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = addr.strip_prefix("https://") {
+            (true, rest)
         } else if addr.contains("://") {
-            return Err(bad("only http:// is supported"));
+            return Err(bad("only http:// and https:// are supported"));
         } else {
-            addr
+            (false, addr)
         };
         let (host_port, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -81,6 +100,9 @@ impl LookupdAddress {
         if host.is_empty() || port.parse::<u16>().is_err() {
             return Err(bad("expected host:port"));
         }
+        if host.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || matches!(b, b'@' | b'?' | b'#')) {
+            return Err(bad("the host holds characters a host name cannot"));
+        }
         let path = match path.trim_end_matches('/') {
             "" => "/lookup".to_owned(),
             p => p.to_owned(),
@@ -88,7 +110,7 @@ impl LookupdAddress {
         if path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
             return Err(bad("the path holds white space"));
         }
-        Ok(Self { host_port: host_port.to_owned(), path })
+        Ok(Self { https, host_port: host_port.to_owned(), path })
     }
 
     /// `host:port` to connect to.
@@ -96,21 +118,42 @@ impl LookupdAddress {
         &self.host_port
     }
 
-    /// The complete `GET <path>?topic=<topic>` request, with `Connection: close`.
-    pub fn request(&self, topic: &Topic, user_agent: &str) -> Bytes {
+    /// The host alone (an IPv6 literal without its brackets): the name an `https://` lookupd's
+    /// certificate must carry.
+    pub fn host(&self) -> &str {
+        crate::consumer::host_of(&self.host_port)
+    }
+
+    /// Whether the address is `https://`.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+
+    /// The complete `GET <path>?topic=<topic>` request, with `Connection: close`, and
+    /// `Authorization: Bearer <bearer>` when `bearer` is given.
+    ///
+    /// Fails with [`LookupdError::Secret`] when `bearer` holds control characters, which would
+    /// break the header.
+    pub fn request(&self, topic: &Topic, user_agent: &str, bearer: Option<&str>) -> Result<Bytes, LookupdError> {
         // Topic names are [.a-zA-Z0-9_-] plus '#': only '#' needs escaping in a query.
         let topic = topic.as_str().replace('#', "%23");
         let agent: String = user_agent.chars().filter(|c| !c.is_control()).collect();
-        Bytes::from(format!(
-            "GET {}?topic={topic} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {agent}\r\nAccept: application/vnd.nsq; version=1.0\r\nConnection: close\r\n\r\n",
+        let authorization = match bearer {
+            Some(secret) if secret.chars().any(char::is_control) => return Err(LookupdError::Secret),
+            Some(secret) => format!("Authorization: Bearer {secret}\r\n"),
+            None => String::new(),
+        };
+        Ok(Bytes::from(format!(
+            "GET {}?topic={topic} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {agent}\r\nAccept: application/vnd.nsq; version=1.0\r\n{authorization}Connection: close\r\n\r\n",
             self.path, self.host_port
-        ))
+        )))
     }
 }
 
 impl fmt::Display for LookupdAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.host_port, self.path)
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.host_port, self.path)
     }
 }
 
@@ -319,12 +362,23 @@ mod tests {
         let a = LookupdAddress::parse("127.0.0.1:4161").unwrap();
         assert_eq!(a.host_port(), "127.0.0.1:4161");
         let topic = Topic::new("t#ephemeral").unwrap();
-        let req = a.request(&topic, "nsq-rs/0.1");
+        let req = a.request(&topic, "nsq-rs/0.1", None).unwrap();
         assert!(req.starts_with(b"GET /lookup?topic=t%23ephemeral HTTP/1.1\r\nHost: 127.0.0.1:4161\r\n"));
-        assert!(std::str::from_utf8(&req).unwrap().contains("Accept: application/vnd.nsq; version=1.0\r\n"));
+        let text = std::str::from_utf8(&req).unwrap();
+        assert!(text.contains("Accept: application/vnd.nsq; version=1.0\r\n"));
+        assert!(!text.contains("Authorization"));
+        assert!(!a.is_https());
         let b = LookupdAddress::parse("http://lookupd:4161/prefix/lookup/").unwrap();
         assert_eq!(b.to_string(), "http://lookupd:4161/prefix/lookup");
-        for bad in ["https://x:1", "x", "x:port", ":1", "ftp://x:1", "http://x:1/a b"] {
+        let c = LookupdAddress::parse("https://[::1]:4162").unwrap();
+        assert!(c.is_https());
+        assert_eq!((c.host_port(), c.host()), ("[::1]:4162", "::1"));
+        assert_eq!(c.to_string(), "https://[::1]:4162/lookup");
+        let req = c.request(&topic, "a", Some("s3cret")).unwrap();
+        assert!(std::str::from_utf8(&req).unwrap().contains("\r\nAuthorization: Bearer s3cret\r\n"));
+        assert_eq!(c.request(&topic, "a", Some("bad\r\nX-Injected: 1")), Err(LookupdError::Secret));
+        for bad in ["x", "x:port", ":1", "ftp://x:1", "http://x:1/a b", "https://x", "https://x/lookup", "http://u@x:1"]
+        {
             assert!(LookupdAddress::parse(bad).is_err(), "{bad}");
         }
     }
