@@ -22,11 +22,6 @@ impl<K: Copy + Into<usize>, const N: usize> TimerTable<K, N> {
         }
     }
 
-    /// When `kind` is due, if armed.
-    pub(crate) fn get(&self, kind: K) -> Option<Instant> {
-        self.slots.get(kind.into()).copied().flatten()
-    }
-
     pub(crate) fn stop(&mut self, kind: K) {
         if let Some(slot) = self.slots.get_mut(kind.into()) {
             *slot = None;

@@ -48,6 +48,8 @@ struct Sim {
     results: HashMap<TxId, Result<(), PoolError>>,
     events: Vec<PoolEvent>,
     written: HashMap<ConnId, Vec<u8>>,
+    /// Everything each connection wrote, handshakes and lookupd requests included.
+    raw: HashMap<ConnId, Vec<u8>>,
 }
 
 impl Sim {
@@ -71,6 +73,7 @@ impl Sim {
             results: HashMap::new(),
             events: Vec::new(),
             written: HashMap::new(),
+            raw: HashMap::new(),
         }
     }
 
@@ -92,6 +95,7 @@ impl Sim {
             }
             while let Some((conn, bytes)) = self.pool.poll_transmit() {
                 progress = true;
+                self.raw.entry(conn).or_default().extend_from_slice(&bytes);
                 if !self.up.contains(&conn) {
                     // The handshake.
                     continue;
@@ -440,6 +444,74 @@ fn nsqds_can_be_added_and_removed() {
     sim.publish("3");
     assert_eq!(sim.got(B).len(), 2);
     assert_eq!(sim.pool.nsqds().collect::<Vec<_>>(), [B]);
+}
+
+fn nodes_response(nsqds: &[&str]) -> BytesMut {
+    let list: Vec<String> = nsqds
+        .iter()
+        .map(|addr| {
+            let (host, port) = addr.rsplit_once(':').unwrap();
+            format!(
+                r#"{{"remote_address":"{host}:1","hostname":"h","broadcast_address":"{host}","tcp_port":{port},"http_port":4151,"version":"1.3.0","tombstones":[],"topics":["t"]}}"#
+            )
+        })
+        .collect();
+    let body = format!(r#"{{"producers":[{}]}}"#, list.join(","));
+    BytesMut::from(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
+}
+
+impl Sim {
+    /// lookupd at `addr` answers the pool's pending query with `nsqds`.
+    fn answer_nodes(&mut self, lookupd: &str, nsqds: &[&str]) {
+        let q = self.pending_dial(lookupd).unwrap();
+        self.pool.handle_connected(q, self.now);
+        self.drain();
+        let request = String::from_utf8(self.raw[&q].clone()).unwrap();
+        assert!(request.starts_with("GET /nodes HTTP/1.1\r\nHost: 127.0.0.1:4161\r\n"), "{request:?}");
+        self.pool.handle_input(q, self.now, nodes_response(nsqds));
+        self.drain();
+        assert!(self.closed.contains(&q), "the query's connection closes once answered");
+    }
+}
+
+#[test]
+fn discovery_takes_the_nsqds_from_lookupd_nodes() {
+    const LOOKUPD: &str = "127.0.0.1:4161";
+    let mut sim = Sim::new(&[], Strategy::RoundRobin);
+    assert!(sim.pool.connect_to_nsqlookupd(LOOKUPD, sim.now).unwrap());
+    sim.drain();
+    assert_eq!(sim.dialled.values().collect::<Vec<_>>(), [LOOKUPD], "asked at once");
+    sim.answer_nodes(LOOKUPD, &[A, B]);
+    assert_eq!(sim.pool.nsqds().collect::<Vec<_>>(), [A, B]);
+    sim.publish("1");
+    sim.accept(A);
+    sim.accept(B);
+    sim.publish("2");
+    sim.ack_all();
+    assert_eq!((sim.got(A).len(), sim.got(B).len()), (1, 1));
+    // A dies and lookupd stops listing it, C appears: A leaves, C joins.
+    sim.kill(A);
+    let polled = sim.dialled.len();
+    while sim.pending_dial(LOOKUPD).is_none() || sim.dialled.len() == polled {
+        sim.advance(Duration::from_secs(1));
+        if sim.pending_dial(A).is_some() {
+            sim.refuse(A);
+        }
+    }
+    assert!(sim.now - sim.start <= Duration::from_secs(79), "the next poll within the interval and its jitter");
+    sim.answer_nodes(LOOKUPD, &[B, C]);
+    assert_eq!(sim.pool.nsqds().collect::<Vec<_>>(), [B, C]);
+    sim.accept(C);
+    assert_eq!(sim.health(C), Health::Connected);
+    // A failed query is reported; the nsqds stay.
+    while sim.pending_dial(LOOKUPD).is_none() {
+        sim.advance(Duration::from_secs(1));
+    }
+    let q = sim.pending_dial(LOOKUPD).unwrap();
+    sim.pool.handle_connect_failed(q, refused(), sim.now);
+    sim.drain();
+    assert!(sim.events.iter().any(|e| matches!(e, PoolEvent::LookupdFailed { .. })));
+    assert_eq!(sim.pool.nsqds().collect::<Vec<_>>(), [B, C]);
 }
 
 proptest! {

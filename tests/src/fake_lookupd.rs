@@ -208,6 +208,34 @@ fn answer(
                 }
             }
         }
+        "/nodes" => {
+            // Every nsqd registered, with its topics, as nsqlookupd 1.3.0 answers (captured).
+            let all = producers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut nodes: Vec<(SocketAddr, Vec<String>)> = Vec::new();
+            for (topic, list) in all {
+                for addr in list {
+                    match nodes.iter_mut().find(|(a, _)| *a == addr) {
+                        Some((_, topics)) => topics.push(topic.clone()),
+                        None => nodes.push((addr, vec![topic.clone()])),
+                    }
+                }
+            }
+            let producers: Vec<String> = nodes
+                .iter()
+                .map(|(a, topics)| {
+                    let tombstones = vec!["false"; topics.len()].join(",");
+                    let topics: Vec<String> = topics.iter().map(|t| format!("{t:?}")).collect();
+                    format!(
+                        r#"{{"remote_address":"127.0.0.1:{}","hostname":"vm","broadcast_address":"{}","tcp_port":{},"http_port":4151,"version":"1.3.0","topology_zone":"","topology_region":"","tombstones":[{tombstones}],"topics":[{}]}}"#,
+                        a.port() + 1,
+                        a.ip(),
+                        a.port(),
+                        topics.join(",")
+                    )
+                })
+                .collect();
+            respond(sock, "200 OK", &format!(r#"{{"producers":[{}]}}"#, producers.join(",")))
+        }
         _ => respond(sock, "404 Not Found", r#"{"message":"NOT_FOUND"}"#),
     }
 }

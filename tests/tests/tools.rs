@@ -150,6 +150,19 @@ fn to_nsq_publishes_to_several_nsqds_by_strategy() {
 }
 
 #[test]
+fn to_nsq_finds_its_nsqds_through_lookupd_nodes() {
+    let (a, b) = (FakeNsqd::start_default().unwrap(), FakeNsqd::start_default().unwrap());
+    let lookupd = nsq_tests::FakeLookupd::start().unwrap();
+    // Registered under other topics: /nodes lists every nsqd whatever its topics.
+    lookupd.register("elsewhere", &a.addr());
+    lookupd.register("other", &b.addr());
+    let out = run("to_nsq", &["--topic", "found", "--lookupd-http-address", &lookupd.addr()], b"x\ny\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let count = |n: &FakeNsqd| n.stats().published.get("found").copied().unwrap_or(0);
+    assert_eq!((count(&a), count(&b)), (2, 2), "every line to every nsqd lookupd knows");
+}
+
+#[test]
 fn to_nsq_refuses_bad_options_and_bad_topics() {
     let nsqd = FakeNsqd::start_default().unwrap();
     let addr = nsqd.addr();

@@ -28,9 +28,6 @@ enum Timer {
     Redistribute,
     Backoff,
     Reconnect,
-    Lookupd,
-    Recheck,
-    LookupdExpiry,
     Stop,
 }
 
@@ -95,7 +92,7 @@ pub(crate) struct Consumer {
     /// Set while waiting out a backoff period (go-nsq's `inBackoffTimeout`).
     backoff_until: Option<Instant>,
     rng: Rng,
-    timers: TimerTable<Timer, 7>,
+    timers: TimerTable<Timer, 4>,
     events: VecDeque<ConsumerEvent>,
     actions: VecDeque<Action>,
     /// Bytes a connection queued before it closed (its last FINs, CLS), still to be written.
@@ -111,6 +108,7 @@ impl Consumer {
         let mut timers = TimerTable::default();
         timers.set(Timer::Redistribute, deadline(now, config.rdy_redistribute_interval));
         Self {
+            lookupd: Lookupd::new(&topic),
             topic,
             channel,
             max_in_flight: config.max_in_flight,
@@ -119,7 +117,6 @@ impl Consumer {
             direct: Vec::new(),
             dials: BTreeMap::new(),
             excluded: BTreeSet::new(),
-            lookupd: Lookupd::default(),
             total_rdy: 0,
             need_redistribute: false,
             backoff_level: 0,
@@ -253,14 +250,8 @@ impl Consumer {
         if self.timers.expire(Timer::Reconnect, now) {
             self.redial_due();
         }
-        if self.timers.expire(Timer::Lookupd, now) {
-            self.poll_due();
-        }
-        if self.timers.expire(Timer::Recheck, now) {
-            self.recheck_due();
-        }
-        if self.timers.expire(Timer::LookupdExpiry, now) {
-            self.lookupd_expired();
+        if self.lookupd.next_timeout().is_some_and(|at| at <= now) {
+            self.lookupd_timeout();
         }
         if self.timers.expire(Timer::Stop, now) {
             warn!(topic = %self.topic, channel = %self.channel, "stop timeout: closing with messages in flight");
@@ -337,9 +328,6 @@ impl Consumer {
         info!(topic = %self.topic, channel = %self.channel, "stopping");
         self.stopping = true;
         self.timers.stop(Timer::Reconnect);
-        self.timers.stop(Timer::Lookupd);
-        self.timers.stop(Timer::Recheck);
-        self.timers.stop(Timer::LookupdExpiry);
         self.timers.stop(Timer::Backoff);
         self.timers.stop(Timer::Redistribute);
         self.timers.set(Timer::Stop, deadline(now, STOP_TIMEOUT));
@@ -397,11 +385,8 @@ impl Consumer {
     }
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        let conns = self.conns.values().filter_map(|c| c.state.poll_timeout()).min();
-        match (self.timers.next(), conns) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let conns = self.conns.values().filter_map(|c| c.state.poll_timeout());
+        conns.chain(self.timers.next()).chain(self.lookupd.next_timeout()).min()
     }
 
     pub(crate) fn stats(&self) -> ConsumerStats {

@@ -29,7 +29,9 @@ pub use consumer::{Consumer, Messages};
 pub use message::{Handler, HandlerError, HandlerResult, Message};
 pub use producer::Producer;
 
-use crate::{CommandError, ConfigError, ConnectionError, ConsumerError, NameError, PoolError, PublishError};
+use crate::{
+    CommandError, ConfigError, ConnectionError, ConsumerError, LookupdError, NameError, PoolError, PublishError,
+};
 
 /// What a runtime crate provides: TCP, a timer, a way to spawn. Everything else is shared.
 pub trait Runtime: Send + Sync + 'static {
@@ -271,6 +273,9 @@ pub enum Error {
     /// A pool could not publish: what each nsqd it tried said.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// A lookupd address cannot be used.
+    #[error(transparent)]
+    Lookupd(#[from] LookupdError),
     /// The consumer refused the call.
     #[error(transparent)]
     Consumer(#[from] ConsumerError),
@@ -289,7 +294,9 @@ pub enum Error {
 impl From<Error> for stdio::Error {
     fn from(e: Error) -> Self {
         let kind = match &e {
-            Error::Name(_) | Error::Config(_) | Error::Command(_) | Error::NoHandlers => stdio::ErrorKind::InvalidInput,
+            Error::Name(_) | Error::Config(_) | Error::Command(_) | Error::NoHandlers | Error::Lookupd(_) => {
+                stdio::ErrorKind::InvalidInput
+            }
             Error::Publish(PublishError::ConnectionLost(_) | PublishError::NotConnected(_)) | Error::Connection(_) => {
                 stdio::ErrorKind::ConnectionAborted
             }

@@ -16,8 +16,8 @@ use tracing::{debug, Instrument};
 use super::io::{IoEvent, Sockets};
 use super::{Error, Runtime};
 use crate::{
-    Action, AuthResponse, CommandError, Config, ConnId, ConnectionError, Health, NsqdStats, PoolError, PoolEvent,
-    PoolOptions, ProducerEvent, ProducerPoolState, ProducerState, SocketError, Strategy, Topic, TxId,
+    Action, AuthResponse, CommandError, Config, ConnId, ConnectionError, NsqdStats, PoolEvent, PoolOptions,
+    ProducerEvent, ProducerPoolState, ProducerState, SocketError, Topic, TxId,
 };
 
 /// Publishes to one nsqd ([`new`](Self::new)) or to a pool of nsqds ([`pool`](Self::pool)).
@@ -110,12 +110,13 @@ impl super::io::Machine for Machine {
 /// What the engine does with an event.
 enum Outcome {
     Published(TxId, Result<(), Error>),
+    /// The answer for the `connect` calls waiting.
+    Ready(Result<(), Error>),
     /// A ping's NOP was handed to `conn`'s writer, or the connection ended first.
     Pinged(TxId, ConnId, Result<(), ConnectionError>),
     Authenticated(AuthResponse),
-    /// Connections came or went: connect waiters may have their answer.
-    Changed,
-    /// A connection ended: pings waiting for its writes fail with the cause.
+    /// A connection ended: pings waiting for its writes fail with the cause, and so does a
+    /// single nsqd's `connect`.
     Lost(ConnId, ConnectionError),
     Quiet,
 }
@@ -135,7 +136,7 @@ impl Machine {
                 ProducerEvent::Published { tx, result } => Outcome::Published(tx, result.map_err(Error::from)),
                 ProducerEvent::Connected(conn) => {
                     debug!(%conn, "producer connected");
-                    Outcome::Changed
+                    Outcome::Ready(Ok(()))
                 }
                 ProducerEvent::Disconnected(conn, error) | ProducerEvent::ConnectFailed { conn, error, .. } => {
                     debug!(%conn, %error, "producer disconnected");
@@ -148,9 +149,7 @@ impl Machine {
             Self::Pool(m) => m.poll_event().map(|event| match event {
                 PoolEvent::Published { tx, result } => Outcome::Published(tx, result.map_err(Error::Pool)),
                 PoolEvent::Authenticated { auth, .. } => Outcome::Authenticated(auth),
-                PoolEvent::Connected { .. } | PoolEvent::ConnectFailed { .. } | PoolEvent::Disconnected { .. } => {
-                    Outcome::Changed
-                }
+                PoolEvent::Ready(result) => Outcome::Ready(result.map_err(Error::Pool)),
                 _ => Outcome::Quiet,
             }),
         }
@@ -170,51 +169,6 @@ impl Machine {
             Self::Pool(m) => m.stats(),
         }
     }
-
-    /// The answer to a waiting `connect`, once there is one: connected enough to publish by
-    /// the strategy (one nsqd, every nsqd for `All`, any nsqd otherwise), or every nsqd that
-    /// must be up failed its attempt.
-    fn connect_verdict(&self) -> Option<Result<(), Error>> {
-        let stats = self.stats();
-        let up = |s: &NsqdStats| s.health == Health::Connected;
-        let down = |s: &NsqdStats| matches!(s.health, Health::Down { .. });
-        let failures = || {
-            stats
-                .iter()
-                .filter_map(|s| match &s.health {
-                    Health::Down { error, .. } => {
-                        Some((s.addr.clone(), crate::PublishError::NotConnected(error.clone())))
-                    }
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        };
-        match self {
-            Self::One(_) => match stats.first().map(|s| &s.health) {
-                Some(Health::Connected) => Some(Ok(())),
-                Some(Health::Down { error, .. }) => Some(Err(Error::Connection(error.clone()))),
-                _ => None,
-            },
-            Self::Pool(m) if m.options().strategy == Strategy::All => {
-                if stats.iter().all(up) {
-                    Some(Ok(()))
-                } else if stats.iter().any(down) {
-                    Some(Err(Error::Pool(PoolError { attempts: failures() })))
-                } else {
-                    None
-                }
-            }
-            Self::Pool(_) => {
-                if stats.iter().any(up) {
-                    Some(Ok(()))
-                } else if stats.iter().all(down) {
-                    Some(Err(Error::Pool(PoolError { attempts: failures() })))
-                } else {
-                    None
-                }
-            }
-        }
-    }
 }
 
 impl Drop for Handle {
@@ -228,6 +182,7 @@ enum Command {
     Connect(oneshot::Sender<Result<(), Error>>),
     Ping(oneshot::Sender<Result<(), Error>>),
     Stats(oneshot::Sender<Vec<NsqdStats>>),
+    Lookupd(String, oneshot::Sender<Result<(), Error>>),
     Stop(oneshot::Sender<()>),
     Shutdown,
 }
@@ -260,7 +215,8 @@ impl<R: Runtime> Producer<R> {
 
     /// A producer over several nsqds (`host:port` each), spread by `options.strategy`, with
     /// bounded retries; see [`ProducerPoolState`]. Spawns its engine task; dials every nsqd at
-    /// the first publish (or [`connect`](Self::connect)).
+    /// the first publish (or [`connect`](Self::connect)). `addrs` may be empty when the nsqds
+    /// come from lookupd ([`connect_to_nsqlookupd`](Self::connect_to_nsqlookupd)).
     ///
     /// ```no_run
     /// # async fn run<R: nsq_sansio::driver::Runtime>() -> Result<(), nsq_sansio::driver::Error> {
@@ -278,9 +234,7 @@ impl<R: Runtime> Producer<R> {
     ) -> Result<Self, Error> {
         config.validate()?;
         let addrs: Vec<String> = addrs.into_iter().map(Into::into).collect();
-        let Some(first) = addrs.first().cloned() else {
-            return Err(Error::Pool(PoolError { attempts: Vec::new() }));
-        };
+        let first = addrs.first().cloned().unwrap_or_default();
         let config = super::with_identity(config);
         let state = ProducerPoolState::new(addrs.iter().cloned(), options, Arc::new(config.clone()), R::now());
         let span = tracing::debug_span!("nsq_producer_pool", nsqds = %addrs.join(","));
@@ -360,6 +314,14 @@ impl<R: Runtime> Producer<R> {
     /// The nsqd address (a pool's first).
     pub fn addr(&self) -> &str {
         &self.handle.addr
+    }
+
+    /// Takes nsqds from a lookupd's `/nodes` too (a pool only): every nsqd registered there
+    /// joins, refreshed every `lookupd_poll_interval`; see [`ProducerPoolState`].
+    pub async fn connect_to_nsqlookupd(&self, addr: impl Into<String>) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Lookupd(addr.into(), tx))?;
+        rx.await.unwrap_or(Err(Error::Stopped))
     }
 
     /// Health and publish counters per nsqd.
@@ -505,13 +467,23 @@ impl<R: Runtime> Engine<R> {
                 Machine::Pool(_) => self.handle(Input::Command(Command::Connect(reply)), now),
             },
             Input::Command(Command::Connect(reply)) => {
-                if let Some(Ok(())) = state.connect_verdict() {
+                if matches!(state, Machine::One(m) if m.is_connected()) {
                     let _ = reply.send(Ok(()));
                 } else if let Err(e) = either!(state.connect(now)) {
                     let _ = reply.send(Err(e.into()));
                 } else {
                     self.connect_waiters.push(reply);
                 }
+            }
+            Input::Command(Command::Lookupd(addr, reply)) => {
+                let result = match state {
+                    Machine::Pool(m) => m.connect_to_nsqlookupd(&addr, now).map(|_| ()).map_err(Error::from),
+                    Machine::One(_) => Err(Error::Command(CommandError::InvalidState {
+                        command: "connect_to_nsqlookupd",
+                        reason: "on a producer for one nsqd (use Producer::pool)",
+                    })),
+                };
+                let _ = reply.send(result);
             }
             Input::Command(Command::Stats(reply)) => {
                 let _ = reply.send(state.stats());
@@ -528,6 +500,18 @@ impl<R: Runtime> Engine<R> {
                 }
                 self.sockets.apply(event, &mut self.state, now)
             }
+        }
+    }
+
+    /// Answers every waiting `connect`.
+    fn answer_connect(&mut self, result: Result<(), Error>) {
+        for waiter in self.connect_waiters.drain(..) {
+            let _ = waiter.send(match &result {
+                Ok(()) => Ok(()),
+                Err(Error::Connection(e)) => Err(Error::Connection(e.clone())),
+                Err(Error::Pool(e)) => Err(Error::Pool(e.clone())),
+                Err(_) => Err(Error::Stopped),
+            });
         }
     }
 
@@ -548,7 +532,6 @@ impl<R: Runtime> Engine<R> {
     fn drive(&mut self) {
         loop {
             let mut progress = self.sockets.pump(&mut self.state);
-            let mut changed = false;
             while let Some(outcome) = self.state.next_outcome() {
                 progress = true;
                 match outcome {
@@ -573,23 +556,13 @@ impl<R: Runtime> Engine<R> {
                         }
                     }
                     Outcome::Lost(conn, error) => {
-                        self.ping_written(conn, Err(error));
-                        changed = true;
+                        self.ping_written(conn, Err(error.clone()));
+                        if matches!(self.state, Machine::One(_)) {
+                            self.answer_connect(Err(Error::Connection(error)));
+                        }
                     }
-                    Outcome::Changed => changed = true,
+                    Outcome::Ready(result) => self.answer_connect(result),
                     Outcome::Quiet => {}
-                }
-            }
-            if changed && !self.connect_waiters.is_empty() {
-                if let Some(verdict) = self.state.connect_verdict() {
-                    for waiter in self.connect_waiters.drain(..) {
-                        let _ = waiter.send(match &verdict {
-                            Ok(()) => Ok(()),
-                            Err(Error::Connection(e)) => Err(Error::Connection(e.clone())),
-                            Err(Error::Pool(e)) => Err(Error::Pool(e.clone())),
-                            Err(_) => Err(Error::Stopped),
-                        });
-                    }
                 }
             }
             if !progress {

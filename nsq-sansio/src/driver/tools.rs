@@ -27,8 +27,11 @@ pub struct ToNsqArgs {
     #[arg(long)]
     pub topic: String,
     /// nsqd TCP address (repeatable).
-    #[arg(long = "nsqd-tcp-address", required = true)]
+    #[arg(long = "nsqd-tcp-address", required_unless_present = "lookupd_http_address")]
     pub nsqd_tcp_address: Vec<String>,
+    /// nsqlookupd HTTP address (repeatable): publish to every nsqd it knows (its `/nodes`).
+    #[arg(long = "lookupd-http-address")]
+    pub lookupd_http_address: Vec<String>,
     /// How lines go to several nsqds: all (each line to every nsqd, as nsq's to_nsq does),
     /// round-robin or failover.
     #[arg(long, default_value = "all")]
@@ -232,9 +235,21 @@ async fn run_to_nsq<R: Runtime>(args: ToNsqArgs) -> Result<(), String> {
         _ => return Err("--delimiter must be one byte".into()),
     };
     let topic = crate::Topic::new(&args.topic).map_err(|e| e.to_string())?;
-    let producer = producer::<R>(&args.nsqd_tcp_address, args.strategy, config)?;
+    let producer = if args.lookupd_http_address.is_empty() {
+        producer::<R>(&args.nsqd_tcp_address, args.strategy, config)?
+    } else {
+        let options = PoolOptions::new(args.strategy);
+        let pool = Producer::pool(args.nsqd_tcp_address.iter().cloned(), options, config).map_err(|e| e.to_string())?;
+        for addr in &args.lookupd_http_address {
+            pool.connect_to_nsqlookupd(addr.clone()).await.map_err(|e| e.to_string())?;
+        }
+        pool
+    };
     // Fail fast, with the nsqds' own words, when the strategy cannot be served.
-    producer.connect().await.map_err(|e| e.to_string())?;
+    if let Err(e) = producer.connect().await {
+        producer.stop().await;
+        return Err(e.to_string());
+    }
     let interval = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
     let mut next = R::now();
     let mut records = stdin_records(delimiter);

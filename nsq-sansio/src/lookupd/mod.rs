@@ -5,6 +5,7 @@
 //! happens here: TLS through rustls, `httparse` for the head and `serde_json` for the body.
 
 mod exchange;
+mod poller;
 
 use std::fmt;
 
@@ -15,6 +16,7 @@ use crate::transport::TransportError;
 use crate::Topic;
 
 pub(crate) use exchange::Exchange;
+pub(crate) use poller::{Answer, Endpoint, Owner, Poller, QueryKind};
 
 /// The largest lookupd response accepted, head and body.
 pub const MAX_LOOKUPD_RESPONSE: usize = 4 * 1024 * 1024;
@@ -137,6 +139,18 @@ impl LookupdAddress {
     pub fn request(&self, topic: &Topic, user_agent: &str, bearer: Option<&str>) -> Result<Bytes, LookupdError> {
         // Topic names are [.a-zA-Z0-9_-] plus '#': only '#' needs escaping in a query.
         let topic = topic.as_str().replace('#', "%23");
+        self.get(&format!("{}?topic={topic}", self.path), user_agent, bearer)
+    }
+
+    /// The complete `GET /nodes` request (every nsqd lookupd knows, whatever its topics), with
+    /// the same headers as [`request`](Self::request). The path is the address's with a final
+    /// `/lookup` replaced: `http://h:4161/prefix/lookup` asks `/prefix/nodes`.
+    pub fn nodes_request(&self, user_agent: &str, bearer: Option<&str>) -> Result<Bytes, LookupdError> {
+        let prefix = self.path.strip_suffix("/lookup").unwrap_or(&self.path);
+        self.get(&format!("{prefix}/nodes"), user_agent, bearer)
+    }
+
+    fn get(&self, target: &str, user_agent: &str, bearer: Option<&str>) -> Result<Bytes, LookupdError> {
         let agent: String = user_agent.chars().filter(|c| !c.is_control()).collect();
         let authorization = match bearer {
             Some(secret) if secret.chars().any(char::is_control) => return Err(LookupdError::Secret),
@@ -144,8 +158,8 @@ impl LookupdAddress {
             None => String::new(),
         };
         Ok(Bytes::from(format!(
-            "GET {}?topic={topic} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {agent}\r\nAccept: application/vnd.nsq; version=1.0\r\n{authorization}Connection: close\r\n\r\n",
-            self.path, self.host_port
+            "GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: {agent}\r\nAccept: application/vnd.nsq; version=1.0\r\n{authorization}Connection: close\r\n\r\n",
+            self.host_port
         )))
     }
 }

@@ -14,6 +14,7 @@ use super::TxId;
 use crate::action::{Action, ConnId};
 use crate::connection::{deadline, DEFAULT_MAX_DEFER};
 use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
+use crate::lookupd::{Answer, Endpoint, LookupdAddress, LookupdError, Owner, Poller};
 use crate::rng::Rng;
 use crate::{AuthResponse, Config, Topic};
 
@@ -195,6 +196,18 @@ pub enum PoolEvent {
         /// Why.
         error: ConnectionError,
     },
+    /// The answer to [`connect`](ProducerPoolState::connect): the pool can publish by its
+    /// strategy (every nsqd connected for [`Strategy::All`], any one otherwise), or it cannot:
+    /// the nsqds that must be up failed their attempts, or none came up within
+    /// [`PoolOptions::wait`].
+    Ready(Result<(), PoolError>),
+    /// A lookupd query failed (the next lookupd is asked, at most three per poll).
+    LookupdFailed {
+        /// The lookupd.
+        addr: String,
+        /// Why.
+        error: LookupdError,
+    },
     /// `stop` finished: every publish resolved and every connection closed.
     Stopped,
 }
@@ -234,11 +247,14 @@ struct Member {
     retried_elsewhere: u64,
     /// `remove_nsqd` was called: closing, then forgotten.
     removed: bool,
+    /// Found through lookupd (not given by the application): dropped when lookupd stops
+    /// listing it and it is not connected.
+    discovered: bool,
 }
 
 impl Member {
     fn new(addr: String) -> Self {
-        Self { link: Link::with_flap_guard(addr), retried_elsewhere: 0, removed: false }
+        Self { link: Link::with_flap_guard(addr), retried_elsewhere: 0, removed: false, discovered: false }
     }
 }
 
@@ -260,11 +276,22 @@ impl Member {
 /// A publish never sent (no nsqd connected) waits at most [`PoolOptions::wait`], then fails
 /// with the last connection error; it never hangs. Every publish resolves exactly once, as
 /// [`PoolEvent::Published`], with a [`PoolError`] that names each nsqd tried.
+///
+/// # Discovery
+///
+/// With [`connect_to_nsqlookupd`](Self::connect_to_nsqlookupd), the pool also takes its nsqds
+/// from lookupd's `/nodes`: every nsqd registered, whatever topics it has (so the first
+/// publish of a new topic has somewhere to go). lookupd is asked at once, then every
+/// `lookupd_poll_interval` (as a consumer asks, with the same retries over several lookupds);
+/// an nsqd it lists joins the pool, and one it no longer lists leaves it once it is not
+/// connected. Queries are connections of the pool: `Action::Connect` to the lookupd, the
+/// request and answer through `poll_transmit_for` and `handle_input`.
 #[derive(Debug)]
 pub struct ProducerPoolState {
     config: Arc<Config>,
     options: PoolOptions,
     members: Vec<Member>,
+    lookupd: Poller,
     rng: Rng,
     next_conn: u64,
     next_tx: u64,
@@ -280,6 +307,8 @@ pub struct ProducerPoolState {
     actions: VecDeque<Action>,
     final_writes: Vec<(ConnId, Bytes)>,
     started: bool,
+    /// A `connect` waits for its answer until then.
+    connect_deadline: Option<Instant>,
     stopping: bool,
     stopped: bool,
     now: Instant,
@@ -299,6 +328,7 @@ impl ProducerPoolState {
             config,
             options,
             members: Vec::new(),
+            lookupd: Poller::new(Endpoint::Nodes),
             next_conn: 0,
             next_tx: 0,
             turn: 0,
@@ -310,6 +340,7 @@ impl ProducerPoolState {
             actions: VecDeque::new(),
             final_writes: Vec::new(),
             started: false,
+            connect_deadline: None,
             stopping: false,
             stopped: false,
             now,
@@ -345,6 +376,71 @@ impl ProducerPoolState {
         Ok(true)
     }
 
+    /// Adds a lookupd (`host:port`, `http://` or `https://host:port`) whose `/nodes` the pool
+    /// takes its nsqds from, asked at once and then every `lookupd_poll_interval`. False if it
+    /// is there already.
+    pub fn connect_to_nsqlookupd(&mut self, addr: &str, now: Instant) -> Result<bool, LookupdError> {
+        self.advance(now);
+        let parsed = LookupdAddress::parse(addr)?;
+        if self.stopping || self.lookupd.contains(&parsed) {
+            return Ok(false);
+        }
+        self.with_lookupd(|poller, owner| poller.add(parsed, owner));
+        Ok(true)
+    }
+
+    /// Runs `f` on the lookupd poller with what it needs of the pool, then acts on its answers.
+    fn with_lookupd(&mut self, f: impl FnOnce(&mut Poller, &mut Owner<'_>)) {
+        let mut owner = Owner {
+            config: &self.config,
+            now: self.now,
+            rng: &mut self.rng,
+            next_conn: &mut self.next_conn,
+            actions: &mut self.actions,
+            final_writes: &mut self.final_writes,
+        };
+        f(&mut self.lookupd, &mut owner);
+        while let Some(answer) = self.lookupd.poll_answer() {
+            match answer {
+                Answer::Listed { nsqds, lookupd, .. } => self.listed(&lookupd, nsqds),
+                Answer::Failed { lookupd, error } => {
+                    self.events.push_back(PoolEvent::LookupdFailed { addr: lookupd.to_string(), error })
+                }
+            }
+        }
+    }
+
+    /// lookupd listed `nsqds`: new ones join; discovered ones no longer listed and not
+    /// connected leave.
+    fn listed(&mut self, lookupd: &LookupdAddress, nsqds: Vec<String>) {
+        debug!(%lookupd, nsqds = nsqds.len(), "lookupd listed nsqds");
+        for addr in &nsqds {
+            match self.index_of(addr) {
+                Some(i) if self.members[i].removed && self.members[i].discovered => self.members[i].removed = false,
+                Some(_) => {}
+                None => {
+                    info!(%addr, "pool: lookupd lists a new nsqd");
+                    let mut member = Member::new(addr.clone());
+                    member.discovered = true;
+                    self.members.push(member);
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.discovered && !m.removed && !m.link.is_ready() && !nsqds.iter().any(|a| a == m.link.addr()))
+            .map(|m| m.link.addr().to_owned())
+            .collect();
+        for addr in gone {
+            info!(%addr, "pool: lookupd no longer lists nsqd");
+            self.remove_nsqd(&addr, self.now);
+        }
+        self.redial_due();
+        self.dispatch();
+        self.check_ready();
+    }
+
     /// Removes an nsqd: nothing new is sent to it; what it carries finishes, then its
     /// connection closes. False if it is not in the pool.
     pub fn remove_nsqd(&mut self, addr: &str, now: Instant) -> bool {
@@ -368,12 +464,60 @@ impl ProducerPoolState {
         self.members.iter().filter(|m| !m.removed).map(|m| m.link.addr())
     }
 
-    /// Dials every nsqd now instead of at the first publish.
+    /// Dials every nsqd now instead of at the first publish, and answers with
+    /// [`PoolEvent::Ready`] once the pool can publish by its strategy or cannot.
     pub fn connect(&mut self, now: Instant) -> Result<(), CommandError> {
         self.advance(now);
         self.check_running()?;
         self.start();
+        let wait = self.options.wait;
+        self.connect_deadline.get_or_insert(deadline(now, wait));
+        self.check_ready();
         Ok(())
+    }
+
+    /// Answers a waiting `connect` when there is an answer.
+    fn check_ready(&mut self) {
+        let Some(until) = self.connect_deadline else { return };
+        let live: Vec<&Member> = self.members.iter().filter(|m| !m.removed).collect();
+        let now = self.now;
+        let up = |m: &&Member| m.link.is_ready();
+        let down = |m: &&Member| m.link.held_until(now).is_some();
+        let failures = || PoolError {
+            attempts: live
+                .iter()
+                .filter(|m| down(m))
+                .filter_map(|m| {
+                    let error = m.link.last_error()?.clone();
+                    Some((m.link.addr().to_owned(), PublishError::NotConnected(error)))
+                })
+                .collect(),
+        };
+        let verdict = match self.options.strategy {
+            Strategy::All if !live.is_empty() && live.iter().all(up) => Some(Ok(())),
+            Strategy::All if live.iter().any(down) => Some(Err(failures())),
+            Strategy::Failover | Strategy::RoundRobin if live.iter().any(up) => Some(Ok(())),
+            Strategy::Failover | Strategy::RoundRobin if !live.is_empty() && live.iter().all(down) => {
+                Some(Err(failures()))
+            }
+            _ => None,
+        };
+        let verdict = verdict.or_else(|| {
+            (now >= until).then(|| {
+                let mut error = failures();
+                if error.attempts.is_empty() {
+                    let wait = self.options.wait;
+                    let timeout =
+                        SocketError::new(std::io::ErrorKind::TimedOut, format!("no nsqd connected within {wait:?}"));
+                    error.attempts.push((String::new(), PublishError::NotConnected(ConnectionError::Io(timeout))));
+                }
+                Err(error)
+            })
+        });
+        if let Some(verdict) = verdict {
+            self.connect_deadline = None;
+            self.events.push_back(PoolEvent::Ready(verdict));
+        }
     }
 
     /// Queues a PUB. Arguments are checked before anything is queued.
@@ -424,6 +568,11 @@ impl ProducerPoolState {
             return;
         }
         self.stopping = true;
+        if self.connect_deadline.take().is_some() {
+            let stopped = PublishError::NotConnected(ConnectionError::LocallyClosed);
+            self.events.push_back(PoolEvent::Ready(Err(PoolError { attempts: vec![(String::new(), stopped)] })));
+        }
+        self.with_lookupd(|poller, owner| poller.stop(owner));
         for tx in std::mem::take(&mut self.queue) {
             if let Some(p) = self.publishes.get_mut(&tx) {
                 p.queued = false;
@@ -442,15 +591,20 @@ impl ProducerPoolState {
         self.advance(now);
         if let Some(i) = self.member_of(conn) {
             self.members[i].link.handle_connected(conn);
+        } else {
+            self.lookupd.handle_connected(conn);
         }
     }
 
     /// The adapter could not connect `conn` (pass the `std::io::Error` of the dial).
     pub fn handle_connect_failed(&mut self, conn: ConnId, error: impl Into<SocketError>, now: Instant) {
         self.advance(now);
+        let error = error.into();
         if let Some(i) = self.member_of(conn) {
-            self.members[i].link.handle_connect_failed(conn, error.into(), now);
+            self.members[i].link.handle_connect_failed(conn, error, now);
             self.after(i);
+        } else {
+            self.with_lookupd(|poller, owner| poller.handle_io_error(conn, error, owner));
         }
     }
 
@@ -460,6 +614,8 @@ impl ProducerPoolState {
         if let Some(i) = self.member_of(conn) {
             self.members[i].link.handle_input(conn, now, data);
             self.after(i);
+        } else {
+            self.with_lookupd(|poller, owner| poller.handle_input(conn, data, owner));
         }
     }
 
@@ -469,21 +625,30 @@ impl ProducerPoolState {
         if let Some(i) = self.member_of(conn) {
             self.members[i].link.handle_eof(conn, now);
             self.after(i);
+        } else {
+            self.with_lookupd(|poller, owner| poller.handle_eof(conn, owner));
         }
     }
 
     /// Reading or writing `conn`'s socket failed (pass the `std::io::Error`).
     pub fn handle_io_error(&mut self, conn: ConnId, error: impl Into<SocketError>, now: Instant) {
         self.advance(now);
+        let error = error.into();
         if let Some(i) = self.member_of(conn) {
-            self.members[i].link.handle_io_error(conn, error.into(), now);
+            self.members[i].link.handle_io_error(conn, error, now);
             self.after(i);
+        } else {
+            self.with_lookupd(|poller, owner| poller.handle_io_error(conn, error, owner));
         }
     }
 
-    /// Lets timers fire: connections' timers, redials, publishes that waited too long.
+    /// Lets timers fire: connections' timers, redials, publishes that waited too long, lookupd
+    /// polls.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.advance(now);
+        if self.lookupd.next_timeout().is_some_and(|at| at <= now) {
+            self.with_lookupd(|poller, owner| poller.handle_timeout(owner));
+        }
         for i in 0..self.members.len() {
             self.members[i].link.handle_timeout(now);
             self.process(i);
@@ -502,6 +667,7 @@ impl ProducerPoolState {
         self.forget_removed();
         self.redial_due();
         self.dispatch();
+        self.check_ready();
         self.maybe_stopped();
     }
 
@@ -512,7 +678,8 @@ impl ProducerPoolState {
             return Some(self.final_writes.remove(0));
         }
         let conns: Vec<ConnId> = self.members.iter().filter_map(|m| m.link.conn_id()).collect();
-        conns.into_iter().find_map(|c| self.poll_transmit_for(c).map(|b| (c, b)))
+        let nsqd = conns.into_iter().find_map(|c| self.poll_transmit_for(c).map(|b| (c, b)));
+        nsqd.or_else(|| self.lookupd.any_transmit())
     }
 
     /// Bytes to write to `conn`'s socket: everything queued for it since the last call.
@@ -520,6 +687,9 @@ impl ProducerPoolState {
     pub fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
         if let Some(i) = self.final_writes.iter().position(|(c, _)| *c == conn) {
             return Some(self.final_writes.remove(i).1);
+        }
+        if self.lookupd.is_query(conn) {
+            return self.lookupd.poll_transmit(conn);
         }
         let i = self.member_of(conn)?;
         let bytes = self.members[i].link.poll_transmit(conn);
@@ -550,7 +720,7 @@ impl ProducerPoolState {
             .filter(|m| self.started && !self.stopping && !m.removed && !m.link.has_conn())
             .filter_map(|m| m.link.held_until(self.now));
         let waits = self.queue.iter().filter_map(|tx| self.publishes.get(tx)).map(|p| p.deadline);
-        links.chain(redials).chain(waits).min()
+        links.chain(redials).chain(waits).chain(self.lookupd.next_timeout()).chain(self.connect_deadline).min()
     }
 
     /// Per nsqd: health and counters.
@@ -764,6 +934,7 @@ impl ProducerPoolState {
         self.forget_removed();
         self.redial_due();
         self.dispatch();
+        self.check_ready();
         self.maybe_stopped();
     }
 

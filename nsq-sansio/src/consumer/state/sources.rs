@@ -12,54 +12,45 @@
 //!   `lookupd_poll_interval`.
 //! - An address lookupd lists is dialled when a scheduled poll lists it, so a dead one is tried
 //!   at most once per `lookupd_poll_interval`. A connection that was up and closes triggers one
-//!   extra query, after a random delay below [`RECHECK_JITTER`] and coalesced with any query
+//!   extra query, after a random delay below one second and coalesced with any query
 //!   under way; its answer redials only addresses whose last connection stayed up.
-//! - A failed query is retried at once on the next lookupd, at most three lookupds per poll, as
-//!   go-nsq's `queryLookupd` does; a query unanswered for `lookupd_poll_timeout` counts as failed.
+//! - Polling itself (the lookupd poller): a failed query is retried at once on the next lookupd, at
+//!   most three lookupds per poll, as go-nsq's `queryLookupd` does; a query unanswered for
+//!   `lookupd_poll_timeout` counts as failed.
 //!
 //! A lookupd query is a connection of the consumer, in the same `ConnId` space as its nsqd
 //! connections: `Action::Connect` to the lookupd's `host:port`, the request and response
-//! through `poll_transmit` and `handle_input` (TLS for `https://` inside [`Exchange`]), and
+//! through `poll_transmit` and `handle_input` (TLS for `https://` inside the exchange), and
 //! `Action::Close` once the response is complete, parsed, or failed.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
-use std::fmt;
-
 use bytes::{Bytes, BytesMut};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{check_addr, Consumer, DialState, Direct, Timer};
-use crate::action::{Action, ConnId};
+use crate::action::ConnId;
 use crate::connection::deadline;
 use crate::consumer::{ConsumerError, ConsumerEvent};
 use crate::error::{ConnectionError, SocketError};
-use crate::lookupd::{Exchange, Lookup, LookupdAddress, LookupdError};
+use crate::lookupd::{Answer, Endpoint, LookupdAddress, Owner, Poller, QueryKind};
 use crate::rng::RetryDelay;
+use crate::Topic;
 
 /// Delay before the first redial of a direct nsqd; doubles per failed attempt.
 pub(crate) const RECONNECT_BASE: Duration = Duration::from_secs(1);
 /// A connection that stayed subscribed this long counts as healthy: its address's count of
 /// failed attempts starts over.
 pub(crate) const STABLE_AFTER: Duration = Duration::from_secs(10);
-/// The longest random delay before the lookupd query a lost connection triggers.
-pub(crate) const RECHECK_JITTER: Duration = Duration::from_secs(1);
-/// How many lookupds one poll tries before giving up until the next poll.
-const LOOKUPD_ATTEMPTS: usize = 3;
-
 /// The application's hook over the nsqd addresses a lookupd answer lists (go-nsq's
 /// `DiscoveryFilter`).
 pub(crate) type DiscoveryFilter = Box<dyn FnMut(Vec<String>) -> Vec<String> + Send>;
 
-/// The lookupds of a consumer and their polling schedule.
-#[derive(Debug, Default)]
+/// The lookupds of a consumer, and the application's filter over what they list.
+#[derive(Debug)]
 pub(crate) struct Lookupd {
-    addrs: Vec<LookupdAddress>,
-    next: usize,
-    /// Queries under way, each on its own connection.
-    pending: Vec<Pending>,
-    /// The first periodic poll was scheduled (with its jitter).
-    scheduled: bool,
+    poller: Poller,
     filter: Filter,
 }
 
@@ -72,42 +63,22 @@ impl fmt::Debug for Filter {
     }
 }
 
-/// One lookupd query: its connection and where it stands.
-#[derive(Debug)]
-struct Pending {
-    conn: ConnId,
-    addr: LookupdAddress,
-    kind: QueryKind,
-    /// Lookupds tried before this one in the same poll.
-    attempt: usize,
-    expires: Instant,
-    exchange: Exchange,
-    /// The socket is connected: the request may be written.
-    connected: bool,
-}
-
-/// Why a lookupd query was made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum QueryKind {
-    /// The periodic poll (or the first query): every listed address may be dialled.
-    Poll,
-    /// A connection that was up closed: only addresses whose last connection stayed up (or new
-    /// ones) are dialled.
-    Recheck,
-}
-
 impl Lookupd {
+    pub(crate) fn new(topic: &Topic) -> Self {
+        Self { poller: Poller::new(Endpoint::Lookup(topic.clone())), filter: Filter::default() }
+    }
+
     pub(crate) fn has_lookupds(&self) -> bool {
-        !self.addrs.is_empty()
+        self.poller.has_lookupds()
     }
 
     /// Whether `conn` is a lookupd query's connection.
     pub(super) fn is_query(&self, conn: ConnId) -> bool {
-        self.pending.iter().any(|p| p.conn == conn)
+        self.poller.is_query(conn)
     }
 
-    fn query(&mut self, conn: ConnId) -> Option<&mut Pending> {
-        self.pending.iter_mut().find(|p| p.conn == conn)
+    pub(super) fn next_timeout(&self) -> Option<Instant> {
+        self.poller.next_timeout()
     }
 }
 
@@ -202,7 +173,7 @@ impl Consumer {
             let dial = self.dials.entry(addr.clone()).or_default();
             dial.failures = if stable { 0 } else { dial.failures.saturating_add(1) };
             dial.retry_at = None;
-            self.timers.get(Timer::Lookupd)
+            self.lookupd.poller.next_poll()
         } else {
             None
         };
@@ -254,208 +225,93 @@ impl Consumer {
         self.advance(now);
         self.check_running()?;
         let parsed = parse_lookupd(addr)?;
-        if self.lookupd.addrs.contains(&parsed) {
+        if self.lookupd.poller.contains(&parsed) {
             return Err(ConsumerError::AlreadyConnected(addr.to_owned()));
         }
-        self.lookupd.addrs.push(parsed);
-        if !self.lookupd.scheduled {
-            // The first lookupd is queried at once; polling (with jitter) follows.
-            self.lookupd.scheduled = true;
-            self.query_lookupd(QueryKind::Poll, 0);
-            let interval = self.config.lookupd_poll_interval;
-            // go-nsq jitters only the first interval, so consumers started together spread
-            // their polls for good.
-            let jitter = interval.mul_f64(self.config.lookupd_poll_jitter * self.rng.unit());
-            self.set_lookupd_timer(Some(deadline(self.now, interval + jitter)));
-        }
+        self.with_poller(|poller, owner| poller.add(parsed, owner));
         Ok(())
     }
 
     pub(crate) fn disconnect_from_nsqlookupd(&mut self, addr: &str, now: Instant) -> Result<(), ConsumerError> {
         self.advance(now);
         let parsed = parse_lookupd(addr)?;
-        let Some(i) = self.lookupd.addrs.iter().position(|a| *a == parsed) else {
+        if !self.lookupd.poller.remove(&parsed) {
             return Err(ConsumerError::NotConnected(addr.to_owned()));
-        };
-        self.lookupd.addrs.remove(i);
-        if self.lookupd.addrs.is_empty() {
-            self.lookupd.scheduled = false;
-            self.set_lookupd_timer(None);
-            self.timers.stop(Timer::Recheck);
         }
         Ok(())
     }
 
-    /// The periodic poll is due: query, and schedule the next one.
-    pub(super) fn poll_due(&mut self) {
-        self.query_lookupd(QueryKind::Poll, 0);
-        let at = deadline(self.now, self.config.lookupd_poll_interval);
-        self.set_lookupd_timer(Some(at));
+    /// Runs `f` on the poller with what it needs of the consumer, then acts on its answers.
+    fn with_poller<T>(&mut self, f: impl FnOnce(&mut Poller, &mut Owner<'_>) -> T) -> T {
+        let mut owner = Owner {
+            config: &self.config,
+            now: self.now,
+            rng: &mut self.rng,
+            next_conn: &mut self.next_conn,
+            actions: &mut self.actions,
+            final_writes: &mut self.final_writes,
+        };
+        let result = f(&mut self.lookupd.poller, &mut owner);
+        while let Some(answer) = self.lookupd.poller.poll_answer() {
+            match answer {
+                Answer::Listed { kind, nsqds, .. } => self.lookupd_answered(kind, nsqds),
+                Answer::Failed { lookupd, error } => {
+                    self.events.push_back(ConsumerEvent::LookupdFailed { addr: lookupd.to_string(), error });
+                }
+            }
+        }
+        result
     }
 
-    /// The query a lost connection asked for is due.
-    pub(super) fn recheck_due(&mut self) {
-        if self.lookupd.pending.is_empty() {
-            self.query_lookupd(QueryKind::Recheck, 0);
-        }
+    /// The poll schedule or a query deadline is due.
+    pub(super) fn lookupd_timeout(&mut self) {
+        self.with_poller(|poller, owner| poller.handle_timeout(owner));
     }
 
     /// Asks lookupd again soon, unless a query is already under way or planned.
     fn schedule_recheck(&mut self) {
-        if self.stopping || !self.lookupd.has_lookupds() || !self.lookupd.pending.is_empty() {
-            return;
-        }
-        if self.timers.get(Timer::Recheck).is_some() {
-            return;
-        }
-        let delay = self.rng.up_to(RECHECK_JITTER.min(self.config.lookupd_poll_interval));
-        debug!(?delay, "asking lookupd again after a lost connection");
-        self.timers.set(Timer::Recheck, deadline(self.now, delay));
-    }
-
-    /// Queries the next lookupd in turn, on a new connection.
-    fn query_lookupd(&mut self, kind: QueryKind, attempt: usize) {
-        if self.stopping || self.lookupd.addrs.is_empty() {
-            return;
-        }
-        let index = self.lookupd.next % self.lookupd.addrs.len();
-        self.lookupd.next = index + 1;
-        let addr = self.lookupd.addrs[index].clone();
-        let bearer = self.config.auth_secret.as_deref().filter(|_| self.config.lookupd_authorization);
-        let exchange = addr
-            .request(&self.topic, &self.config.user_agent, bearer)
-            .and_then(|request| Exchange::new(&addr, request, &self.config.tls));
-        let exchange = match exchange {
-            Ok(exchange) => exchange,
-            Err(error) => return self.query_failed(&addr, kind, attempt, error),
-        };
-        let conn = self.new_conn_id();
-        info!(lookupd = %addr, %conn, ?kind, "querying lookupd");
-        self.actions.push_back(Action::Connect {
-            conn,
-            addr: addr.host_port().to_owned(),
-            local_addr: None,
-            timeout: self.config.lookupd_poll_timeout,
-        });
-        let expires = deadline(self.now, self.config.lookupd_poll_timeout);
-        self.lookupd.pending.push(Pending { conn, addr, kind, attempt, expires, exchange, connected: false });
-        self.arm_lookupd_expiry();
-    }
-
-    fn arm_lookupd_expiry(&mut self) {
-        match self.lookupd.pending.iter().map(|p| p.expires).min() {
-            Some(at) if !self.stopping => self.timers.set(Timer::LookupdExpiry, at),
-            _ => self.timers.stop(Timer::LookupdExpiry),
-        }
-    }
-
-    /// Queries unanswered for too long count as failed.
-    pub(super) fn lookupd_expired(&mut self) {
-        let now = self.now;
-        let expired: Vec<ConnId> = self.lookupd.pending.iter().filter(|p| p.expires <= now).map(|p| p.conn).collect();
-        for conn in expired {
-            let timeout = self.config.lookupd_poll_timeout;
-            let error = SocketError::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}"));
-            self.query_done(conn, Err(LookupdError::Io(error)));
-        }
-        self.arm_lookupd_expiry();
+        self.with_poller(|poller, owner| poller.schedule_recheck(owner));
     }
 
     // ---- a lookupd query's connection ----------------------------------------------------------
 
     /// The socket of a lookupd query connected.
     pub(super) fn query_connected(&mut self, conn: ConnId) {
-        if let Some(query) = self.lookupd.query(conn) {
-            query.connected = true;
-        }
+        self.lookupd.poller.handle_connected(conn);
     }
 
     /// Bytes read from a lookupd query's socket.
     pub(super) fn query_input(&mut self, conn: ConnId, data: BytesMut) {
-        let Some(query) = self.lookupd.query(conn) else { return };
-        if let Some(outcome) = query.exchange.handle_input(data) {
-            self.query_done(conn, outcome);
-        }
+        self.with_poller(|poller, owner| poller.handle_input(conn, data, owner));
     }
 
     /// lookupd closed a query's connection.
     pub(super) fn query_eof(&mut self, conn: ConnId) {
-        let Some(query) = self.lookupd.query(conn) else { return };
-        let outcome = query.exchange.handle_eof();
-        self.query_done(conn, outcome);
+        self.with_poller(|poller, owner| poller.handle_eof(conn, owner));
     }
 
     /// A query's socket could not connect, or failed.
     pub(super) fn query_io_error(&mut self, conn: ConnId, error: SocketError) {
-        self.query_done(conn, Err(LookupdError::Io(error)));
+        self.with_poller(|poller, owner| poller.handle_io_error(conn, error, owner));
     }
 
     /// What a query's connection has to write.
     pub(super) fn query_transmit(&mut self, conn: ConnId) -> Option<Bytes> {
-        self.lookupd.query(conn).filter(|q| q.connected).and_then(|q| q.exchange.poll_transmit())
+        self.lookupd.poller.poll_transmit(conn)
     }
 
     /// A connected query with something to write.
     pub(super) fn any_query_transmit(&mut self) -> Option<(ConnId, Bytes)> {
-        self.lookupd
-            .pending
-            .iter_mut()
-            .filter(|q| q.connected)
-            .find_map(|q| q.exchange.poll_transmit().map(|b| (q.conn, b)))
+        self.lookupd.poller.any_transmit()
     }
 
-    /// Ends every query under way (the consumer is stopping): their sockets close.
+    /// Ends lookupd polling and every query under way (the consumer is stopping).
     pub(super) fn close_queries(&mut self) {
-        let conns: Vec<ConnId> = self.lookupd.pending.iter().map(|p| p.conn).collect();
-        for conn in conns {
-            self.close_query(conn);
-        }
-        self.arm_lookupd_expiry();
-    }
-
-    /// Removes a query and closes its connection (after TLS close_notify, if any).
-    fn close_query(&mut self, conn: ConnId) -> Option<Pending> {
-        let pos = self.lookupd.pending.iter().position(|p| p.conn == conn)?;
-        let mut query = self.lookupd.pending.swap_remove(pos);
-        if query.connected {
-            query.exchange.close();
-            if let Some(last) = query.exchange.poll_transmit() {
-                self.final_writes.push((conn, last));
-            }
-        }
-        self.actions.push_back(Action::Close { conn });
-        Some(query)
-    }
-
-    /// A query's outcome: its connection closes; the answer is acted on.
-    fn query_done(&mut self, conn: ConnId, outcome: Result<Lookup, LookupdError>) {
-        let Some(query) = self.close_query(conn) else { return };
-        self.arm_lookupd_expiry();
-        if self.stopping {
-            return;
-        }
-        match outcome {
-            Ok(lookup) => self.lookupd_answered(&query, &lookup),
-            Err(error) => self.query_failed(&query.addr, query.kind, query.attempt, error),
-        }
-    }
-
-    /// A query failed: the application hears why, and the next lookupd is tried (at most
-    /// three per poll).
-    fn query_failed(&mut self, addr: &LookupdAddress, kind: QueryKind, attempt: usize, error: LookupdError) {
-        warn!(lookupd = %addr, %error, "lookupd query failed");
-        self.events.push_back(ConsumerEvent::LookupdFailed { addr: addr.to_string(), error });
-        let tries = LOOKUPD_ATTEMPTS.min(self.lookupd.addrs.len());
-        if attempt + 1 < tries {
-            info!("trying the next lookupd");
-            self.query_lookupd(kind, attempt + 1);
-        }
+        self.with_poller(|poller, owner| poller.stop(owner));
     }
 
     /// lookupd answered: the nsqds it lists (through the discovery filter) are dialled.
-    fn lookupd_answered(&mut self, query: &Pending, lookup: &Lookup) {
-        debug!(lookupd = %query.addr, producers = lookup.producers.len(), "lookupd answered");
-        let mut listed: Vec<String> = lookup.producers.iter().map(|p| p.tcp_address()).collect();
+    fn lookupd_answered(&mut self, kind: QueryKind, mut listed: Vec<String>) {
         if let Some(filter) = &mut self.lookupd.filter.0 {
             listed = filter(listed);
             listed.retain(|addr| match check_addr(addr) {
@@ -467,7 +323,7 @@ impl Consumer {
             });
         }
         for addr in &listed {
-            self.discovered(addr, query.kind);
+            self.discovered(addr, kind);
         }
         // Forget the history of addresses no longer listed and not in use.
         let conns: Vec<String> = self.conns.values().map(|c| c.addr.clone()).collect();
@@ -492,13 +348,6 @@ impl Consumer {
         }
         info!(topic = %self.topic, channel = %self.channel, %addr, "lookupd lists nsqd");
         self.open(addr);
-    }
-
-    fn set_lookupd_timer(&mut self, at: Option<Instant>) {
-        match at {
-            Some(at) if !self.stopping => self.timers.set(Timer::Lookupd, at),
-            _ => self.timers.stop(Timer::Lookupd),
-        }
     }
 }
 
