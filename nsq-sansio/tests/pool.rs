@@ -255,6 +255,42 @@ fn failover_uses_the_first_connected_nsqd_and_comes_back_to_it() {
 }
 
 #[test]
+fn connect_answers_once_every_nsqd_settled_so_failover_starts_on_the_first() {
+    let ready = |sim: &Sim| {
+        sim.events
+            .iter()
+            .filter_map(|e| if let PoolEvent::Ready(r) = e { Some(r.clone()) } else { None })
+            .collect::<Vec<_>>()
+    };
+    let mut sim = Sim::new(&[A, B], Strategy::Failover);
+    sim.pool.connect(sim.now).unwrap();
+    sim.drain();
+    sim.accept(B);
+    assert!(ready(&sim).is_empty(), "B is up, but A, first in order, has not answered yet");
+    sim.accept(A);
+    assert_eq!(ready(&sim), [Ok(())]);
+    sim.publish("x");
+    assert_eq!(sim.got(A), ["x"]);
+    // All down: the answer names each nsqd with its cause.
+    let mut sim = Sim::new(&[A, B], Strategy::RoundRobin);
+    sim.pool.connect(sim.now).unwrap();
+    sim.drain();
+    sim.refuse(A);
+    assert!(ready(&sim).is_empty());
+    sim.refuse(B);
+    match &ready(&sim)[..] {
+        [Err(e)] => assert_eq!(e.attempts.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>(), [A, B]),
+        other => panic!("{other:?}"),
+    }
+    // All: one refusal is enough to answer.
+    let mut sim = Sim::new(&[A, B], Strategy::All);
+    sim.pool.connect(sim.now).unwrap();
+    sim.drain();
+    sim.refuse(B);
+    assert!(matches!(&ready(&sim)[..], [Err(e)] if e.attempts.len() == 1 && e.attempts[0].0 == B));
+}
+
+#[test]
 fn round_robin_spreads_over_connected_nsqds() {
     let mut sim = Sim::new(&[A, B, C], Strategy::RoundRobin);
     sim.pool.connect(sim.now).unwrap();

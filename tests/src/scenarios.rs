@@ -71,6 +71,7 @@ macro_rules! scenario_tests {
             a_required_client_certificate_fails_the_first_connect,
             a_crash_mid_stream_then_stop_waits_for_nothing,
             a_pool_loses_an_nsqd_mid_stream,
+            messages_of_a_lost_connection_are_not_handed_out,
             local_addr_is_bound_before_connecting,
             https_lookupd_demands_the_bearer_token,
             a_failed_first_lookupd_then_a_good_second,
@@ -856,6 +857,35 @@ pub async fn a_pool_loses_an_nsqd_mid_stream<R: Runtime>() {
         assert_eq!(stats[1].health, nsq_sansio::Health::Connected);
         pool.stop().await;
     }
+}
+
+/// Messages delivered but not yet taken when their connection is lost are not handed to the
+/// application: nsqd requeued them and delivers them again, so the old copies would only be
+/// duplicates that cannot be finished.
+pub async fn messages_of_a_lost_connection_are_not_handed_out<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    for i in 0..20 {
+        nsqd.publish("stale", format!("{i}").as_bytes());
+    }
+    let consumer = consumer::<R>("stale", 20);
+    let mut messages = consumer.messages();
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    let start = Instant::now();
+    while consumer.stats().await.messages_received < 20 {
+        assert!(start.elapsed() < PATIENCE, "never received");
+        sleep::<R>(Duration::from_millis(5)).await;
+    }
+    // All 20 wait in the stream, unread; the connection dies and the consumer reconnects.
+    nsqd.kill_all();
+    wait_for::<R>("a reconnect", || nsqd.stats().connections >= 2).await;
+    for _ in 0..20 {
+        let m = messages.next().await.unwrap();
+        assert!(m.attempts() >= 2, "a copy from the lost connection: {m:?}");
+        assert!(m.finish());
+    }
+    wait_for::<R>("all finished", || nsqd.stats().finished == 20).await;
+    drop(messages);
+    consumer.stop().await;
 }
 
 /// A loopback address with a port nothing uses right now.

@@ -163,6 +163,42 @@ fn to_nsq_finds_its_nsqds_through_lookupd_nodes() {
 }
 
 #[test]
+fn nsq_tail_stops_cleanly_on_sigint_and_sigterm() {
+    for signal in ["-INT", "-TERM"] {
+        let nsqd = FakeNsqd::start_default().unwrap();
+        for i in 0..5 {
+            nsqd.publish("sig", format!("{i}").as_bytes());
+        }
+        let mut child = Command::new(example("nsq_tail"))
+            .args(["--topic", "sig", "--channel", "c", "--nsqd-tcp-address", &nsqd.addr()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while nsqd.stats().finished < 5 {
+            assert!(start.elapsed() < Duration::from_secs(30), "no progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        while child.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(30), "{signal} did not stop nsq_tail");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{signal}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 5);
+        // It closed its connection (CLS, then the socket) rather than vanishing.
+        while nsqd.clients() > 0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "the connection stayed open");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
 fn to_nsq_refuses_bad_options_and_bad_topics() {
     let nsqd = FakeNsqd::start_default().unwrap();
     let addr = nsqd.addr();

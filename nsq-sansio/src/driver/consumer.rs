@@ -1,10 +1,11 @@
 //! [`Consumer`]: an async handle on a [`ConsumerState`] run by one engine task.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -17,7 +18,9 @@ use tracing::{debug, warn, Instrument};
 use super::io::{IoEvent, Sockets};
 use super::message::{Answer, Answers, Handler, Message};
 use super::{Error, Runtime};
-use crate::{AuthResponse, Channel, Config, ConnectionError, ConsumerEvent, ConsumerState, ConsumerStats, Topic};
+use crate::{
+    AuthResponse, Channel, Config, ConnId, ConnectionError, ConsumerEvent, ConsumerState, ConsumerStats, Topic,
+};
 
 type FailedHook = Arc<dyn Fn(&crate::Message) + Send + Sync>;
 /// nsqd's last AUTH answer, per nsqd address.
@@ -138,6 +141,9 @@ impl<R: Runtime> Consumer<R> {
                 loop {
                     let next = queue.lock().await.next().await;
                     let Some(message) = next else { return };
+                    if message.is_stale() {
+                        continue;
+                    }
                     let keep = message.clone();
                     let outcome = AssertUnwindSafe(handler.handle(message)).catch_unwind().await;
                     if !keep.is_auto_response_enabled() {
@@ -314,9 +320,13 @@ impl Stream for Messages {
     type Item = Message;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        match &mut self.rx {
-            Some(rx) => rx.poll_next_unpin(cx),
-            None => Poll::Ready(None),
+        let Some(rx) = &mut self.rx else { return Poll::Ready(None) };
+        loop {
+            match rx.poll_next_unpin(cx) {
+                // Its connection is gone: nsqd delivers it again; this copy would be a duplicate.
+                Poll::Ready(Some(message)) if message.is_stale() => continue,
+                other => return other,
+            }
         }
     }
 }
@@ -334,6 +344,8 @@ struct Engine<R: Runtime> {
     state: ConsumerState,
     commands: mpsc::UnboundedReceiver<Command>,
     answers: Arc<Answers>,
+    /// Per connection with messages out, whether it is still up.
+    alive: HashMap<ConnId, Arc<AtomicBool>>,
     answer_batch: Vec<Answer>,
     sockets: Sockets<R>,
     messages: Option<mpsc::UnboundedSender<Message>>,
@@ -364,6 +376,7 @@ impl<R: Runtime> Engine<R> {
             state,
             commands,
             answers: Arc::default(),
+            alive: HashMap::new(),
             answer_batch: Vec::new(),
             sockets: Sockets::new(&config),
             messages: Some(messages),
@@ -526,7 +539,8 @@ impl<R: Runtime> Engine<R> {
         match event {
             ConsumerEvent::Message { conn, message } => {
                 let nsqd = self.sockets.addr(conn);
-                let message = Message::new(message, conn, nsqd, self.answers.clone());
+                let alive = self.alive.entry(conn).or_insert_with(|| Arc::new(AtomicBool::new(true))).clone();
+                let message = Message::new(message, conn, nsqd, self.answers.clone(), alive);
                 if let Some(tx) = &self.messages {
                     // Nobody consumes: the message is requeued when dropped here.
                     let _ = tx.unbounded_send(message);
@@ -555,7 +569,11 @@ impl<R: Runtime> Engine<R> {
                 self.answer_connect(&addr, Err(error));
             }
             ConsumerEvent::Disconnected { conn, addr, error } => {
-                debug!(%conn, %addr, %error, "disconnected")
+                debug!(%conn, %addr, %error, "disconnected");
+                // Its undelivered messages are nsqd's again: the handlers skip them.
+                if let Some(alive) = self.alive.remove(&conn) {
+                    alive.store(false, Ordering::Release);
+                }
             }
             ConsumerEvent::Stopped => {
                 for (_, reply) in self.connect_waiters.drain(..) {

@@ -35,6 +35,9 @@ struct Shared {
     responses: Arc<Answers>,
     answered: AtomicBool,
     auto_response: AtomicBool,
+    /// Its connection is still up: once it is gone, nsqd has requeued the message and no
+    /// answer can reach it.
+    alive: Arc<AtomicBool>,
 }
 
 /// A response travelling from a message handle to the consumer engine.
@@ -47,7 +50,13 @@ pub(crate) struct Answer {
 }
 
 impl Message {
-    pub(crate) fn new(inner: crate::Message, conn: ConnId, nsqd: Arc<str>, responses: Arc<Answers>) -> Self {
+    pub(crate) fn new(
+        inner: crate::Message,
+        conn: ConnId,
+        nsqd: Arc<str>,
+        responses: Arc<Answers>,
+        alive: Arc<AtomicBool>,
+    ) -> Self {
         let shared = Arc::new(Shared {
             conn,
             id: inner.id,
@@ -56,6 +65,7 @@ impl Message {
             responses,
             answered: AtomicBool::new(false),
             auto_response: AtomicBool::new(true),
+            alive,
         });
         Self { inner, shared }
     }
@@ -128,6 +138,12 @@ impl Message {
         &self.inner
     }
 
+    /// Whether the connection it came on is gone (nsqd has requeued it, and will deliver it
+    /// again): handing it to the application would only make a duplicate.
+    pub(crate) fn is_stale(&self) -> bool {
+        !self.shared.alive.load(Ordering::Acquire)
+    }
+
     fn answer(&self, response: Response) -> bool {
         if self.shared.answered.swap(true, Ordering::AcqRel) {
             return false;
@@ -198,7 +214,7 @@ impl Answers {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        if !self.answered.load(Ordering::Acquire) {
+        if !self.answered.load(Ordering::Acquire) && self.alive.load(Ordering::Acquire) {
             self.send(Response::Requeue { delay: None, backoff: false });
         }
     }

@@ -5,7 +5,9 @@
 //! The tools log to stderr through `tracing-subscriber`, at the level `RUST_LOG` names (default
 //! `info`): connections made and lost, lookupd queries and their failures, backoff, errors. They
 //! exit 1 at once, with the cause, when the first connection to an nsqd given on the command
-//! line fails.
+//! line fails. SIGINT and SIGTERM stop them cleanly, as nsq's tools: `nsq_tail` gives back
+//! what it has not printed and closes its connections, `to_nsq` stops reading and waits for
+//! what it sent; both then exit 0.
 
 use std::io::BufRead;
 use std::process::ExitCode;
@@ -149,6 +151,22 @@ pub async fn bench<R: Runtime>(client: &str) -> ExitCode {
     }
 }
 
+/// Completes at the first SIGINT or SIGTERM (Ctrl-C on Windows).
+fn termination() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    let (tx, mut rx) = mpsc::unbounded::<()>();
+    match ctrlc::set_handler(move || {
+        let _ = tx.unbounded_send(());
+    }) {
+        Ok(()) => Box::pin(async move {
+            rx.next().await;
+        }),
+        Err(e) => {
+            tracing::warn!(%e, "cannot handle SIGINT/SIGTERM");
+            Box::pin(futures_util::future::pending())
+        }
+    }
+}
+
 /// Logs to stderr at the level `RUST_LOG` names, `info` by default.
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
@@ -254,7 +272,16 @@ async fn run_to_nsq<R: Runtime>(args: ToNsqArgs) -> Result<(), String> {
     let mut next = R::now();
     let mut records = stdin_records(delimiter);
     let mut pending = futures_util::stream::FuturesUnordered::new();
-    while let Some(record) = records.next().await {
+    let mut signal = termination();
+    loop {
+        let record = match futures_util::future::select(records.next(), &mut signal).await {
+            futures_util::future::Either::Left((Some(record), _)) => record,
+            futures_util::future::Either::Left((None, _)) => break,
+            futures_util::future::Either::Right(_) => {
+                tracing::info!("stopping: no more lines are read; waiting for what was sent");
+                break;
+            }
+        };
         let record = Bytes::from(record.map_err(|e| format!("stdin: {e}"))?);
         if record.is_empty() {
             continue;
@@ -294,7 +321,13 @@ async fn run_nsq_tail<R: Runtime>(args: NsqTailArgs) -> Result<(), String> {
         return Err("--nsqd-tcp-address or --lookupd-http-address required".into());
     }
     let mut config = config_from_opts(&args.consumer_opt)?;
-    config.max_in_flight(args.max_in_flight);
+    // No more in flight than it will print, as nsq's nsq_tail: nsqd then sends what there is
+    // at once instead of holding it for its output buffer.
+    let max_in_flight = match u32::try_from(args.total_messages) {
+        Ok(n) if n > 0 => args.max_in_flight.min(n),
+        _ => args.max_in_flight,
+    };
+    config.max_in_flight(max_in_flight);
     let consumer = Consumer::<R>::new(&args.topic, &args.channel, config).map_err(|e| e.to_string())?;
     let mut messages = consumer.messages();
     let connected = async {
@@ -307,7 +340,16 @@ async fn run_nsq_tail<R: Runtime>(args: NsqTailArgs) -> Result<(), String> {
     }
     let stdout = std::io::stdout();
     let mut count = 0;
-    while let Some(message) = messages.next().await {
+    let mut signal = termination();
+    loop {
+        let message = match futures_util::future::select(messages.next(), &mut signal).await {
+            futures_util::future::Either::Left((Some(message), _)) => message,
+            futures_util::future::Either::Left((None, _)) => break,
+            futures_util::future::Either::Right(_) => {
+                tracing::info!("stopping");
+                break;
+            }
+        };
         {
             let mut out = stdout.lock();
             out.write_all(message.body()).and_then(|()| out.write_all(b"\n")).map_err(|e| e.to_string())?;
@@ -319,8 +361,11 @@ async fn run_nsq_tail<R: Runtime>(args: NsqTailArgs) -> Result<(), String> {
         }
     }
     let _ = stdout.lock().flush();
-    // Messages delivered but not printed go back to nsqd now (dropping them requeues them), so
+    // Messages delivered but not printed go back to nsqd now, for another reader at once, so
     // the stop below has nothing to wait for.
+    while let Some(Some(message)) = futures_util::FutureExt::now_or_never(messages.next()) {
+        message.requeue_without_backoff(Some(Duration::ZERO));
+    }
     drop(messages);
     consumer.stop().await;
     Ok(())

@@ -339,11 +339,13 @@ impl Link {
                     } else {
                         self.failures = self.failures.saturating_add(1);
                         let policy = RetryDelay { base: REDIAL_BASE, cap: REDIAL_CAP };
-                        let at = deadline(now, policy.delay(self.failures, rng));
+                        let retry_in = policy.delay(self.failures, rng);
+                        let at = deadline(now, retry_in);
                         if was_ready {
-                            warn!(conn = %id, addr = %self.addr, %error, "connection to nsqd lost soon after it was made");
+                            let what = "connection to nsqd lost soon after it was made";
+                            warn!(conn = %id, addr = %self.addr, %error, ?retry_in, "{what}");
                         } else {
-                            warn!(conn = %id, addr = %self.addr, %error, "could not connect to nsqd");
+                            warn!(conn = %id, addr = %self.addr, %error, ?retry_in, "could not connect to nsqd");
                         }
                         self.retry_at = Some(at);
                         Some(at)

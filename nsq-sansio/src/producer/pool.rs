@@ -465,7 +465,9 @@ impl ProducerPoolState {
     }
 
     /// Dials every nsqd now instead of at the first publish, and answers with
-    /// [`PoolEvent::Ready`] once the pool can publish by its strategy or cannot.
+    /// [`PoolEvent::Ready`] once the pool can publish by its strategy or cannot: for
+    /// [`Strategy::All`] when every nsqd connected or one failed; otherwise when every nsqd's
+    /// attempt settled, `Ok` if one connected (or at [`PoolOptions::wait`], if one did).
     pub fn connect(&mut self, now: Instant) -> Result<(), CommandError> {
         self.advance(now);
         self.check_running()?;
@@ -493,13 +495,15 @@ impl ProducerPoolState {
                 })
                 .collect(),
         };
+        // Failover and round robin answer once every nsqd's first attempt settled, so the
+        // publishes that follow go where the strategy says, not to whichever connected first.
+        let settled = !live.is_empty() && live.iter().all(|m| up(m) || down(m));
         let verdict = match self.options.strategy {
             Strategy::All if !live.is_empty() && live.iter().all(up) => Some(Ok(())),
             Strategy::All if live.iter().any(down) => Some(Err(failures())),
-            Strategy::Failover | Strategy::RoundRobin if live.iter().any(up) => Some(Ok(())),
-            Strategy::Failover | Strategy::RoundRobin if !live.is_empty() && live.iter().all(down) => {
-                Some(Err(failures()))
-            }
+            Strategy::Failover | Strategy::RoundRobin if settled && live.iter().any(up) => Some(Ok(())),
+            Strategy::Failover | Strategy::RoundRobin if settled => Some(Err(failures())),
+            Strategy::Failover | Strategy::RoundRobin if now >= until && live.iter().any(up) => Some(Ok(())),
             _ => None,
         };
         let verdict = verdict.or_else(|| {

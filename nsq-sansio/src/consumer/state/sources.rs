@@ -178,7 +178,8 @@ impl Consumer {
             None
         };
         if !was_up {
-            warn!(%conn, %addr, %error, ?retry_at, "could not connect to nsqd");
+            let retry_in = retry_at.map(|at| at.saturating_duration_since(now));
+            warn!(%conn, %addr, %error, ?retry_in, "could not connect to nsqd");
             self.events.push_back(ConsumerEvent::ConnectFailed { conn, addr, error, retry_at });
         } else if listed && !error.is_local_close() {
             // Reconnect only if lookupd still lists it: ask again, soon.
