@@ -189,6 +189,47 @@ fn subscribes_then_sends_its_rdy_share() {
 }
 
 #[test]
+fn a_raise_waits_until_the_lower_it_needs_is_written() {
+    let mut sim = Sim::new(|c| {
+        c.set("max_in_flight", "2").unwrap();
+    });
+    let a = sim.connect("127.0.0.1:4150");
+    assert_eq!(sim.rdys(a), [2]);
+    // B subscribes while A's socket is busy writing (the adapter does not poll A): A's lower
+    // to 1 waits in A's queue, so B's raise to 1 must wait too, or nsqd would see 3 > 2.
+    sim.consumer.connect_to_nsqd("127.0.0.2:4150", sim.now).unwrap();
+    while let Some(action) = sim.consumer.poll_action() {
+        if let Action::Connect { conn, addr, .. } = action {
+            sim.dialled.insert(conn, addr);
+        }
+    }
+    let b = *sim.dialled.keys().last().unwrap();
+    sim.consumer.handle_connected(b, sim.now);
+    let mut wrote_b = Vec::new();
+    let poll_b = |sim: &mut Sim, wrote_b: &mut Vec<u8>| {
+        while let Some(bytes) = sim.consumer.poll_transmit_for(b) {
+            wrote_b.extend_from_slice(&bytes);
+        }
+    };
+    poll_b(&mut sim, &mut wrote_b);
+    sim.consumer.handle_input(b, sim.now, ok());
+    poll_b(&mut sim, &mut wrote_b);
+    sim.consumer.handle_input(b, sim.now, ok());
+    poll_b(&mut sim, &mut wrote_b);
+    assert!(
+        String::from_utf8_lossy(&wrote_b).ends_with("SUB t c\n"),
+        "no RDY yet: {:?}",
+        String::from_utf8_lossy(&wrote_b)
+    );
+    // A's write finishes: its lower goes out, and then B's raise.
+    let a_bytes = sim.consumer.poll_transmit_for(a).unwrap();
+    assert_eq!(a_bytes, "RDY 1\n");
+    poll_b(&mut sim, &mut wrote_b);
+    assert!(String::from_utf8_lossy(&wrote_b).ends_with("RDY 1\n"));
+    assert_eq!(sim.consumer.total_rdy(), 2);
+}
+
+#[test]
 fn more_connections_than_max_in_flight_rotate_rdy() {
     let mut sim = Sim::new(|c| {
         c.set("max_in_flight", "1").unwrap();

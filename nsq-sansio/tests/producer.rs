@@ -293,6 +293,27 @@ fn after_a_failed_dial_publishes_fail_at_once_for_a_bounded_jittered_while() {
 }
 
 #[test]
+fn batched_publishes_fail_with_the_cause_when_the_dial_fails() {
+    let mut sim = Sim::new();
+    sim.p.set_auto_batch(16);
+    let t = Topic::new("t").unwrap();
+    let txs: Vec<TxId> = (0..3).map(|_| sim.p.publish(&t, Bytes::from_static(b"x"), sim.now).unwrap()).collect();
+    sim.drain();
+    let conn = sim.conn();
+    sim.p.handle_connect_failed(conn, refused(), sim.now);
+    sim.drain();
+    for tx in &txs {
+        assert!(matches!(&sim.results[tx], Err(PublishError::NotConnected(ConnectionError::Dial { .. }))), "{tx:?}");
+    }
+    assert_eq!(sim.p.outstanding(), 0);
+    // And a stop afterwards has nothing to dial for.
+    sim.p.stop(sim.now);
+    sim.drain();
+    assert!(sim.p.is_stopped());
+    assert_eq!(sim.dialled.len(), 1);
+}
+
+#[test]
 fn a_refused_handshake_fails_publishes_with_its_cause() {
     let mut sim = Sim::new();
     let tx = sim.publish(b"a");

@@ -47,8 +47,13 @@ struct Conn {
     subscribed: bool,
     /// When nsqd accepted the SUB.
     subscribed_at: Option<Instant>,
-    /// The RDY count this connection holds (last sent).
+    /// The RDY count this connection is meant to hold.
     rdy: u32,
+    /// The most nsqd may think it holds: the last RDY written out, or a raise queued and not
+    /// written yet. The sum over connections never exceeds `max_in_flight`.
+    rdy_out: u32,
+    /// A raise waiting for lowers on other connections to be written first.
+    rdy_pending: Option<u32>,
     last_rdy_at: Instant,
 }
 
@@ -161,6 +166,8 @@ impl Consumer {
                 subscribed: false,
                 subscribed_at: None,
                 rdy: 0,
+                rdy_out: 0,
+                rdy_pending: None,
                 last_rdy_at: self.now,
             },
         );
@@ -335,7 +342,8 @@ impl Consumer {
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             if let Some(conn) = self.conns.get_mut(&id) {
-                if conn.subscribed && conn.rdy > 0 {
+                conn.rdy_pending = None;
+                if conn.subscribed && (conn.rdy > 0 || conn.rdy_out > 0) {
                     // RDY 0 first so nothing new arrives while CLS travels.
                     let _ = conn.state.ready(0);
                     self.total_rdy -= u64::from(conn.rdy);
@@ -359,7 +367,13 @@ impl Consumer {
             .iter_mut()
             .filter(|(_, c)| c.connected)
             .find_map(|(&id, c)| c.state.poll_transmit().map(|b| (id, b)));
-        nsqd.or_else(|| self.any_query_transmit())
+        match nsqd {
+            Some((id, bytes)) => {
+                self.written_out(id);
+                Some((id, bytes))
+            }
+            None => self.any_query_transmit(),
+        }
     }
 
     pub(crate) fn poll_transmit_for(&mut self, id: ConnId) -> Option<Bytes> {
@@ -371,9 +385,39 @@ impl Consumer {
         }
         let conn = self.conns.get_mut(&id).filter(|c| c.connected)?;
         let bytes = conn.state.poll_transmit();
+        if bytes.is_some() {
+            self.written_out(id);
+        }
         // Encoding may fail inside a transport layer; that surfaces as events.
         self.process(id);
         bytes
+    }
+
+    /// `id`'s queued commands were handed to its socket: the RDY it wrote last is what nsqd
+    /// holds now, and raises waiting for that lower may follow.
+    fn written_out(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.rdy_out = conn.state.rdy();
+        }
+        self.release_pending_rdy();
+    }
+
+    /// Queues the raises that waited, as far as what the other connections hold allows.
+    fn release_pending_rdy(&mut self) {
+        let max_in_flight = u64::from(self.max_in_flight);
+        let mut out: u64 = self.conns.values().map(|c| u64::from(c.rdy_out)).sum();
+        for (id, conn) in self.conns.iter_mut() {
+            let Some(raise) = conn.rdy_pending else { continue };
+            if out - u64::from(conn.rdy_out) + u64::from(raise) > max_in_flight {
+                continue;
+            }
+            conn.rdy_pending = None;
+            if let Ok(sent) = conn.state.ready(raise) {
+                trace!(conn = %id, rdy = sent, "RDY (after the lowers before it)");
+                out = out - u64::from(conn.rdy_out) + u64::from(sent);
+                conn.rdy_out = sent;
+            }
+        }
     }
 
     pub(crate) fn poll_action(&mut self) -> Option<Action> {
@@ -509,7 +553,8 @@ impl Consumer {
         }
         self.total_rdy -= u64::from(conn.rdy);
         self.actions.push_back(Action::Close { conn: id });
-        let left = self.conns.len() as u64;
+        // Subscribed connections only: one still dialling holds no RDY to share.
+        let left = self.conns.values().filter(|c| c.subscribed).count() as u64;
         if conn.rdy > 0 && (left == u64::from(self.max_in_flight) || self.in_backoff()) {
             self.need_redistribute = true;
         }
@@ -519,6 +564,8 @@ impl Consumer {
             self.events.push_back(event);
         }
         self.after_close(id, conn.addr, conn.subscribed_at, error);
+        // What it held is no longer nsqd's to send: waiting raises may go.
+        self.release_pending_rdy();
         self.maybe_stopped();
     }
 
@@ -571,17 +618,34 @@ impl Consumer {
             self.need_redistribute = true;
             return;
         }
-        if count == conn.rdy && conn.state.rdy() == count {
+        if count == conn.rdy && (conn.state.rdy() == count || conn.rdy_pending == Some(count)) {
             return;
         }
-        match conn.state.ready(count) {
-            Ok(sent) => {
-                trace!(conn = %id, rdy = sent, "RDY");
-                self.total_rdy = total - u64::from(conn.rdy) + u64::from(sent);
-                conn.rdy = sent;
-                conn.last_rdy_at = self.now;
+        self.total_rdy = total - u64::from(conn.rdy) + u64::from(count);
+        conn.rdy = count;
+        conn.last_rdy_at = self.now;
+        // nsqd acts on each RDY as it arrives, connection by connection: a raise goes out only
+        // once what the others may still hold leaves room for it, so a lower queued behind a
+        // busy write on one connection is written before the raise it makes room for.
+        let others: u64 = self.conns.iter().filter(|(&c, _)| c != id).map(|(_, c)| u64::from(c.rdy_out)).sum();
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let send = if count <= conn.rdy_out {
+            conn.rdy_pending = None;
+            conn.state.rdy() != count
+        } else if others + u64::from(count) <= max_in_flight {
+            conn.rdy_pending = None;
+            conn.rdy_out = count;
+            true
+        } else {
+            trace!(conn = %id, rdy = count, "RDY waits for the lowers before it");
+            conn.rdy_pending = Some(count);
+            false
+        };
+        if send {
+            match conn.state.ready(count) {
+                Ok(sent) => trace!(conn = %id, rdy = sent, "RDY"),
+                Err(e) => debug!(conn = %id, %e, "RDY refused"),
             }
-            Err(e) => debug!(conn = %id, %e, "RDY refused"),
         }
     }
 
@@ -617,7 +681,11 @@ impl Consumer {
                     self.update_rdy(id, 0);
                 }
             }
-            possible.push(id);
+            // A connection that still holds RDY gains nothing from RDY 1: the free slots go to
+            // those without, so none is left at RDY 0 while RDY goes unused.
+            if self.conns.get(&id).is_some_and(|c| c.rdy == 0) {
+                possible.push(id);
+            }
         }
         let limit = if self.in_backoff() { 1 } else { u64::from(self.max_in_flight) };
         let mut available = limit.saturating_sub(self.total_rdy);

@@ -485,6 +485,12 @@ impl ProducerState {
                 LinkEvent::Connected(conn) => self.events.push_back(ProducerEvent::Connected(conn)),
                 LinkEvent::Closed { conn, error, was_ready, retry_at } => {
                     self.actions.push_back(Action::Close { conn });
+                    // PUBs held for a batch were never sent: they fail with the cause rather
+                    // than wait for a connection nobody may ask for again.
+                    for (_, tx, _) in std::mem::take(&mut self.batch) {
+                        let result = Err(PublishError::NotConnected(error.clone()));
+                        self.events.push_back(ProducerEvent::Published { tx, result });
+                    }
                     let event = match retry_at {
                         Some(retry_at) if !was_ready => ProducerEvent::ConnectFailed { conn, error, retry_at },
                         _ => ProducerEvent::Disconnected(conn, error),
