@@ -169,6 +169,7 @@ impl Consumer {
             addr: addr.to_owned(),
             local_addr: self.config.local_addr,
             timeout: self.config.dial_timeout,
+            write_timeout: self.config.write_timeout,
         });
     }
 

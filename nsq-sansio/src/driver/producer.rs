@@ -207,10 +207,10 @@ impl<R: Runtime> Producer<R> {
         config.validate()?;
         let addr = addr.into();
         let config = super::with_identity(config);
-        let mut state = ProducerState::new(addr.clone(), Arc::new(config.clone()), R::now());
+        let mut state = ProducerState::new(addr.clone(), Arc::new(config), R::now());
         state.set_auto_batch(max_batch);
         let span = tracing::debug_span!("nsq_producer", nsqd = %addr);
-        Ok(Self::spawn(addr, Machine::One(state), &config, span))
+        Ok(Self::spawn(addr, Machine::One(state), span))
     }
 
     /// A producer over several nsqds (`host:port` each), spread by `options.strategy`, with
@@ -236,14 +236,14 @@ impl<R: Runtime> Producer<R> {
         let addrs: Vec<String> = addrs.into_iter().map(Into::into).collect();
         let first = addrs.first().cloned().unwrap_or_default();
         let config = super::with_identity(config);
-        let state = ProducerPoolState::new(addrs.iter().cloned(), options, Arc::new(config.clone()), R::now());
+        let state = ProducerPoolState::new(addrs.iter().cloned(), options, Arc::new(config), R::now());
         let span = tracing::debug_span!("nsq_producer_pool", nsqds = %addrs.join(","));
-        Ok(Self::spawn(first, Machine::Pool(state), &config, span))
+        Ok(Self::spawn(first, Machine::Pool(state), span))
     }
 
-    fn spawn(addr: String, machine: Machine, config: &Config, span: tracing::Span) -> Self {
+    fn spawn(addr: String, machine: Machine, span: tracing::Span) -> Self {
         let (commands, rx) = mpsc::unbounded();
-        let engine = Engine::<R>::new(machine, config, rx);
+        let engine = Engine::<R>::new(machine, rx);
         let auth = engine.auth.clone();
         R::spawn(engine.run().instrument(span));
         Self { handle: Arc::new(Handle { addr, commands, auth }), _runtime: PhantomData }
@@ -367,11 +367,11 @@ struct Engine<R: Runtime> {
 }
 
 impl<R: Runtime> Engine<R> {
-    fn new(state: Machine, config: &Config, commands: mpsc::UnboundedReceiver<Command>) -> Self {
+    fn new(state: Machine, commands: mpsc::UnboundedReceiver<Command>) -> Self {
         Self {
             state,
             commands,
-            sockets: Sockets::new(config),
+            sockets: Sockets::new(),
             pending: HashMap::new(),
             connect_waiters: Vec::new(),
             pings: HashMap::new(),
