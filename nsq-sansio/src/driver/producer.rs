@@ -24,7 +24,7 @@ use crate::{
 /// Cheap to clone; clones share the connections, and concurrent publishes are pipelined (no
 /// lock is held across a round trip).
 ///
-/// A pool spreads publishes by its [`Strategy`], retries a publish whose connection broke on
+/// A pool spreads publishes by its [`Strategy`](crate::Strategy), retries a publish whose connection broke on
 /// another nsqd, and keeps every nsqd connected in the background; its failures are
 /// [`Error::Pool`], naming each nsqd tried. See [`ProducerPoolState`] for the delivery
 /// guarantee of each strategy.
@@ -251,7 +251,7 @@ impl<R: Runtime> Producer<R> {
 
     /// Connects now and waits for the handshake, instead of at the first publish; returns the
     /// error that prevented it (refused, unknown host, TLS, AUTH). A pool is connected when it
-    /// can publish by its strategy: every nsqd for [`Strategy::All`], any one otherwise; it
+    /// can publish by its strategy: every nsqd for [`Strategy::All`](crate::Strategy::All), any one otherwise; it
     /// fails when the nsqds that must be up failed their attempts, naming each.
     pub async fn connect(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
