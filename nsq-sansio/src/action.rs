@@ -42,7 +42,8 @@ pub enum Action {
     },
     /// Close `conn`'s socket once what is still pending for it is written: call
     /// `poll_transmit` (or `poll_transmit_for(conn)`) first, it may return the connection's
-    /// last bytes (final FINs, CLS, TLS close_notify). No more input is expected for it.
+    /// last bytes (final FINs, CLS, TLS close_notify). No more input is expected for it. A
+    /// socket still being dialled is dropped, and how its dial ends is not reported.
     Close {
         /// The connection to close.
         conn: ConnId,
