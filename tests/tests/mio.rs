@@ -12,7 +12,10 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nsq_sansio::{Config, ConnectionError, ProducerEvent, ProducerState, PublishError, Topic};
+use nsq_sansio::{
+    Channel, Config, ConnectionError, ConsumerEvent, ConsumerState, ProducerEvent, ProducerState, PublishError,
+    Response, Topic,
+};
 use nsq_tests::{FakeLookupd, FakeNsqd};
 
 use reactor::{Machine, Reactor};
@@ -73,6 +76,70 @@ fn the_example_publishes_consumes_through_lookupd_from_two_nsqds_and_stops() {
     for nsqd in &nsqds {
         eventually("nsqd still has a client after the loop returned", || nsqd.clients() == 0);
     }
+}
+
+/// The loop survives what the network does: nsqd drops the consumer's connection, the
+/// consumer asks lookupd again and redials, and what nsqd stores afterwards is consumed.
+#[test]
+fn a_dropped_connection_is_found_again_through_lookupd_and_redialled() {
+    let nsqds = Arc::new([FakeNsqd::start_default().unwrap(), FakeNsqd::start_default().unwrap()]);
+    let lookupd = FakeLookupd::start().unwrap();
+    for (n, nsqd) in nsqds.iter().enumerate() {
+        lookupd.register("redial", &nsqd.addr());
+        for i in 0..10 {
+            nsqd.publish("redial", format!("{n}-{i}").as_bytes());
+        }
+    }
+    let (lookupd_addr, fakes) = (lookupd.addr(), nsqds.clone());
+    let (consumed, connected) = within("consuming", move || {
+        let now = Instant::now();
+        let (topic, channel) = (Topic::new("redial").unwrap(), Channel::new("c").unwrap());
+        let mut config = round_trip::config().unwrap();
+        // A connection that did not stay up for 10 s is redialled at the next poll.
+        config.lookupd_poll_interval(Duration::from_millis(300)).unwrap();
+        let mut consumer = ConsumerState::new(topic, channel, Arc::new(config), now);
+        consumer.connect_to_nsqlookupd(&lookupd_addr, now).unwrap();
+        let mut reactor = Reactor::new().unwrap();
+        let (mut consumed, mut connected, mut dropped) = (BTreeSet::new(), Vec::new(), false);
+        loop {
+            let now = Instant::now();
+            while let Some(event) = consumer.poll_event() {
+                match event {
+                    ConsumerEvent::Message { conn, message } => {
+                        let answered = consumer.respond(conn, &message.id, message.attempts, Response::Finish, now);
+                        if answered.is_ok() {
+                            consumed.insert(String::from_utf8(message.body.to_vec()).unwrap());
+                        }
+                    }
+                    ConsumerEvent::Connected { addr, .. } => connected.push(addr),
+                    _ => {}
+                }
+            }
+            if consumed.len() == 20 && connected.len() == 2 && !dropped {
+                dropped = true;
+                // Everything stored so far is consumed: nsqd 0 drops its clients, then stores
+                // ten more that only a redialled connection can get.
+                fakes[0].kill_all();
+                for i in 10..20 {
+                    fakes[0].publish("redial", format!("0-{i}").as_bytes());
+                }
+            }
+            if consumed.len() == 30 {
+                consumer.stop(now);
+            }
+            if consumer.is_stopped() && reactor.is_idle() {
+                return (consumed, connected);
+            }
+            reactor.turn(&mut [&mut consumer as &mut dyn Machine]).unwrap();
+        }
+    });
+    let expected: BTreeSet<String> =
+        (0..20).map(|i| format!("0-{i}")).chain((0..10).map(|i| format!("1-{i}"))).collect();
+    assert_eq!(consumed, expected);
+    assert_eq!(connected.len(), 3, "{connected:?}");
+    assert_eq!(connected[2], nsqds[0].addr(), "the dropped nsqd is the one redialled");
+    assert_eq!(nsqds[0].stats().connections, 2);
+    assert!(lookupd.queries() >= 2, "the loss made the consumer ask lookupd again");
 }
 
 #[test]

@@ -21,7 +21,7 @@ pub(crate) struct RoundTrip {
     pub(crate) nsqds: Vec<String>,
     pub(crate) topic: String,
     pub(crate) channel: String,
-    /// Messages to publish, and to consume before stopping.
+    /// Messages to publish, and to consume (finish) before stopping.
     pub(crate) count: usize,
 }
 
@@ -81,8 +81,12 @@ impl RoundTrip {
                 match event {
                     ConsumerEvent::Message { conn, message } => {
                         on_message(&message);
-                        consumer.respond(conn, &message.id, message.attempts, Response::Finish, now)?;
-                        consumed += 1;
+                        match consumer.respond(conn, &message.id, message.attempts, Response::Finish, now) {
+                            Ok(()) => consumed += 1,
+                            // Its connection is gone (the event queued before it closed): nsqd
+                            // delivers the message again.
+                            Err(e) => eprintln!("message {}: {e}", message.id),
+                        }
                     }
                     // A long-running consumer would log these and let the core retry (a failed
                     // nsqd at the next poll, lookupd at the next interval); the example gives up.
