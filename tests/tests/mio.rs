@@ -142,6 +142,58 @@ fn a_dropped_connection_is_found_again_through_lookupd_and_redialled() {
     assert!(lookupd.queries() >= 2, "the loss made the consumer ask lookupd again");
 }
 
+/// Bodies far larger than a socket buffer: writes end part way and resume when the socket is
+/// writable again, and reads stop after a share per turn and resume on the next.
+#[test]
+fn large_messages_cross_partial_writes_and_capped_reads() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let addr = nsqd.addr();
+    let bodies: Vec<Vec<u8>> = (0..12u8).map(|i| vec![b'a' + i; 1_000_000]).collect();
+    let sent = bodies.clone();
+    let consumed = within("the large round trip", move || {
+        let now = Instant::now();
+        let mut config = round_trip::config().unwrap();
+        // 12 MB leave in one write: a generous deadline, this is no speed test.
+        config.write_timeout(Duration::from_secs(60)).unwrap();
+        let config = Arc::new(config);
+        let topic = Topic::new("large").unwrap();
+        let mut producer = ProducerState::new(addr.as_str(), config.clone(), now);
+        for body in &sent {
+            producer.publish(&topic, body.clone().into(), now).unwrap();
+        }
+        let mut consumer = ConsumerState::new(topic, Channel::new("c").unwrap(), config, now);
+        consumer.connect_to_nsqd(&addr, now).unwrap();
+        let mut reactor = Reactor::new().unwrap();
+        let mut consumed = Vec::new();
+        loop {
+            let now = Instant::now();
+            while let Some(event) = producer.poll_event() {
+                if let ProducerEvent::Published { result, .. } = event {
+                    result.unwrap();
+                }
+            }
+            while let Some(event) = consumer.poll_event() {
+                if let ConsumerEvent::Message { conn, message } = event {
+                    consumer.respond(conn, &message.id, message.attempts, Response::Finish, now).unwrap();
+                    consumed.push(message.body.to_vec());
+                }
+            }
+            if consumed.len() == sent.len() {
+                consumer.stop(now);
+                producer.stop(now);
+            }
+            if consumer.is_stopped() && producer.is_stopped() && reactor.is_idle() {
+                return consumed;
+            }
+            reactor.turn(&mut [&mut producer as &mut dyn Machine, &mut consumer]).unwrap();
+        }
+    });
+    let mut consumed = consumed;
+    consumed.sort();
+    assert_eq!(consumed, bodies);
+    assert_eq!(nsqd.stats().finished, 12);
+}
+
 #[test]
 fn a_refused_dial_fails_the_publish_with_the_operating_systems_cause() {
     let dead = nsq_tests::scenarios::dead_addr();

@@ -28,6 +28,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Reads per socket per turn; a socket with more waits for the next turn, so one busy (or
 /// flooding) peer cannot starve the other sockets and the timers.
 const READS_PER_TURN: usize = 16;
+/// Every socket is registered once for both, edge-triggered: an event comes when it becomes
+/// readable or writable, so reads and writes go on until the socket would block.
+const READ_WRITE: Interest = Interest::READABLE.add(Interest::WRITABLE);
 /// How long a closed connection may take to write its last bytes and see the peer's end of
 /// file before the socket is dropped anyway.
 const LINGER: Duration = Duration::from_secs(5);
@@ -260,9 +263,7 @@ impl Reactor {
             write_deadline: None,
             more_to_read: false,
         };
-        // Edge-triggered: an event comes when the socket becomes readable or writable.
-        if let Err(e) = self.poll.registry().register(&mut sock.stream, token, Interest::READABLE | Interest::WRITABLE)
-        {
+        if let Err(e) = self.poll.registry().register(&mut sock.stream, token, READ_WRITE) {
             return machine.handle_connect_failed(dial.conn, e, now);
         }
         self.sockets.insert(token, sock);
@@ -292,15 +293,19 @@ impl Reactor {
         let Some(sock) = self.sockets.get_mut(&token) else { return };
         let machine = &mut *machines[sock.machine];
         let conn = sock.conn;
-        match sock.phase {
-            Phase::Connecting { .. } => match sock.connected(hung_up) {
-                Ok(false) => {} // not yet: a spurious wake-up
+        if let Phase::Connecting { .. } = sock.phase {
+            match sock.connected(hung_up) {
+                Ok(false) => return, // not yet: a spurious wake-up
                 Ok(true) => {
                     sock.phase = Phase::Open;
                     machine.handle_connected(conn, now);
+                    // On to reading: this event's edge may already carry data.
                 }
-                Err(e) => self.redial(token, e, machine, now),
-            },
+                Err(e) => return self.redial(token, e, machine, now),
+            }
+        }
+        match sock.phase {
+            Phase::Connecting { .. } => {}
             Phase::Open => {
                 if let Err(e) = sock.flush() {
                     return machine.handle_io_error(conn, e, now);
@@ -331,7 +336,7 @@ impl Reactor {
                 Ok((mut stream, now_started)) => {
                     let registry = self.poll.registry();
                     let _ = registry.deregister(&mut sock.stream);
-                    match registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+                    match registry.register(&mut stream, token, READ_WRITE) {
                         Ok(()) => {
                             sock.stream = stream;
                             *started = now_started;
