@@ -88,8 +88,8 @@ impl RoundTrip {
                             Err(e) => eprintln!("message {}: {e}", message.id),
                         }
                     }
-                    // A long-running consumer would log these and let the core retry (a failed
-                    // nsqd at the next poll, lookupd at the next interval); the example gives up.
+                    // A long-running consumer would log this and let the core ask again at the
+                    // next poll; the example gives up. A failed nsqd is retried at the next poll.
                     ConsumerEvent::LookupdFailed { addr, error } => {
                         return Err(format!("lookupd {addr}: {error}").into())
                     }
