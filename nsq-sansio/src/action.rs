@@ -22,7 +22,8 @@ impl fmt::Display for ConnId {
 pub enum Action {
     /// Open a TCP connection to `addr` (`host:port`) with TCP_NODELAY, from `local_addr` when
     /// set, giving up after `timeout`. Report the outcome with `handle_connected` or
-    /// `handle_connect_failed`.
+    /// `handle_connect_failed`; once connected, fail a write that takes longer than
+    /// `write_timeout`.
     Connect {
         /// The connection this socket is for.
         conn: ConnId,
@@ -34,10 +35,15 @@ pub enum Action {
         /// How long the dial may take: `dial_timeout` for nsqd, `lookupd_poll_timeout` for a
         /// lookupd query. A dial that takes longer fails with [`std::io::ErrorKind::TimedOut`].
         timeout: Duration,
+        /// How long one write of what `poll_transmit` returned may take (`write_timeout`): a
+        /// write that has not finished by then is reported with `handle_io_error` as
+        /// [`std::io::ErrorKind::TimedOut`], as go-nsq's write deadline does.
+        write_timeout: Duration,
     },
     /// Close `conn`'s socket once what is still pending for it is written: call
     /// `poll_transmit` (or `poll_transmit_for(conn)`) first, it may return the connection's
-    /// last bytes (final FINs, CLS, TLS close_notify). No more input is expected for it.
+    /// last bytes (final FINs, CLS, TLS close_notify). No more input is expected for it. A
+    /// socket still being dialled is dropped, and how its dial ends is not reported.
     Close {
         /// The connection to close.
         conn: ConnId,

@@ -28,11 +28,6 @@
 //! and consumer only), `poll_event` (what the application should know), and finally
 //! `poll_timeout` (when to call `handle_timeout` next). Time is always an argument.
 //!
-//! A consumer's lookupd queries are connections like its nsqd ones: [`Action::Connect`] to
-//! the lookupd, the HTTP request out of `poll_transmit_for`, the response into `handle_input`
-//! and `handle_eof`, then [`Action::Close`]. HTTP, TLS for `https://` lookupds and JSON happen
-//! in the core, so an event loop that can drive an nsqd socket drives lookupd the same way.
-//!
 //! ```
 //! use std::sync::Arc;
 //! use std::time::Instant;
@@ -61,6 +56,84 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! `examples/blocking.rs` runs this loop over a blocking `std::net::TcpStream` in under 150
+//! lines: connect, then repeat: write everything `poll_transmit` returns, hand every
+//! `poll_event` to the application, and block on a read with the socket timeout set to
+//! `poll_timeout`; feed what was read to `handle_input`, end of file to `handle_eof`, and a
+//! timed-out read to `handle_timeout`.
+//!
+//! # Driving a producer or consumer
+//!
+//! [`ProducerState`], [`ProducerPoolState`] and [`ConsumerState`] own several connections,
+//! each named by a [`ConnId`]: one per nsqd, and one per lookupd query. They decide which
+//! sockets exist; the event loop opens and closes sockets when told, and every input and
+//! output names its connection.
+//!
+//! | the state machine says | the event loop does | and answers |
+//! |---|---|---|
+//! | [`Action::Connect`] `{ conn, addr, local_addr, timeout, write_timeout }` | resolves `addr` (`host:port`), binds to `local_addr` when set, connects with TCP_NODELAY, within `timeout` | `handle_connected(conn)`, or `handle_connect_failed(conn, error)` with the `std::io::Error` ([`TimedOut`](std::io::ErrorKind::TimedOut) past `timeout`) |
+//! | `poll_transmit_for(conn)` returns bytes | writes them all, keeping what a partial write left, and asks again only once they are written: what queued meanwhile then leaves as one write | `handle_io_error(conn, error)` if writing fails, or has not finished after `write_timeout` ([`TimedOut`](std::io::ErrorKind::TimedOut)) |
+//! | nothing: the socket is readable | reads | `handle_input(conn, bytes)`; at end of file `handle_eof(conn)`; if reading fails `handle_io_error(conn, error)` |
+//! | [`Action::Close`] `{ conn }` | writes what `poll_transmit_for(conn)` still returns (the last FINs, CLS, TLS close_notify), shuts the socket down and drops it; a socket still being dialled is just dropped | nothing: no more input for `conn` |
+//! | `poll_timeout` returns a time | wakes up no later than that | `handle_timeout(now)` |
+//!
+//! The order, each time round the loop:
+//!
+//! 1. Carry out every `poll_action`, then write `poll_transmit_for` for each connected socket
+//!    whose last write finished; again until neither gives anything (closing, or a failed
+//!    write reported, can make the machine decide more).
+//! 2. Hand every `poll_event` to the application. Its answers (`respond`, `publish`, `stop`)
+//!    queue output for step 1.
+//! 3. Sleep until a socket is ready, `poll_timeout` passes, or one of the loop's own dial or
+//!    write deadlines does.
+//! 4. Feed back what happened with the `handle_*` calls, and `handle_timeout` once
+//!    `poll_timeout` passed (calling it early does nothing).
+//!
+//! `stop` ends with [`ConsumerEvent::Stopped`] or [`ProducerEvent::Stopped`], which comes
+//! with the [`Action::Close`]s of the last connections: carry those out too, and leave the
+//! loop once every socket is closed. Connection ids are per state machine (each one starts at
+//! `ConnId(0)`), so a loop that drives several keys its sockets by machine and connection.
+//!
+//! A lookupd query (a consumer's, or a pool's) is driven exactly like an nsqd connection:
+//! [`Action::Connect`] to the lookupd, the HTTP request out of `poll_transmit_for`, the
+//! response into `handle_input` and `handle_eof`, then [`Action::Close`]. HTTP, TLS for
+//! `https://` lookupds and JSON happen in the core, so the loop need not know which is which.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Instant;
+//! use bytes::BytesMut;
+//! use nsq_sansio::{Action, Config, ProducerEvent, ProducerState, Topic};
+//!
+//! let now = Instant::now();
+//! let mut producer = ProducerState::new("127.0.0.1:4150", Arc::new(Config::new()), now);
+//! let tx = producer.publish(&Topic::new("events")?, "hello".into(), now)?;
+//!
+//! // Publishing dials: open the socket asked for and say how it went.
+//! let Some(Action::Connect { conn, addr, .. }) = producer.poll_action() else { panic!() };
+//! assert_eq!(addr, "127.0.0.1:4150");
+//! producer.handle_connected(conn, now);
+//!
+//! // Write what the connection has: the handshake first, the PUB once nsqd accepted it.
+//! assert!(producer.poll_transmit_for(conn).unwrap().starts_with(b"  V2IDENTIFY\n"));
+//! producer.handle_input(conn, now, BytesMut::from(&b"\0\0\0\x06\0\0\0\0OK"[..]));
+//! assert!(producer.poll_transmit_for(conn).unwrap().starts_with(b"PUB events\n"));
+//! producer.handle_input(conn, now, BytesMut::from(&b"\0\0\0\x06\0\0\0\0OK"[..]));
+//! assert!(matches!(producer.poll_event(), Some(ProducerEvent::Connected(c)) if c == conn));
+//! assert!(matches!(producer.poll_event(), Some(ProducerEvent::Published { tx: t, result: Ok(()) }) if t == tx));
+//!
+//! // Stopping closes the connection; the loop closes the socket.
+//! producer.stop(now);
+//! assert_eq!(producer.poll_action(), Some(Action::Close { conn }));
+//! assert!(producer.poll_transmit_for(conn).is_none(), "a producer has no last words");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! `examples/mio/` is this loop on one mio `Poll`: a [`ConsumerState`] that finds its nsqds
+//! through nsqlookupd and a [`ProducerState`] per nsqd, side by side on one thread.
+//! `reactor.rs` carries out the actions for any number of state machines (dial timeout,
+//! partial writes, write timeout, closing); `round_trip.rs` is the application.
+//!
 //! # Failures
 //!
 //! What nsqd or the network did arrives as an event carrying its cause: a connection ends with
@@ -70,12 +143,6 @@
 //! stored) or not ([`PublishError::NotConnected`]). What the caller did wrong is an `Err` from
 //! the call. The producer and consumer state machines decide every retry, each with a delay, a
 //! cap and jitter: their docs give the exact schedules.
-//!
-//! `examples/blocking.rs` runs this loop over a blocking `std::net::TcpStream` in under 150
-//! lines: connect, then repeat: write everything `poll_transmit` returns, hand every
-//! `poll_event` to the application, and block on a read with the socket timeout set to
-//! `poll_timeout`; feed what was read to `handle_input`, end of file to `handle_eof`, and a
-//! timed-out read to `handle_timeout`.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -46,7 +46,7 @@ impl World {
     fn drain(&mut self) {
         while let Some(action) = self.consumer.poll_action() {
             match action {
-                Action::Connect { conn, addr, local_addr, timeout } => {
+                Action::Connect { conn, addr, local_addr, timeout, .. } => {
                     self.connects.push((conn, addr, timeout, local_addr.is_some()))
                 }
                 Action::Close { conn } => self.closed.push(conn),

@@ -176,6 +176,7 @@ impl Consumer {
             addr: addr.to_owned(),
             local_addr: self.config.local_addr,
             timeout: self.config.dial_timeout,
+            write_timeout: self.config.write_timeout,
         });
     }
 

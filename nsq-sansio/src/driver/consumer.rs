@@ -104,8 +104,8 @@ impl<R: Runtime> Consumer<R> {
         let (commands, commands_rx) = mpsc::unbounded();
         let (messages_tx, messages_rx) = mpsc::unbounded();
         let failed: Arc<Mutex<Option<FailedHook>>> = Arc::new(Mutex::new(None));
-        let state = ConsumerState::new(topic.clone(), channel.clone(), Arc::new(config.clone()), R::now());
-        let engine = Engine::<R>::new(state, config, commands_rx, messages_tx, failed.clone());
+        let state = ConsumerState::new(topic.clone(), channel.clone(), Arc::new(config), R::now());
+        let engine = Engine::<R>::new(state, commands_rx, messages_tx, failed.clone());
         let auth = engine.auth.clone();
         let span = tracing::debug_span!("nsq_consumer", %topic, %channel);
         R::spawn(engine.run().instrument(span));
@@ -367,7 +367,6 @@ impl<R: Runtime> Drop for Engine<R> {
 impl<R: Runtime> Engine<R> {
     fn new(
         state: ConsumerState,
-        config: Config,
         commands: mpsc::UnboundedReceiver<Command>,
         messages: mpsc::UnboundedSender<Message>,
         failed: Arc<Mutex<Option<FailedHook>>>,
@@ -378,7 +377,7 @@ impl<R: Runtime> Engine<R> {
             answers: Arc::default(),
             alive: HashMap::new(),
             answer_batch: Vec::new(),
-            sockets: Sockets::new(&config),
+            sockets: Sockets::new(),
             messages: Some(messages),
             failed,
             auth: AuthAnswers::default(),

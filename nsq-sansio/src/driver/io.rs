@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use tracing::{debug, trace, Instrument};
 
 use super::{with_timeout, Runtime};
-use crate::{Action, Config, ConnId, ConsumerState, SocketError};
+use crate::{Action, ConnId, ConsumerState, SocketError};
 
 /// Read buffer growth per read: large enough to drain a busy socket in few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
@@ -197,7 +197,6 @@ machine!(ConsumerState);
 
 /// An engine's sockets: dials, writers, and the reports coming back from their tasks.
 pub(crate) struct Sockets<R: Runtime> {
-    write_timeout: Duration,
     reports: Reports,
     events: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
     writers: HashMap<ConnId, Writer>,
@@ -209,11 +208,10 @@ pub(crate) struct Sockets<R: Runtime> {
 }
 
 impl<R: Runtime> Sockets<R> {
-    pub(crate) fn new(config: &Config) -> Self {
+    pub(crate) fn new() -> Self {
         let (control, control_rx) = mpsc::unbounded();
         let (reads, reads_rx) = mpsc::channel(16);
         Self {
-            write_timeout: config.write_timeout,
             reports: Reports { control, reads },
             events: futures_util::stream::select(control_rx, reads_rx),
             writers: HashMap::new(),
@@ -282,18 +280,10 @@ impl<R: Runtime> Sockets<R> {
         while let Some(action) = machine.poll_action() {
             progress = true;
             match action {
-                Action::Connect { conn, addr, local_addr, timeout } => {
+                Action::Connect { conn, addr, local_addr, timeout, write_timeout } => {
                     self.addrs.insert(conn, addr.as_str().into());
                     let span = tracing::debug_span!("socket", %addr, %conn);
-                    spawn_connection::<R>(
-                        conn,
-                        addr,
-                        local_addr,
-                        timeout,
-                        self.write_timeout,
-                        self.reports.clone(),
-                        span,
-                    );
+                    spawn_connection::<R>(conn, addr, local_addr, timeout, write_timeout, self.reports.clone(), span);
                 }
                 Action::Close { conn } => {
                     self.addrs.remove(&conn);

@@ -24,7 +24,7 @@ use crate::{
 /// Cheap to clone; clones share the connections, and concurrent publishes are pipelined (no
 /// lock is held across a round trip).
 ///
-/// A pool spreads publishes by its [`Strategy`], retries a publish whose connection broke on
+/// A pool spreads publishes by its [`Strategy`](crate::Strategy), retries a publish whose connection broke on
 /// another nsqd, and keeps every nsqd connected in the background; its failures are
 /// [`Error::Pool`], naming each nsqd tried. See [`ProducerPoolState`] for the delivery
 /// guarantee of each strategy.
@@ -207,10 +207,10 @@ impl<R: Runtime> Producer<R> {
         config.validate()?;
         let addr = addr.into();
         let config = super::with_identity(config);
-        let mut state = ProducerState::new(addr.clone(), Arc::new(config.clone()), R::now());
+        let mut state = ProducerState::new(addr.clone(), Arc::new(config), R::now());
         state.set_auto_batch(max_batch);
         let span = tracing::debug_span!("nsq_producer", nsqd = %addr);
-        Ok(Self::spawn(addr, Machine::One(state), &config, span))
+        Ok(Self::spawn(addr, Machine::One(state), span))
     }
 
     /// A producer over several nsqds (`host:port` each), spread by `options.strategy`, with
@@ -236,14 +236,14 @@ impl<R: Runtime> Producer<R> {
         let addrs: Vec<String> = addrs.into_iter().map(Into::into).collect();
         let first = addrs.first().cloned().unwrap_or_default();
         let config = super::with_identity(config);
-        let state = ProducerPoolState::new(addrs.iter().cloned(), options, Arc::new(config.clone()), R::now());
+        let state = ProducerPoolState::new(addrs.iter().cloned(), options, Arc::new(config), R::now());
         let span = tracing::debug_span!("nsq_producer_pool", nsqds = %addrs.join(","));
-        Ok(Self::spawn(first, Machine::Pool(state), &config, span))
+        Ok(Self::spawn(first, Machine::Pool(state), span))
     }
 
-    fn spawn(addr: String, machine: Machine, config: &Config, span: tracing::Span) -> Self {
+    fn spawn(addr: String, machine: Machine, span: tracing::Span) -> Self {
         let (commands, rx) = mpsc::unbounded();
-        let engine = Engine::<R>::new(machine, config, rx);
+        let engine = Engine::<R>::new(machine, rx);
         let auth = engine.auth.clone();
         R::spawn(engine.run().instrument(span));
         Self { handle: Arc::new(Handle { addr, commands, auth }), _runtime: PhantomData }
@@ -251,7 +251,7 @@ impl<R: Runtime> Producer<R> {
 
     /// Connects now and waits for the handshake, instead of at the first publish; returns the
     /// error that prevented it (refused, unknown host, TLS, AUTH). A pool is connected when it
-    /// can publish by its strategy: every nsqd for [`Strategy::All`], any one otherwise; it
+    /// can publish by its strategy: every nsqd for [`Strategy::All`](crate::Strategy::All), any one otherwise; it
     /// fails when the nsqds that must be up failed their attempts, naming each.
     pub async fn connect(&self) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
@@ -367,11 +367,11 @@ struct Engine<R: Runtime> {
 }
 
 impl<R: Runtime> Engine<R> {
-    fn new(state: Machine, config: &Config, commands: mpsc::UnboundedReceiver<Command>) -> Self {
+    fn new(state: Machine, commands: mpsc::UnboundedReceiver<Command>) -> Self {
         Self {
             state,
             commands,
-            sockets: Sockets::new(config),
+            sockets: Sockets::new(),
             pending: HashMap::new(),
             connect_waiters: Vec::new(),
             pings: HashMap::new(),

@@ -277,6 +277,7 @@ impl Poller {
             addr: addr.host_port().to_owned(),
             local_addr: None,
             timeout: config.lookupd_poll_timeout,
+            write_timeout: config.write_timeout,
         });
         let expires = deadline(owner.now, config.lookupd_poll_timeout);
         self.pending.push(Pending { conn, addr, kind, attempt, expires, exchange, connected: false });

@@ -411,6 +411,7 @@ impl ProducerState {
             addr: self.link.addr().to_owned(),
             local_addr: self.config.local_addr,
             timeout: self.config.dial_timeout,
+            write_timeout: self.config.write_timeout,
         });
     }
 

@@ -793,6 +793,7 @@ impl ProducerPoolState {
                 addr: m.link.addr().to_owned(),
                 local_addr: self.config.local_addr,
                 timeout: self.config.dial_timeout,
+                write_timeout: self.config.write_timeout,
             });
         }
     }
