@@ -3,7 +3,11 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::SocketError;
 
 /// Identifies one connection of a producer or consumer: to an nsqd, or a consumer's lookupd
 /// query. Never reused.
@@ -49,3 +53,72 @@ pub enum Action {
         conn: ConnId,
     },
 }
+
+/// The I/O side every producer and consumer state machine ([`ConsumerState`],
+/// [`ProducerState`], [`ProducerPoolState`]) shares, so one event loop can drive any of them,
+/// several side by side: carry out [`poll_action`](Self::poll_action), write what
+/// [`poll_transmit_for`](Self::poll_transmit_for) returns, feed back what the sockets did, and
+/// sleep until [`poll_timeout`](Self::poll_timeout). Each method is the state machine's inherent
+/// method of the same name; the events, which differ per machine, are drained with its own
+/// `poll_event`.
+///
+/// [`ConsumerState`]: crate::ConsumerState
+/// [`ProducerState`]: crate::ProducerState
+/// [`ProducerPoolState`]: crate::ProducerPoolState
+pub trait Machine {
+    /// The socket of `conn` connected.
+    fn handle_connected(&mut self, conn: ConnId, now: Instant);
+    /// The socket of `conn` could not be connected (a `std::io::Error` converts with `.into()`).
+    fn handle_connect_failed(&mut self, conn: ConnId, error: SocketError, now: Instant);
+    /// Bytes read from `conn`'s socket.
+    fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut);
+    /// `conn`'s socket reached end of file.
+    fn handle_eof(&mut self, conn: ConnId, now: Instant);
+    /// Reading or writing `conn`'s socket failed.
+    fn handle_io_error(&mut self, conn: ConnId, error: SocketError, now: Instant);
+    /// Lets timers fire.
+    fn handle_timeout(&mut self, now: Instant);
+    /// The next I/O to carry out.
+    fn poll_action(&mut self) -> Option<Action>;
+    /// Bytes to write to `conn`'s socket.
+    fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes>;
+    /// When to call [`handle_timeout`](Self::handle_timeout) next.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
+
+/// Implements [`Machine`] by calling the inherent methods of the same names.
+macro_rules! machine {
+    ($($ty:ty),*) => {$(
+        impl Machine for $ty {
+            fn handle_connected(&mut self, conn: ConnId, now: Instant) {
+                self.handle_connected(conn, now)
+            }
+            fn handle_connect_failed(&mut self, conn: ConnId, error: SocketError, now: Instant) {
+                self.handle_connect_failed(conn, error, now)
+            }
+            fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
+                self.handle_input(conn, now, data)
+            }
+            fn handle_eof(&mut self, conn: ConnId, now: Instant) {
+                self.handle_eof(conn, now)
+            }
+            fn handle_io_error(&mut self, conn: ConnId, error: SocketError, now: Instant) {
+                self.handle_io_error(conn, error, now)
+            }
+            fn handle_timeout(&mut self, now: Instant) {
+                self.handle_timeout(now)
+            }
+            fn poll_action(&mut self) -> Option<Action> {
+                self.poll_action()
+            }
+            fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
+                self.poll_transmit_for(conn)
+            }
+            fn poll_timeout(&self) -> Option<Instant> {
+                self.poll_timeout()
+            }
+        }
+    )*};
+}
+
+machine!(crate::ConsumerState, crate::ProducerState, crate::ProducerPoolState);

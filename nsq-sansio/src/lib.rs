@@ -94,6 +94,10 @@
 //! loop once every socket is closed. Connection ids are per state machine (each one starts at
 //! `ConnId(0)`), so a loop that drives several keys its sockets by machine and connection.
 //!
+//! All three implement [`Machine`], the I/O half in one trait, so a loop can be written once
+//! for any of them (and drive several: `Vec<Box<dyn Machine>>`); their events, which differ,
+//! are drained with each one's own `poll_event`. `examples/mio/` is such a loop.
+//!
 //! A lookupd query (a consumer's, or a pool's) is driven exactly like an nsqd connection:
 //! [`Action::Connect`] to the lookupd, the HTTP request out of `poll_transmit_for`, the
 //! response into `handle_input` and `handle_eof`, then [`Action::Close`]. HTTP, TLS for
@@ -163,7 +167,7 @@ mod rng;
 mod timer;
 mod transport;
 
-pub use action::{Action, ConnId};
+pub use action::{Action, ConnId, Machine};
 pub use config::{BackoffStrategy, Config, ConfigError, MAX_MSG_SIZE_LIMIT, MESSAGE_FRAME_OVERHEAD};
 pub use connection::{
     AuthResponse, ConnectionState, ConnectionStats, Event, Phase, PublishId, DEFAULT_MAX_DEFER, DEFAULT_MAX_MSG_SIZE,

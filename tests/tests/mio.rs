@@ -18,7 +18,8 @@ use nsq_sansio::{
 };
 use nsq_tests::{FakeLookupd, FakeNsqd};
 
-use reactor::{Machine, Reactor};
+use nsq_sansio::Machine;
+use reactor::Reactor;
 use round_trip::RoundTrip;
 
 /// Runs `f` on its own thread; a hang fails the test instead of stalling the suite.

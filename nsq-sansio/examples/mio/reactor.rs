@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
-use nsq_sansio::{Action, ConnId, ConsumerState, ProducerPoolState, ProducerState};
+use nsq_sansio::{Action, ConnId, Machine};
 
 /// The most one `read` call takes.
 const READ_CHUNK: usize = 64 * 1024;
@@ -34,56 +34,6 @@ const READ_WRITE: Interest = Interest::READABLE.add(Interest::WRITABLE);
 /// How long a closed connection may take to write its last bytes and see the peer's end of
 /// file before the socket is dropped anyway.
 const LINGER: Duration = Duration::from_secs(5);
-
-/// The I/O side of `ConsumerState`, `ProducerState` and `ProducerPoolState`: their inherent
-/// methods of the same names. The trait only lets one reactor drive several side by side.
-pub(crate) trait Machine {
-    fn handle_connected(&mut self, conn: ConnId, now: Instant);
-    fn handle_connect_failed(&mut self, conn: ConnId, error: io::Error, now: Instant);
-    fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut);
-    fn handle_eof(&mut self, conn: ConnId, now: Instant);
-    fn handle_io_error(&mut self, conn: ConnId, error: io::Error, now: Instant);
-    fn handle_timeout(&mut self, now: Instant);
-    fn poll_action(&mut self) -> Option<Action>;
-    fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes>;
-    fn poll_timeout(&self) -> Option<Instant>;
-}
-
-macro_rules! machine {
-    ($($ty:ty),*) => {$(
-        impl Machine for $ty {
-            fn handle_connected(&mut self, conn: ConnId, now: Instant) {
-                self.handle_connected(conn, now)
-            }
-            fn handle_connect_failed(&mut self, conn: ConnId, error: io::Error, now: Instant) {
-                self.handle_connect_failed(conn, error, now)
-            }
-            fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
-                self.handle_input(conn, now, data)
-            }
-            fn handle_eof(&mut self, conn: ConnId, now: Instant) {
-                self.handle_eof(conn, now)
-            }
-            fn handle_io_error(&mut self, conn: ConnId, error: io::Error, now: Instant) {
-                self.handle_io_error(conn, error, now)
-            }
-            fn handle_timeout(&mut self, now: Instant) {
-                self.handle_timeout(now)
-            }
-            fn poll_action(&mut self) -> Option<Action> {
-                self.poll_action()
-            }
-            fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
-                self.poll_transmit_for(conn)
-            }
-            fn poll_timeout(&self) -> Option<Instant> {
-                self.poll_timeout()
-            }
-        }
-    )*};
-}
-
-machine!(ConsumerState, ProducerState, ProducerPoolState);
 
 /// Sockets for the connections of several machines, on one mio `Poll`. Each turn takes the
 /// machines as a slice, the same ones in the same order every time: a socket belongs to a
@@ -223,7 +173,7 @@ impl Reactor {
                 sock.out = bytes;
                 sock.write_deadline = now.checked_add(sock.write_timeout);
                 if let Err(e) = sock.flush() {
-                    machine.handle_io_error(sock.conn, e, now);
+                    machine.handle_io_error(sock.conn, e.into(), now);
                 }
             }
             if !progress {
@@ -239,11 +189,11 @@ impl Reactor {
         let mut addrs: Vec<SocketAddr> = match addr.to_socket_addrs() {
             // Bound to a local address, only the addresses of its family can be reached.
             Ok(addrs) => addrs.filter(|a| dial.local.is_none_or(|l| l.is_ipv4() == a.is_ipv4())).collect(),
-            Err(e) => return machine.handle_connect_failed(dial.conn, e, now),
+            Err(e) => return machine.handle_connect_failed(dial.conn, e.into(), now),
         };
         let (stream, started) = match start_dial(&mut addrs, dial.local) {
             Ok(dialled) => dialled,
-            Err(e) => return machine.handle_connect_failed(dial.conn, e, now),
+            Err(e) => return machine.handle_connect_failed(dial.conn, e.into(), now),
         };
         let token = Token(self.next_token);
         self.next_token += 1;
@@ -264,7 +214,7 @@ impl Reactor {
             more_to_read: false,
         };
         if let Err(e) = self.poll.registry().register(&mut sock.stream, token, READ_WRITE) {
-            return machine.handle_connect_failed(dial.conn, e, now);
+            return machine.handle_connect_failed(dial.conn, e.into(), now);
         }
         self.sockets.insert(token, sock);
         self.tokens.insert((index, dial.conn), token);
@@ -308,12 +258,12 @@ impl Reactor {
             Phase::Connecting { .. } => {}
             Phase::Open => {
                 if let Err(e) = sock.flush() {
-                    return machine.handle_io_error(conn, e, now);
+                    return machine.handle_io_error(conn, e.into(), now);
                 }
                 sock.read(&mut self.read_buf, |read| match read {
                     Ok(Some(data)) => machine.handle_input(conn, now, data),
                     Ok(None) => machine.handle_eof(conn, now),
-                    Err(e) => machine.handle_io_error(conn, e, now),
+                    Err(e) => machine.handle_io_error(conn, e.into(), now),
                 });
             }
             Phase::Closing { .. } => {
@@ -349,7 +299,7 @@ impl Reactor {
             }
         };
         self.remove(token);
-        machine.handle_connect_failed(conn, error, now);
+        machine.handle_connect_failed(conn, error.into(), now);
     }
 
     /// The reactor's own deadlines: dial timeouts, write timeouts, lingering closes.
@@ -364,12 +314,12 @@ impl Reactor {
                 Phase::Connecting { timeout, .. } => {
                     self.remove(token);
                     let error = io::Error::new(ErrorKind::TimedOut, format!("timed out after {timeout:?}"));
-                    machine.handle_connect_failed(conn, error, now);
+                    machine.handle_connect_failed(conn, error.into(), now);
                 }
                 Phase::Open => {
                     sock.write_deadline = None;
                     let message = format!("write timed out after {:?}", sock.write_timeout);
-                    machine.handle_io_error(conn, io::Error::new(ErrorKind::TimedOut, message), now);
+                    machine.handle_io_error(conn, io::Error::new(ErrorKind::TimedOut, message).into(), now);
                 }
                 Phase::Closing { .. } => self.remove(token),
             }

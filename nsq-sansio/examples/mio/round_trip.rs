@@ -11,7 +11,9 @@ use nsq_sansio::{
     Channel, Config, ConsumerEvent, ConsumerState, Message, ProducerEvent, ProducerState, Response, Topic,
 };
 
-use crate::reactor::{Machine, Reactor};
+use nsq_sansio::Machine;
+
+use crate::reactor::Reactor;
 
 /// What to do.
 pub(crate) struct RoundTrip {

@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use tracing::{debug, trace, Instrument};
 
 use super::{with_timeout, Runtime};
-use crate::{Action, ConnId, ConsumerState, SocketError};
+use crate::{Action, ConnId, Machine, SocketError};
 
 /// Read buffer growth per read: large enough to drain a busy socket in few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
@@ -151,49 +151,6 @@ pub(crate) fn spawn_connection<R: Runtime>(
     };
     R::spawn(task.instrument(span));
 }
-
-/// What the engines need of a state machine to carry out its I/O.
-pub(crate) trait Machine {
-    fn handle_connected(&mut self, conn: ConnId, now: Instant);
-    fn handle_connect_failed(&mut self, conn: ConnId, error: SocketError, now: Instant);
-    fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut);
-    fn handle_eof(&mut self, conn: ConnId, now: Instant);
-    fn handle_io_error(&mut self, conn: ConnId, error: SocketError, now: Instant);
-    fn poll_action(&mut self) -> Option<Action>;
-    fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes>;
-}
-
-/// Implements [`Machine`] by calling the state machine's inherent methods of the same names.
-macro_rules! machine {
-    ($ty:ty $(, $extra:item)*) => {
-        impl Machine for $ty {
-            fn handle_connected(&mut self, conn: ConnId, now: Instant) {
-                self.handle_connected(conn, now)
-            }
-            fn handle_connect_failed(&mut self, conn: ConnId, error: SocketError, now: Instant) {
-                self.handle_connect_failed(conn, error, now)
-            }
-            fn handle_io_error(&mut self, conn: ConnId, error: SocketError, now: Instant) {
-                self.handle_io_error(conn, error, now)
-            }
-            fn handle_input(&mut self, conn: ConnId, now: Instant, data: BytesMut) {
-                self.handle_input(conn, now, data)
-            }
-            fn handle_eof(&mut self, conn: ConnId, now: Instant) {
-                self.handle_eof(conn, now)
-            }
-            fn poll_action(&mut self) -> Option<Action> {
-                self.poll_action()
-            }
-            fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
-                self.poll_transmit_for(conn)
-            }
-            $($extra)*
-        }
-    };
-}
-
-machine!(ConsumerState);
 
 /// An engine's sockets: dials, writers, and the reports coming back from their tasks.
 pub(crate) struct Sockets<R: Runtime> {

@@ -16,7 +16,7 @@ use tracing::{debug, Instrument};
 use super::io::{IoEvent, Sockets};
 use super::{Error, Runtime};
 use crate::{
-    Action, AuthResponse, CommandError, Config, ConnId, ConnectionError, NsqdStats, PoolEvent, PoolOptions,
+    Action, AuthResponse, CommandError, Config, ConnId, ConnectionError, Machine, NsqdStats, PoolEvent, PoolOptions,
     ProducerEvent, ProducerPoolState, ProducerState, SocketError, Topic, TxId,
 };
 
@@ -68,7 +68,7 @@ struct Handle {
 #[derive(Debug)]
 // One per engine task, moved once: its size does not matter.
 #[allow(clippy::large_enum_variant)]
-enum Machine {
+enum Publisher {
     One(ProducerState),
     Pool(ProducerPoolState),
 }
@@ -77,13 +77,13 @@ enum Machine {
 macro_rules! either {
     ($self:ident.$method:ident($($arg:expr),*)) => {
         match $self {
-            Machine::One(m) => m.$method($($arg),*),
-            Machine::Pool(m) => m.$method($($arg),*),
+            Publisher::One(m) => m.$method($($arg),*),
+            Publisher::Pool(m) => m.$method($($arg),*),
         }
     };
 }
 
-impl super::io::Machine for Machine {
+impl Machine for Publisher {
     fn handle_connected(&mut self, conn: ConnId, now: Instant) {
         either!(self.handle_connected(conn, now))
     }
@@ -105,6 +105,12 @@ impl super::io::Machine for Machine {
     fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
         either!(self.poll_transmit_for(conn))
     }
+    fn handle_timeout(&mut self, now: Instant) {
+        either!(self.handle_timeout(now))
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        either!(self.poll_timeout())
+    }
 }
 
 /// What the engine does with an event.
@@ -121,7 +127,7 @@ enum Outcome {
     Quiet,
 }
 
-impl Machine {
+impl Publisher {
     fn publish(&mut self, publish: Publish, now: Instant) -> Result<TxId, CommandError> {
         match publish {
             Publish::One(topic, body) => either!(self.publish(&topic, body, now)),
@@ -157,10 +163,6 @@ impl Machine {
 
     fn is_stopped(&self) -> bool {
         either!(self.is_stopped())
-    }
-
-    fn poll_timeout(&self) -> Option<Instant> {
-        either!(self.poll_timeout())
     }
 
     fn stats(&self) -> Vec<NsqdStats> {
@@ -210,7 +212,7 @@ impl<R: Runtime> Producer<R> {
         let mut state = ProducerState::new(addr.clone(), Arc::new(config), R::now());
         state.set_auto_batch(max_batch);
         let span = tracing::debug_span!("nsq_producer", nsqd = %addr);
-        Ok(Self::spawn(addr, Machine::One(state), span))
+        Ok(Self::spawn(addr, Publisher::One(state), span))
     }
 
     /// A producer over several nsqds (`host:port` each), spread by `options.strategy`, with
@@ -238,10 +240,10 @@ impl<R: Runtime> Producer<R> {
         let config = super::with_identity(config);
         let state = ProducerPoolState::new(addrs.iter().cloned(), options, Arc::new(config), R::now());
         let span = tracing::debug_span!("nsq_producer_pool", nsqds = %addrs.join(","));
-        Ok(Self::spawn(first, Machine::Pool(state), span))
+        Ok(Self::spawn(first, Publisher::Pool(state), span))
     }
 
-    fn spawn(addr: String, machine: Machine, span: tracing::Span) -> Self {
+    fn spawn(addr: String, machine: Publisher, span: tracing::Span) -> Self {
         let (commands, rx) = mpsc::unbounded();
         let engine = Engine::<R>::new(machine, rx);
         let auth = engine.auth.clone();
@@ -353,7 +355,7 @@ enum Input {
 }
 
 struct Engine<R: Runtime> {
-    state: Machine,
+    state: Publisher,
     commands: mpsc::UnboundedReceiver<Command>,
     sockets: Sockets<R>,
     pending: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
@@ -367,7 +369,7 @@ struct Engine<R: Runtime> {
 }
 
 impl<R: Runtime> Engine<R> {
-    fn new(state: Machine, commands: mpsc::UnboundedReceiver<Command>) -> Self {
+    fn new(state: Publisher, commands: mpsc::UnboundedReceiver<Command>) -> Self {
         Self {
             state,
             commands,
@@ -456,7 +458,7 @@ impl<R: Runtime> Engine<R> {
                 }
             },
             Input::Command(Command::Ping(reply)) => match state {
-                Machine::One(m) => match m.ping(now) {
+                Publisher::One(m) => match m.ping(now) {
                     Ok(tx) => {
                         self.pings.insert(tx, reply);
                     }
@@ -464,10 +466,10 @@ impl<R: Runtime> Engine<R> {
                         let _ = reply.send(Err(e.into()));
                     }
                 },
-                Machine::Pool(_) => self.handle(Input::Command(Command::Connect(reply)), now),
+                Publisher::Pool(_) => self.handle(Input::Command(Command::Connect(reply)), now),
             },
             Input::Command(Command::Connect(reply)) => {
-                if matches!(state, Machine::One(m) if m.is_connected()) {
+                if matches!(state, Publisher::One(m) if m.is_connected()) {
                     let _ = reply.send(Ok(()));
                 } else if let Err(e) = either!(state.connect(now)) {
                     let _ = reply.send(Err(e.into()));
@@ -477,8 +479,8 @@ impl<R: Runtime> Engine<R> {
             }
             Input::Command(Command::Lookupd(addr, reply)) => {
                 let result = match state {
-                    Machine::Pool(m) => m.connect_to_nsqlookupd(&addr, now).map(|_| ()).map_err(Error::from),
-                    Machine::One(_) => Err(Error::Command(CommandError::InvalidState {
+                    Publisher::Pool(m) => m.connect_to_nsqlookupd(&addr, now).map(|_| ()).map_err(Error::from),
+                    Publisher::One(_) => Err(Error::Command(CommandError::InvalidState {
                         command: "connect_to_nsqlookupd",
                         reason: "on a producer for one nsqd (use Producer::pool)",
                     })),
@@ -557,7 +559,7 @@ impl<R: Runtime> Engine<R> {
                     }
                     Outcome::Lost(conn, error) => {
                         self.ping_written(conn, Err(error.clone()));
-                        if matches!(self.state, Machine::One(_)) {
+                        if matches!(self.state, Publisher::One(_)) {
                             self.answer_connect(Err(Error::Connection(error)));
                         }
                     }
