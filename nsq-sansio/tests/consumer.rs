@@ -352,6 +352,14 @@ fn a_message_is_answered_at_most_once() {
     sim.respond(a, &m, Response::Finish);
     assert!(sim.consumer.respond(a, &m.id, 1, Response::Finish, sim.now).is_err());
     assert!(sim.consumer.respond(a, &m.id, 1, Response::Touch, sim.now).is_err());
+    // An answer after the connection ended says so, not "not in flight".
+    let m = sim.deliver(a, 1);
+    sim.consumer.handle_eof(a, sim.now);
+    sim.drain();
+    assert_eq!(
+        sim.consumer.respond(a, &m.id, 1, Response::Finish, sim.now),
+        Err(ConsumerError::Command(nsq_sansio::CommandError::Closed))
+    );
 }
 
 #[test]

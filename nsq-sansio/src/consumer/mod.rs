@@ -240,6 +240,10 @@ impl ConsumerState {
 
     /// Answers a message delivered as [`ConsumerEvent::Message`] on `conn`; `attempts` is the
     /// message's, used for the default requeue delay.
+    ///
+    /// Refused with [`CommandError::Closed`] when `conn` has ended (nsqd has requeued the
+    /// message already), and with [`CommandError::NotInFlight`] when the message was answered
+    /// already or timed out.
     pub fn respond(
         &mut self,
         conn: ConnId,

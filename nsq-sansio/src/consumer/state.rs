@@ -284,7 +284,8 @@ impl Consumer {
         now: Instant,
     ) -> Result<(), ConsumerError> {
         self.advance(now);
-        let conn = self.conns.get_mut(&id).ok_or(CommandError::NotInFlight(*msg))?;
+        // Its connection is gone: nsqd requeued the message already.
+        let conn = self.conns.get_mut(&id).ok_or(CommandError::Closed)?;
         match response {
             Response::Finish => {
                 conn.state.finish(msg)?;
