@@ -709,6 +709,24 @@ impl Config {
         }
         Ok(())
     }
+
+    /// Checks the bodies of an MPUB: at least one, each as [`check_body`](Self::check_body).
+    pub(crate) fn check_batch(&self, bodies: &[Bytes]) -> Result<(), CommandError> {
+        if bodies.is_empty() {
+            return Err(CommandError::EmptyBatch);
+        }
+        bodies.iter().try_for_each(|body| self.check_body(body))
+    }
+
+    /// Checks a DPUB: its body, and a delay nsqd accepts (at most its default `--max-req-timeout`).
+    pub(crate) fn check_deferred(&self, delay: std::time::Duration, body: &Bytes) -> Result<(), CommandError> {
+        self.check_body(body)?;
+        let max = crate::connection::DEFAULT_MAX_DEFER;
+        if delay > max {
+            return Err(CommandError::DelayOutOfRange { delay_ms: delay.as_millis(), max_ms: max.as_millis() });
+        }
+        Ok(())
+    }
 }
 
 fn invalid(option: &'static str, value: &str, expected: &'static str) -> ConfigError {

@@ -379,10 +379,7 @@ impl ConnectionState {
     /// Sends `MPUB`: several messages stored atomically. One [`Event::Published`] answers all.
     pub fn multi_publish(&mut self, topic: &Topic, bodies: &[Bytes]) -> Result<PublishId, CommandError> {
         self.check_publish()?;
-        if bodies.is_empty() {
-            return Err(CommandError::EmptyBatch);
-        }
-        bodies.iter().try_for_each(|body| self.config.check_body(body))?;
+        self.config.check_batch(&bodies)?;
         self.queue(Command::Mpub(topic, bodies));
         Ok(self.expect_publish())
     }
@@ -398,13 +395,7 @@ impl ConnectionState {
     /// Sends `DPUB`: nsqd delivers the message after `delay` (at most one hour by default).
     pub fn deferred_publish(&mut self, topic: &Topic, delay: Duration, body: Bytes) -> Result<PublishId, CommandError> {
         self.check_publish()?;
-        self.config.check_body(&body)?;
-        if delay > DEFAULT_MAX_DEFER {
-            return Err(CommandError::DelayOutOfRange {
-                delay_ms: delay.as_millis(),
-                max_ms: DEFAULT_MAX_DEFER.as_millis(),
-            });
-        }
+        self.config.check_deferred(delay, &body)?;
         self.queue(Command::Dpub(topic, delay, &body));
         Ok(self.expect_publish())
     }

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::action::{Action, ConnId};
-use crate::connection::DEFAULT_MAX_DEFER;
 use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::rng::Rng;
 use crate::{AuthResponse, Config, Topic};
@@ -196,10 +195,7 @@ impl ProducerState {
     pub fn multi_publish(&mut self, topic: &Topic, bodies: Vec<Bytes>, now: Instant) -> Result<TxId, CommandError> {
         self.advance(now);
         self.check_running()?;
-        if bodies.is_empty() {
-            return Err(CommandError::EmptyBatch);
-        }
-        bodies.iter().try_for_each(|body| self.config.check_body(body))?;
+        self.config.check_batch(&bodies)?;
         self.flush_batch();
         let tx = self.next_tx();
         if self.refuse_while_held(tx) {
@@ -220,13 +216,7 @@ impl ProducerState {
     ) -> Result<TxId, CommandError> {
         self.advance(now);
         self.check_running()?;
-        self.config.check_body(&body)?;
-        if delay > DEFAULT_MAX_DEFER {
-            return Err(CommandError::DelayOutOfRange {
-                delay_ms: delay.as_millis(),
-                max_ms: DEFAULT_MAX_DEFER.as_millis(),
-            });
-        }
+        self.config.check_deferred(delay, &body)?;
         self.flush_batch();
         let tx = self.next_tx();
         if self.refuse_while_held(tx) {

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::link::{Link, LinkEvent};
 use super::TxId;
 use crate::action::{Action, ConnId};
-use crate::connection::{deadline, DEFAULT_MAX_DEFER};
+use crate::connection::deadline;
 use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::lookupd::{Answer, Endpoint, LookupdAddress, LookupdError, Owner, Poller};
 use crate::rng::Rng;
@@ -536,10 +536,7 @@ impl ProducerPoolState {
     pub fn multi_publish(&mut self, topic: &Topic, bodies: Vec<Bytes>, now: Instant) -> Result<TxId, CommandError> {
         self.advance(now);
         self.check_running()?;
-        if bodies.is_empty() {
-            return Err(CommandError::EmptyBatch);
-        }
-        bodies.iter().try_for_each(|body| self.config.check_body(body))?;
+        self.config.check_batch(&bodies)?;
         Ok(self.submit(Payload::Many(topic.clone(), bodies)))
     }
 
@@ -553,13 +550,7 @@ impl ProducerPoolState {
     ) -> Result<TxId, CommandError> {
         self.advance(now);
         self.check_running()?;
-        self.config.check_body(&body)?;
-        if delay > DEFAULT_MAX_DEFER {
-            return Err(CommandError::DelayOutOfRange {
-                delay_ms: delay.as_millis(),
-                max_ms: DEFAULT_MAX_DEFER.as_millis(),
-            });
-        }
+        self.config.check_deferred(delay, &body)?;
         Ok(self.submit(Payload::Deferred(topic.clone(), delay, body)))
     }
 
