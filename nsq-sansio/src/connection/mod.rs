@@ -379,7 +379,7 @@ impl ConnectionState {
     /// Sends `MPUB`: several messages stored atomically. One [`Event::Published`] answers all.
     pub fn multi_publish(&mut self, topic: &Topic, bodies: &[Bytes]) -> Result<PublishId, CommandError> {
         self.check_publish()?;
-        self.config.check_batch(&bodies)?;
+        self.config.check_batch(bodies)?;
         self.queue(Command::Mpub(topic, bodies));
         Ok(self.expect_publish())
     }
