@@ -509,10 +509,6 @@ impl NsqdModel {
         self.stats
     }
 
-    pub fn max_rdy_count(&self) -> u64 {
-        self.opts.max_rdy_count
-    }
-
     // ---- the IOLoop -------------------------------------------------------------------------
 
     fn process(&mut self, id: u64, now: Instant) {
@@ -1332,7 +1328,9 @@ impl Error {
 
 #[cfg(test)]
 mod tests {
+    use super::super::clients::{ConnNote, Settings, SimConnection};
     use super::*;
+    use nsq_sansio::MessageId;
 
     fn fixture(name: &str) -> serde_json::Value {
         let path = format!("{}/tests/fixtures/nsqd-1.3.0/{name}.json", env!("CARGO_MANIFEST_DIR"));
@@ -1581,5 +1579,138 @@ mod tests {
         lost.sort();
         assert_eq!(lost, [b"x".to_vec(), b"y".to_vec(), b"z".to_vec()]);
         assert!(!model.holds(b"x"));
+    }
+
+    /// A real client connection and the model, wired back to back with no network.
+    struct Pair {
+        client: SimConnection,
+        server: NsqdModel,
+        id: ServerConn,
+        now: Instant,
+        notes: Vec<ConnNote>,
+    }
+
+    impl Pair {
+        fn new(server: NsqdModel, settings: &Settings, now: Instant) -> Self {
+            let mut server = server;
+            let id = server.accept(now);
+            Self { client: SimConnection::new(settings, now), server, id, now, notes: Vec::new() }
+        }
+
+        /// Moves bytes both ways until neither side has anything to say.
+        fn settle(&mut self) {
+            loop {
+                let mut moved = false;
+                while let Some(bytes) = self.client.poll_transmit() {
+                    self.server.recv(self.id, &bytes, self.now);
+                    moved = true;
+                }
+                while let Some(bytes) = self.server.poll_transmit(self.id) {
+                    self.client.input(&bytes, self.now);
+                    moved = true;
+                }
+                while let Some(note) = self.client.poll_note() {
+                    self.notes.push(note);
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        /// Advances to `at`, firing both sides' timers on the way.
+        fn run_until(&mut self, at: Instant) {
+            loop {
+                self.settle();
+                let next = [self.client.poll_timeout(), self.server.poll_timeout()].into_iter().flatten().min();
+                match next {
+                    Some(t) if t <= at => {
+                        self.now = self.now.max(t);
+                        self.client.timeout(self.now);
+                        self.server.handle_timeout(self.now);
+                    }
+                    _ => {
+                        self.now = at;
+                        return self.settle();
+                    }
+                }
+            }
+        }
+
+        fn messages(&mut self) -> Vec<(MessageId, u16, Vec<u8>)> {
+            let (msgs, rest): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.notes).into_iter().partition(|n| matches!(n, ConnNote::Message { .. }));
+            self.notes = rest;
+            msgs.into_iter()
+                .map(|n| match n {
+                    ConnNote::Message { id, attempts, body } => (id, attempts, body),
+                    _ => unreachable!(),
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_real_connection_publishes_and_consumes_through_the_model() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let settings = Settings { heartbeat: Some(5 * s), msg_timeout: Some(10 * s), ..Settings::default() };
+        let mut producer = Pair::new(NsqdModel::new(NsqdOptions::default(), t0), &settings, t0);
+        for body in ["one", "two", "three"] {
+            producer.client.publish("t", body.as_bytes());
+        }
+        producer.settle();
+        assert_eq!(
+            producer.notes,
+            [
+                ConnNote::Ready,
+                ConnNote::Published { ok: true },
+                ConnNote::Published { ok: true },
+                ConnNote::Published { ok: true }
+            ]
+        );
+
+        let mut consumer = Pair::new(producer.server, &settings, t0);
+        consumer.client.subscribe("t", "c");
+        consumer.settle();
+        assert_eq!(std::mem::take(&mut consumer.notes), [ConnNote::Ready, ConnNote::Subscribed]);
+        consumer.client.ready(2);
+        consumer.settle();
+        // RDY used up: nsqd flushes at once.
+        let first = consumer.messages();
+        assert_eq!(
+            first.iter().map(|m| (m.1, m.2.clone())).collect::<Vec<_>>(),
+            [(1, b"one".to_vec()), (1, b"two".to_vec())]
+        );
+        consumer.client.finish(&first[0].0);
+        consumer.client.requeue(&first[1].0, Duration::ZERO);
+        consumer.settle();
+        let second = consumer.messages();
+        // REQ 0 puts "two" behind "three".
+        assert_eq!(
+            second.iter().map(|m| (m.1, m.2.clone())).collect::<Vec<_>>(),
+            [(1, b"three".to_vec()), (2, b"two".to_vec())]
+        );
+        // "three" is touched and answered late; "two" is left to time out on both sides.
+        consumer.run_until(t0 + 8 * s);
+        consumer.client.touch(&second[0].0, consumer.now);
+        consumer.run_until(t0 + 11 * s);
+        assert!(consumer.notes.contains(&ConnNote::TimedOut(second[1].0)), "{:?}", consumer.notes);
+        let third = consumer.messages();
+        assert_eq!(third.iter().map(|m| (m.1, m.2.clone())).collect::<Vec<_>>(), [(3, b"two".to_vec())]);
+        consumer.client.finish(&second[0].0);
+        consumer.client.finish(&third[0].0);
+        consumer.run_until(t0 + 12 * s);
+        assert_eq!(consumer.server.stats().finished, 3);
+        // Heartbeats kept the connection alive all along; now a graceful close.
+        assert!(consumer.server.stats().heartbeats >= 2);
+        consumer.client.close(consumer.now);
+        consumer.settle();
+        assert!(
+            consumer.notes.ends_with(&[ConnNote::CloseWait, ConnNote::Closed("connection closed locally".into())]),
+            "{:?}",
+            consumer.notes
+        );
+        assert!(consumer.server.poll_error().is_none());
     }
 }

@@ -1,6 +1,6 @@
 //! The simulation's own seeded generator, for every choice the world makes (latencies, chunk
 //! boundaries, faults, application behaviour). It is separate from the clients' generators:
-//! each client gets its own `rng_seed`, derived from the run's seed with [`SimRng::fork`].
+//! each client gets its own `rng_seed`, drawn from it.
 
 use std::time::Duration;
 
@@ -22,11 +22,6 @@ impl SimRng {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
-    }
-
-    /// An independent generator, for a party that must not shift everyone else's draws.
-    pub fn fork(&mut self) -> Self {
-        Self::new(self.next_u64())
     }
 
     /// Uniform in `0..n` (0 when `n` is 0).
