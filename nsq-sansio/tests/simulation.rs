@@ -24,6 +24,8 @@ use sim::world::{self, Allow, Failure};
 
 /// Seeds of a plain `cargo test` run: a few seconds in a debug build.
 const DEFAULT_SEEDS: u64 = 200;
+/// How many of the slowest seeds the summary names.
+const SLOWEST_SHOWN: usize = 5;
 /// A run stops after this many failing seeds.
 const MAX_FAILURES: usize = 10;
 
@@ -100,6 +102,7 @@ fn simulation() {
     let failures: Mutex<Vec<(u64, Box<Failure>)>> = Mutex::new(Vec::new());
     let warnings: Mutex<BTreeMap<&'static str, (u64, u64, String)>> = Mutex::new(BTreeMap::new());
     let events = AtomicU64::new(0);
+    let slowest: Mutex<Vec<(std::time::Duration, u64, u64)>> = Mutex::new(Vec::new());
     let started = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..threads {
@@ -111,7 +114,17 @@ fn simulation() {
                 if seed >= first + count {
                     return;
                 }
-                match world::run(seed, &allow, false) {
+                let t = Instant::now();
+                let result = world::run(seed, &allow, false);
+                let took = t.elapsed();
+                {
+                    let mut slow = slowest.lock().unwrap();
+                    let n = result.as_ref().map_or(0, |r| r.events);
+                    slow.push((took, seed, n));
+                    slow.sort_by(|a, b| b.cmp(a));
+                    slow.truncate(SLOWEST_SHOWN);
+                }
+                match result {
                     Ok(report) => {
                         events.fetch_add(report.events, Ordering::Relaxed);
                         let mut w = warnings.lock().unwrap();
@@ -139,6 +152,13 @@ fn simulation() {
         ran as f64 / elapsed.as_secs_f64(),
         events.load(Ordering::Relaxed)
     );
+    let slowest: Vec<String> = slowest
+        .into_inner()
+        .unwrap()
+        .iter()
+        .map(|(took, seed, n)| format!("seed {seed} {:.1}ms ({n} events)", took.as_secs_f64() * 1e3))
+        .collect();
+    println!("slowest: {}", slowest.join(", "));
     for (invariant, (seeds, seed, detail)) in warnings.into_inner().unwrap() {
         println!(
             "warning: `{invariant}` broke in {seeds} seeds; e.g. seed {seed} {detail}\n  replay: {}",

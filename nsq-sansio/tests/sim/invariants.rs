@@ -3,6 +3,7 @@
 //! every step that can change what they look at.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Arguments;
 use std::time::Duration;
 
 /// Every invariant, by the name a failure reports and `SIM_ALLOW` takes.
@@ -13,7 +14,8 @@ pub mod name {
     pub const PUBLISH_RESOLVES_ONCE: &str = "publish_resolves_once";
     /// An acknowledged publish is held by its nsqd, or was delivered, or a crash lost it.
     pub const ACKED_PUBLISH_HELD: &str = "acked_publish_held";
-    /// Once faults heal, every acknowledged publish reaches a consumer within a bound.
+    /// Once faults heal, every acknowledged publish is handled within a bound: delivered to a
+    /// handler that finished it (or given up after `max_attempts`). Duplicates are allowed.
     pub const ACKED_PUBLISH_DELIVERED: &str = "acked_publish_delivered";
     /// A publish fails with "connection lost" only when something hit its connection.
     pub const PUBLISH_FAILS_ONLY_WITH_CAUSE: &str = "publish_fails_only_with_cause";
@@ -210,14 +212,20 @@ impl Window {
         }
     }
 
-    /// Events in `(now - span, now]`.
+    /// Events in `(now - span, now]` (the window is in time order).
     fn within(&self, now: Duration, span: Duration) -> usize {
-        self.0.iter().rev().take_while(|&&t| now.saturating_sub(t) < span).count()
+        match now.checked_sub(span) {
+            Some(start) => self.0.len() - self.0.partition_point(|&t| t <= start),
+            None => self.0.len(),
+        }
     }
 
     /// Events in `[now - span, now]`.
     fn within_closed(&self, now: Duration, span: Duration) -> usize {
-        self.0.iter().rev().take_while(|&&t| now.saturating_sub(t) <= span).count()
+        match now.checked_sub(span) {
+            Some(start) => self.0.len() - self.0.partition_point(|&t| t < start),
+            None => self.0.len(),
+        }
     }
 }
 
@@ -313,7 +321,7 @@ pub struct Firings {
 }
 
 impl Firings {
-    pub fn fired(&mut self, now: Duration, who: &str) -> Check {
+    pub fn fired(&mut self, now: Duration, who: Arguments<'_>) -> Check {
         if self.at == now {
             self.count += 1;
         } else {
@@ -335,7 +343,7 @@ impl Firings {
 
 // ---- plain checks ----------------------------------------------------------------------------
 
-pub fn rdy_within_max_in_flight(who: &str, granted: u64, max_in_flight: u32, conns: usize) -> Check {
+pub fn rdy_within_max_in_flight(who: Arguments<'_>, granted: u64, max_in_flight: u32, conns: usize) -> Check {
     if granted > u64::from(max_in_flight) {
         return violated(
             name::RDY_WITHIN_MAX_IN_FLIGHT,
@@ -345,14 +353,14 @@ pub fn rdy_within_max_in_flight(who: &str, granted: u64, max_in_flight: u32, con
     Ok(())
 }
 
-pub fn in_transit_bounded(what: &str, bytes: usize) -> Check {
+pub fn in_transit_bounded(what: Arguments<'_>, bytes: usize) -> Check {
     if bytes > MAX_IN_TRANSIT {
         return violated(name::BUFFERS_BOUNDED, format!("{what}: {bytes} bytes in transit"));
     }
     Ok(())
 }
 
-pub fn outstanding_matches(who: &str, client_says: usize, unresolved: usize) -> Check {
+pub fn outstanding_matches(who: Arguments<'_>, client_says: usize, unresolved: usize) -> Check {
     if client_says != unresolved {
         return violated(
             name::BUFFERS_BOUNDED,
@@ -362,7 +370,7 @@ pub fn outstanding_matches(who: &str, client_says: usize, unresolved: usize) -> 
     Ok(())
 }
 
-pub fn in_flight_within_rdy(what: &str, in_flight: u64, max_rdy_granted: u64) -> Check {
+pub fn in_flight_within_rdy(what: Arguments<'_>, in_flight: u64, max_rdy_granted: u64) -> Check {
     if in_flight > max_rdy_granted {
         return violated(
             name::BUFFERS_BOUNDED,

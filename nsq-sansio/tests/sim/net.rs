@@ -19,6 +19,15 @@ pub enum Party {
     Consumer(usize),
 }
 
+impl std::fmt::Display for Party {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Producer(i) => write!(f, "producer-{i}"),
+            Self::Consumer(i) => write!(f, "consumer-{i}"),
+        }
+    }
+}
+
 /// One direction of a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {

@@ -163,7 +163,7 @@ impl Scenario {
                 settings: producer_settings(&mut rng, secret.clone()),
                 start: rng.duration(Duration::ZERO, fault_phase / 3),
                 stop: rng.chance(0.3).then(|| rng.duration(fault_phase / 3, fault_phase)),
-                publish_every: rng.millis(100, 3_000),
+                publish_every: rng.millis(300, 5_000),
             })
             .collect();
 

@@ -4,12 +4,14 @@
 //!
 //! A run has three phases. Faults: clients start and stop, publishers publish, handlers answer,
 //! faults strike. Healing: every fault is cleared, producers stop, and the run goes on until
-//! every acknowledged publish was delivered (or a bound passes: a failure). Stopping: every
+//! every acknowledged publish was handled: finished by a handler, or given up after
+//! `max_attempts` (or a bound passes: a failure). Stopping: every
 //! consumer stops and must finish within a bound; then a quiet period checks that stopped
 //! clients stay silent.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::RangeInclusive;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -170,10 +172,11 @@ enum DialFailureOr {
     Fail(DialFailure),
 }
 
+/// A heap entry; the event waits in the world's slab, so the heap moves small values.
 struct Scheduled {
     at: Duration,
     seq: u64,
-    ev: Ev,
+    slot: usize,
 }
 
 impl PartialEq for Scheduled {
@@ -267,12 +270,15 @@ struct ConsumerNode {
 /// Where every published body stands.
 #[derive(Default)]
 struct Ledger {
-    published: HashSet<Bytes>,
-    acked: HashMap<Bytes, usize>,
-    delivered: HashSet<Bytes>,
-    /// Lost by nsqd in a crash (in flight or deferred): exempt from delivery.
-    lost: HashSet<Bytes>,
-    undelivered: BTreeSet<Bytes>,
+    published: FastSet<Bytes>,
+    acked: HashMap<Bytes, usize, BuildHasherDefault<FxHasher>>,
+    delivered: FastSet<Bytes>,
+    /// Finished by a handler (a FIN the client accepted), or given up after max_attempts.
+    handled: FastSet<Bytes>,
+    /// Lost by nsqd in a crash (in flight or deferred): exempt.
+    lost: FastSet<Bytes>,
+    /// Acknowledged, and neither handled nor lost yet.
+    unhandled: BTreeSet<Bytes>,
 }
 
 #[derive(Clone, Copy)]
@@ -297,6 +303,8 @@ struct World {
     base: Instant,
     now: Duration,
     queue: BinaryHeap<Reverse<Scheduled>>,
+    slab: Vec<Option<Ev>>,
+    free: Vec<usize>,
     seq: u64,
     chunk_seq: u64,
     phase: Phase,
@@ -403,6 +411,8 @@ impl World {
             base,
             now: Duration::ZERO,
             queue: BinaryHeap::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
             seq: 0,
             chunk_seq: 0,
             phase: Phase::Faults,
@@ -448,7 +458,9 @@ impl World {
     }
 
     fn run(mut self) -> Result<Report, Box<Failure>> {
-        while let Some(Reverse(Scheduled { at, ev, .. })) = self.queue.pop() {
+        while let Some(Reverse(Scheduled { at, slot, .. })) = self.queue.pop() {
+            let Some(ev) = self.slab[slot].take() else { continue };
+            self.free.push(slot);
             self.now = self.now.max(at);
             self.report.events += 1;
             let step = catch_unwind(AssertUnwindSafe(|| {
@@ -529,7 +541,17 @@ impl World {
 
     fn at(&mut self, at: Duration, ev: Ev) {
         self.seq += 1;
-        self.queue.push(Reverse(Scheduled { at: at.max(self.now), seq: self.seq, ev }));
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slab[slot] = Some(ev);
+                slot
+            }
+            None => {
+                self.slab.push(Some(ev));
+                self.slab.len() - 1
+            }
+        };
+        self.queue.push(Reverse(Scheduled { at: at.max(self.now), seq: self.seq, slot }));
     }
 
     fn after(&mut self, delay: Duration, ev: Ev) {
@@ -565,8 +587,7 @@ impl World {
     fn describe(&self, e: &TraceEntry) -> String {
         let who = match e.who {
             Who::World => "world".to_owned(),
-            Who::Party(Party::Producer(i)) => format!("producer-{i}"),
-            Who::Party(Party::Consumer(i)) => format!("consumer-{i}"),
+            Who::Party(party) => party.to_string(),
             Who::Nsqd(i) => format!("nsqd-{i}"),
             Who::Lookupd(i) => format!("lookupd-{i}"),
         };
@@ -592,7 +613,7 @@ impl World {
                 if self.nsqds[nsqd].timer == Some(at) && self.nsqds[nsqd].up {
                     self.nsqds[nsqd].timer = None;
                     let now = self.now;
-                    let fired = self.nsqds[nsqd].firings.fired(now, &format!("nsqd-{nsqd}"));
+                    let fired = self.nsqds[nsqd].firings.fired(now, format_args!("nsqd-{nsqd}"));
                     self.check(fired)?;
                     let instant = self.instant();
                     self.nsqds[nsqd].model.handle_timeout(instant);
@@ -725,7 +746,7 @@ impl World {
             return Ok(());
         }
         let detail =
-            format!("{party:?} stopped at {:?} and has not finished at {:?}", since.unwrap_or_default(), self.now);
+            format!("{party} stopped at {:?} and has not finished at {:?}", since.unwrap_or_default(), self.now);
         self.check(inv::violated(name::STOP_COMPLETES, detail))
     }
 
@@ -779,14 +800,23 @@ impl World {
     fn respond(&mut self, consumer: usize, msg: Delivered, answer: Answer) -> Result<(), Violation> {
         let now = self.instant();
         let Some(client) = self.consumers[consumer].client.as_mut() else { return Ok(()) };
-        // Refusals (the message timed out, its connection closed) are the application's lot.
-        let _ = client.respond(&msg, answer, now);
+        // Refusals (the message timed out, its connection closed) are the application's lot:
+        // nsqd delivers the message again.
+        let accepted = client.respond(&msg, answer, now).is_ok();
+        if accepted && answer == Answer::Finish {
+            self.handled(&msg.body);
+        }
         self.note("respond", Who::Party(Party::Consumer(consumer)), msg.conn.0, 0);
         if answer == Answer::Touch {
             let later = self.rng.exponential(self.consumers[consumer].handler.mean_delay);
             self.after(later, Ev::Respond { consumer, msg, answer: Answer::Finish });
         }
         self.drain(Party::Consumer(consumer))
+    }
+
+    fn handled(&mut self, body: &Bytes) {
+        self.ledger.unhandled.remove(body);
+        self.ledger.handled.insert(body.clone());
     }
 
     /// The application's handler: decides how and when to answer a message.
@@ -826,7 +856,7 @@ impl World {
             return Ok(());
         }
         *timer = None;
-        let fired = firings.fired(now, &format!("{party:?}"));
+        let fired = firings.fired(now, format_args!("{party}"));
         self.check(fired)?;
         self.note("timer", Who::Party(party), 0, 0);
         match party {
@@ -915,7 +945,7 @@ impl World {
             Party::Producer(i) => {
                 let p = &self.producers[i];
                 if let Some(client) = &p.client {
-                    let c = inv::outstanding_matches(&format!("producer-{i}"), client.outstanding(), p.txs.len());
+                    let c = inv::outstanding_matches(format_args!("producer-{i}"), client.outstanding(), p.txs.len());
                     self.check(c)?;
                 }
             }
@@ -928,7 +958,7 @@ impl World {
                     }
                 }
                 let max = self.consumers[i].settings.max_in_flight;
-                let c = inv::rdy_within_max_in_flight(&format!("consumer-{i}"), granted, max, live);
+                let c = inv::rdy_within_max_in_flight(format_args!("consumer-{i}"), granted, max, live);
                 self.check(c)?;
             }
         }
@@ -943,7 +973,7 @@ impl World {
         match io {
             Io::Connect { conn, addr } => {
                 if stopped {
-                    let c = inv::violated(name::STOPPED_IS_QUIET, format!("{party:?} dials {addr} after Stopped"));
+                    let c = inv::violated(name::STOPPED_IS_QUIET, format!("{party} dials {addr} after Stopped"));
                     self.check(c)?;
                 }
                 self.dial(party, conn, addr)
@@ -954,7 +984,7 @@ impl World {
                     return self.check(inv::violated(name::CLIENT_PROTOCOL, "a producer queried lookupd"));
                 };
                 if stopped {
-                    let c = inv::violated(name::STOPPED_IS_QUIET, format!("{party:?} queries {addr} after Stopped"));
+                    let c = inv::violated(name::STOPPED_IS_QUIET, format!("{party} queries {addr} after Stopped"));
                     self.check(c)?;
                 }
                 let interval = self.consumers[i].settings.lookupd_poll_interval;
@@ -986,8 +1016,8 @@ impl World {
                             let lost = self.ledger.lost.contains(&body);
                             let c = inv::acked_publish_held(&body, held, delivered, lost);
                             self.check(c)?;
-                            if !delivered && !lost {
-                                self.ledger.undelivered.insert(body.clone());
+                            if !lost && !self.ledger.handled.contains(&body) {
+                                self.ledger.unhandled.insert(body.clone());
                             }
                             self.ledger.acked.insert(body, nsqd);
                         }
@@ -1047,9 +1077,10 @@ impl World {
                     );
                     self.check(c)?;
                 }
-                self.ledger.undelivered.remove(&msg.body);
                 self.ledger.delivered.insert(msg.body.clone());
-                if !gave_up {
+                if gave_up {
+                    self.handled(&msg.body);
+                } else {
                     self.handle_message(i, msg);
                 }
             }
@@ -1116,7 +1147,7 @@ impl World {
             self.consumers[i].live.insert(link);
         }
         if self.by_client.insert((party, conn), link).is_some() {
-            let c = inv::violated(name::CLIENT_PROTOCOL, format!("{party:?} reused conn id {}", conn.0));
+            let c = inv::violated(name::CLIENT_PROTOCOL, format!("{party} reused conn id {}", conn.0));
             self.check(c)?;
         }
         let dial_timeout = match party {
@@ -1207,13 +1238,13 @@ impl World {
         let Some(&l) = self.by_client.get(&(party, conn)) else {
             return self.check(inv::violated(
                 name::CLIENT_PROTOCOL,
-                format!("{party:?} wrote to conn {} it never dialled", conn.0),
+                format!("{party} wrote to conn {} it never dialled", conn.0),
             ));
         };
         if !self.links[l].writable() {
             let c = inv::violated(
                 name::CLIENT_PROTOCOL,
-                format!("{party:?} wrote to conn {} that is not connected (or already closed)", conn.0),
+                format!("{party} wrote to conn {} that is not connected (or already closed)", conn.0),
             );
             return self.check(c);
         }
@@ -1236,14 +1267,14 @@ impl World {
         for (seq, at) in scheduled {
             self.at(at, Ev::Arrive { link: l, dir: Dir::ToServer, seq });
         }
-        self.check(inv::in_transit_bounded(&format!("{party:?} conn {} to nsqd", conn.0), in_transit))
+        self.check(inv::in_transit_bounded(format_args!("{party} conn {} to nsqd", conn.0), in_transit))
     }
 
     fn client_close(&mut self, party: Party, conn: ConnId) -> Result<(), Violation> {
         let Some(&l) = self.by_client.get(&(party, conn)) else {
             return self.check(inv::violated(
                 name::CLIENT_PROTOCOL,
-                format!("{party:?} closed conn {} it never dialled", conn.0),
+                format!("{party} closed conn {} it never dialled", conn.0),
             ));
         };
         self.note("client close", Who::Party(party), conn.0, 0);
@@ -1328,10 +1359,6 @@ impl World {
                 progress = true;
                 self.server_write(n, server, bytes)?;
             }
-            while let Some(server) = self.nsqds[n].model.poll_closed() {
-                progress = true;
-                self.server_close(n, server);
-            }
             while let Some(reg) = self.nsqds[n].model.poll_registration() {
                 progress = true;
                 let addr = self.nsqds[n].addr.clone();
@@ -1347,13 +1374,18 @@ impl World {
                     let who = self
                         .by_server
                         .get(&(n, err.conn))
-                        .map(|&l| format!("{:?} conn {}", self.links[l].party, self.links[l].conn.0));
+                        .map(|&l| format!("{} conn {}", self.links[l].party, self.links[l].conn.0));
                     let c = inv::violated(
                         name::CLIENT_PROTOCOL,
-                        format!("nsqd-{n} answered {who:?} with the fatal error {:?}", err.text),
+                        format!("nsqd-{n} answered {} with the fatal error {:?}", who.unwrap_or_default(), err.text),
                     );
                     self.check(c)?;
                 }
+            }
+            // After the errors, which name the connection, and after its last bytes.
+            while let Some(server) = self.nsqds[n].model.poll_closed() {
+                progress = true;
+                self.server_close(n, server);
             }
             if !progress {
                 break;
@@ -1365,8 +1397,9 @@ impl World {
             {
                 let _ = rdy;
                 if in_flight > max {
-                    let what = format!("nsqd-{n} conn {} ({:?})", server.0, self.links[l].party);
-                    let c = inv::in_flight_within_rdy(&what, in_flight, max);
+                    let party = self.links[l].party;
+                    let c =
+                        inv::in_flight_within_rdy(format_args!("nsqd-{n} conn {} ({party})", server.0), in_flight, max);
                     return self.check(c);
                 }
             }
@@ -1398,7 +1431,7 @@ impl World {
                 self.at(at, Ev::Arrive { link: l, dir: Dir::ToClient, seq });
             }
             let in_transit = self.links[l].to_client.in_transit;
-            self.check(inv::in_transit_bounded(&format!("nsqd-{n} conn {} to client", server.0), in_transit))?;
+            self.check(inv::in_transit_bounded(format_args!("nsqd-{n} conn {} to client", server.0), in_transit))?;
         }
         if reset {
             self.reset(l)?;
@@ -1590,7 +1623,7 @@ impl World {
         node.timer = None;
         for body in node.model.crash() {
             let body = Bytes::copy_from_slice(&body);
-            self.ledger.undelivered.remove(&body);
+            self.ledger.unhandled.remove(&body);
             self.ledger.lost.insert(body);
         }
         let addr = node.addr.clone();
@@ -1752,19 +1785,23 @@ impl World {
         }
         let missing: Vec<String> = self
             .ledger
-            .undelivered
+            .unhandled
             .iter()
             .take(5)
             .map(|body| {
                 let nsqd = self.ledger.acked.get(body).copied().unwrap_or(usize::MAX);
                 let held = self.nsqds.get(nsqd).is_some_and(|n| n.model.holds(body));
-                format!("{} (nsqd-{nsqd}, held: {held})", String::from_utf8_lossy(&body[..body.len().min(16)]))
+                let delivered = self.ledger.delivered.contains(body);
+                format!(
+                    "{} (nsqd-{nsqd}, held: {held}, delivered: {delivered})",
+                    String::from_utf8_lossy(&body[..body.len().min(16)])
+                )
             })
             .collect();
         let producers_left = self.producers.iter().filter(|p| !p.stopped).count();
         let detail = format!(
-            "{} acknowledged publishes not delivered {:?} after healing ({producers_left} producers not stopped): {}",
-            self.ledger.undelivered.len(),
+            "{} acknowledged publishes not handled {:?} after healing ({producers_left} producers not stopped): {}",
+            self.ledger.unhandled.len(),
             self.now.saturating_sub(self.scenario.fault_phase),
             missing.join(", ")
         );
@@ -1785,7 +1822,7 @@ impl World {
     fn advance_phase(&mut self) -> Result<(), Violation> {
         match self.phase {
             Phase::Healing => {
-                if self.ledger.undelivered.is_empty() && self.producers.iter().all(|p| p.stopped) {
+                if self.ledger.unhandled.is_empty() && self.producers.iter().all(|p| p.stopped) {
                     self.begin_stopping()?;
                 }
             }
@@ -1804,4 +1841,24 @@ impl World {
 /// The `by_server` keys of one nsqd.
 fn server_range(nsqd: usize) -> RangeInclusive<(usize, ServerConn)> {
     (nsqd, ServerConn(0))..=(nsqd, ServerConn(u64::MAX))
+}
+
+type FastSet<T> = HashSet<T, BuildHasherDefault<FxHasher>>;
+
+/// A fast, deterministic hash for the ledger's short bodies (rustc's Fx).
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
