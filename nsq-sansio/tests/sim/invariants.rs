@@ -234,6 +234,9 @@ impl Window {
 pub struct ConsumerRates {
     queries: Window,
     up_closes: Window,
+    /// Connections that closed without ever subscribing (refused, handshake errors): they
+    /// allow nothing, but a failure report counts them.
+    down_closes: Window,
     dials: BTreeMap<String, Window>,
 }
 
@@ -243,6 +246,11 @@ impl ConsumerRates {
         self.up_closes.push(now);
     }
 
+    /// A connection that never subscribed closed.
+    pub fn down_closed(&mut self, now: Duration) {
+        self.down_closes.push(now);
+    }
+
     /// A lookupd query went out.
     pub fn queried(&mut self, now: Duration, interval: Duration) -> Check {
         self.queries.push(now);
@@ -250,18 +258,20 @@ impl ConsumerRates {
         let count = self.queries.within(now, RATE_WINDOW);
         let allowed = lookupd_queries_allowed(interval, closes);
         if count > allowed {
+            let failed = self.down_closes.within_closed(now, RATE_WINDOW);
             return violated(
                 name::LOOKUPD_RATE,
-                format!("{count} lookupd queries in {RATE_WINDOW:?} (allowed {allowed}: poll interval {interval:?}, {closes} closes of up connections)"),
+                format!("{count} lookupd queries in {RATE_WINDOW:?} (allowed {allowed}: poll interval {interval:?}, {closes} closes of up connections; {failed} connections that never came up closed)"),
             );
         }
         let closes = self.up_closes.within_closed(now, interval);
         let count = self.queries.within(now, interval);
         let allowed = lookupd_queries_per_interval(closes);
         if count > allowed {
+            let failed = self.down_closes.within_closed(now, interval);
             return violated(
                 name::LOOKUPD_SPACING,
-                format!("{count} lookupd queries within one poll interval of {interval:?} (allowed {allowed}: {closes} closes of up connections)"),
+                format!("{count} lookupd queries within one poll interval of {interval:?} (allowed {allowed}: {closes} closes of up connections; {failed} connections that never came up closed)"),
             );
         }
         Ok(())

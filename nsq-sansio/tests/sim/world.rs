@@ -883,10 +883,6 @@ impl World {
                 progress = true;
                 self.client_write(party, conn, &bytes)?;
             }
-            while let Some(io) = self.poll_io(party) {
-                progress = true;
-                self.client_io(party, io)?;
-            }
             match party {
                 Party::Producer(i) => {
                     while let Some(note) = self.producers[i].client.as_mut().and_then(SimProducer::poll_note) {
@@ -900,6 +896,11 @@ impl World {
                         self.consumer_note(i, note)?;
                     }
                 }
+            }
+            // After the events, so a close is on the books before the re-query it causes.
+            while let Some(io) = self.poll_io(party) {
+                progress = true;
+                self.client_io(party, io)?;
             }
             if !progress {
                 break;
@@ -1103,6 +1104,8 @@ impl World {
                 self.detail(|| format!("{addr}: {cause}"));
                 if up {
                     self.consumers[i].rates.up_closed(self.now);
+                } else {
+                    self.consumers[i].rates.down_closed(self.now);
                 }
             }
             ConsumerNote::LookupdFailed { addr, error } => {
