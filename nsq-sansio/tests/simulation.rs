@@ -176,3 +176,15 @@ fn simulation() {
     }
     panic!("{message}");
 }
+
+/// A seed is a run: the same seed gives the same run, event for event.
+#[test]
+fn a_seed_replays_exactly() {
+    let allow = Allow(name::ALL.iter().map(|n| (*n).to_owned()).collect());
+    for seed in [1, 7] {
+        let first = world::run(seed, &allow, false).unwrap();
+        let again = world::run(seed, &allow, false).unwrap();
+        assert_eq!(first.summary(), again.summary());
+        assert!(first.events > 100 && first.acked > 0, "{}", first.summary());
+    }
+}

@@ -402,3 +402,49 @@ pub fn acked_publish_held(body: &[u8], held: bool, delivered: bool, lost: bool) 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn lookupd_bounds_follow_the_poll_interval_and_closes() {
+        assert_eq!(lookupd_queries_allowed(60 * S, 0), 3);
+        assert_eq!(lookupd_queries_allowed(S, 0), 62);
+        assert_eq!(lookupd_queries_allowed(15 * S, 4), 10);
+        assert_eq!(lookupd_queries_per_interval(2), 3);
+        assert_eq!(discovered_dials_allowed(60 * S, 0), 4);
+        assert_eq!(discovered_dials_allowed(5 * S, 0), 16);
+    }
+
+    #[test]
+    fn direct_redials_follow_the_backoff_with_jitter() {
+        // 0, then 0.5, 1, 2, 4, 8, 16, 30 (capped at half of 60 s) apart: 7 dials in a minute.
+        assert_eq!(direct_dials_allowed(60 * S, 0), 7);
+        // Capped at 1 s, jittered down to 0.5 s: 121.
+        assert_eq!(direct_dials_allowed(S, 0), 121);
+        assert_eq!(direct_dials_allowed(60 * S, 2), 21);
+    }
+
+    #[test]
+    fn windows_count_what_is_inside() {
+        let mut rates = ConsumerRates::default();
+        for t in [0, 10, 20] {
+            rates.queried(t * S, 10 * S).unwrap();
+        }
+        // A fourth poll 1 s after the third breaks the spacing; a close allows it.
+        let early = rates.queried(21 * S, 10 * S).unwrap_err();
+        assert_eq!(early.invariant, name::LOOKUPD_SPACING);
+        rates.up_closed(22 * S);
+        rates.queried(22 * S, 10 * S).unwrap_err();
+        rates.queried(40 * S, 10 * S).unwrap();
+        let mut busy = Firings::default();
+        for _ in 0..MAX_FIRINGS_PER_INSTANT {
+            busy.fired(S, format_args!("x")).unwrap();
+        }
+        assert_eq!(busy.fired(S, format_args!("x")).unwrap_err().invariant, name::NO_BUSY_TIMER);
+        busy.fired(2 * S, format_args!("x")).unwrap();
+    }
+}
