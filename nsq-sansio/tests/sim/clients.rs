@@ -243,8 +243,10 @@ impl SimConsumer {
         self.state.stop(now);
     }
 
-    pub fn poll_transmit(&mut self) -> Option<(ConnId, Bytes)> {
-        self.state.poll_transmit()
+    /// Everything queued for `conn` since the last call: the driver asks again only once the
+    /// previous write finished, so writes coalesce.
+    pub fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
+        self.state.poll_transmit_for(conn)
     }
 
     pub fn poll_io(&mut self) -> Option<Io> {
@@ -273,6 +275,11 @@ impl SimConsumer {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.state.poll_timeout()
+    }
+
+    /// The RDY the consumer counts for `conn` (queued, if not yet written).
+    pub fn rdy(&self, conn: ConnId) -> Option<u32> {
+        self.state.rdy(conn)
     }
 }
 
@@ -363,8 +370,9 @@ impl SimProducer {
         self.state.outstanding()
     }
 
-    pub fn poll_transmit(&mut self) -> Option<(ConnId, Bytes)> {
-        self.state.poll_transmit()
+    /// Everything queued for `conn` since the last call (see [`SimConsumer::poll_transmit_for`]).
+    pub fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
+        self.state.poll_transmit_for(conn)
     }
 
     pub fn poll_io(&mut self) -> Option<Io> {

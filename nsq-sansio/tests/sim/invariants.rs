@@ -12,6 +12,9 @@ pub mod name {
     pub const NO_PANIC: &str = "no_panic";
     /// Every publish the application issued resolves exactly once; nothing else resolves.
     pub const PUBLISH_RESOLVES_ONCE: &str = "publish_resolves_once";
+    /// A publish resolves (acknowledged, refused or lost) within a bound: a dial, then a read
+    /// timeout at worst.
+    pub const PUBLISH_RESOLVES_IN_TIME: &str = "publish_resolves_in_time";
     /// An acknowledged publish is held by its nsqd, or was delivered, or a crash lost it.
     pub const ACKED_PUBLISH_HELD: &str = "acked_publish_held";
     /// Once faults heal, every acknowledged publish is handled within a bound: delivered to a
@@ -46,6 +49,7 @@ pub mod name {
     pub const ALL: &[&str] = &[
         NO_PANIC,
         PUBLISH_RESOLVES_ONCE,
+        PUBLISH_RESOLVES_IN_TIME,
         ACKED_PUBLISH_HELD,
         ACKED_PUBLISH_DELIVERED,
         PUBLISH_FAILS_ONLY_WITH_CAUSE,
@@ -159,6 +163,12 @@ pub fn direct_dials_allowed(interval: Duration, up_closes: usize) -> usize {
 /// connect) made while it had no connection.
 pub fn producer_dials_allowed(publish_calls: usize) -> usize {
     publish_calls + 1
+}
+
+/// The longest a publish may wait for its answer: the dial, then (nsqd silent) the read
+/// timeout, plus slack for the network.
+pub fn publish_bound(dial_timeout: Duration, read_timeout: Duration) -> Duration {
+    dial_timeout + read_timeout + STOP_SLACK
 }
 
 /// The longest a consumer's stop may take.
@@ -353,11 +363,35 @@ impl Firings {
 
 // ---- plain checks ----------------------------------------------------------------------------
 
-pub fn rdy_within_max_in_flight(who: Arguments<'_>, granted: u64, max_in_flight: u32, conns: usize) -> Check {
+/// The RDY of one connection: the last count written to its socket, and the count the
+/// consumer holds for it (different while a newer RDY waits to be written).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnRdy {
+    pub conn: u64,
+    pub written: u64,
+    pub held: Option<u32>,
+    pub writing: bool,
+}
+
+/// The sum of the RDY written to the consumer's live connections: what nsqd lets it have in
+/// flight.
+pub fn rdy_within_max_in_flight(who: Arguments<'_>, conns: &[ConnRdy], max_in_flight: u32) -> Check {
+    let granted: u64 = conns.iter().map(|c| c.written).sum();
     if granted > u64::from(max_in_flight) {
+        let each: Vec<String> = conns
+            .iter()
+            .map(|c| {
+                let busy = if c.writing { ", a write under way" } else { "" };
+                format!("conn {} wrote {} (holds {:?}{busy})", c.conn, c.written, c.held)
+            })
+            .collect();
         return violated(
             name::RDY_WITHIN_MAX_IN_FLIGHT,
-            format!("{who}: RDY {granted} granted over {conns} live connections, max_in_flight {max_in_flight}"),
+            format!(
+                "{who}: RDY {granted} written over {} live connections, max_in_flight {max_in_flight}: {}",
+                conns.len(),
+                each.join(", ")
+            ),
         );
     }
     Ok(())

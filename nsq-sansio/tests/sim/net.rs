@@ -169,6 +169,8 @@ pub struct Link {
     pub rdy: u64,
     /// Reset in the middle of the next bytes nsqd sends.
     pub reset_armed: bool,
+    /// The client's last write is still under way: the driver asks for more only after it.
+    pub writing: bool,
 }
 
 impl Link {
@@ -189,6 +191,7 @@ impl Link {
             scanner: CommandScanner::default(),
             rdy: 0,
             reset_armed: false,
+            writing: false,
         }
     }
 

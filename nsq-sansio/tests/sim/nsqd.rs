@@ -210,6 +210,14 @@ struct Conn {
     closing: bool,
 }
 
+/// RDY and in-flight counts of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    pub rdy: u64,
+    pub in_flight: u64,
+    pub max_rdy_granted: u64,
+}
+
 /// Counters for a run's summary.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NsqdStats {
@@ -483,14 +491,10 @@ impl NsqdModel {
         })
     }
 
-    /// The RDY count nsqd holds for `conn`, and its in-flight count.
-    pub fn rdy_and_in_flight(&self, conn: ServerConn) -> Option<(u64, u64)> {
-        self.conns.get(&conn.0).map(|c| (c.rdy, c.in_flight))
-    }
-
-    /// The largest RDY the client ever granted on `conn`.
-    pub fn max_rdy_granted(&self, conn: ServerConn) -> Option<u64> {
-        self.conns.get(&conn.0).map(|c| c.max_rdy_granted)
+    /// The RDY nsqd holds for `conn`, its messages in flight, and the largest RDY the client
+    /// ever granted on it.
+    pub fn flow(&self, conn: ServerConn) -> Option<Flow> {
+        self.conns.get(&conn.0).map(|c| Flow { rdy: c.rdy, in_flight: c.in_flight, max_rdy_granted: c.max_rdy_granted })
     }
 
     /// Every topic and channel, for re-registering with lookupd after a restart.
@@ -1561,7 +1565,7 @@ mod tests {
         bytes.extend(cmd("PUB t", Some(b"y")));
         bytes.extend(cmd("DPUB t 60000", Some(b"z")));
         model.recv(c, &bytes, t0);
-        assert_eq!(model.rdy_and_in_flight(c), Some((1, 1)));
+        assert_eq!(model.flow(c), Some(Flow { rdy: 1, in_flight: 1, max_rdy_granted: 1 }));
         model.client_closed(c, t0);
         assert!(model.holds(b"x") && model.holds(b"y") && model.holds(b"z"));
         // Not requeued at once: a new client with RDY gets "y" only, "x" after the timeout.

@@ -114,9 +114,13 @@ enum Ev {
         dir: Dir,
         seq: u64,
     },
+    /// A client's write finished.
+    Written {
+        link: usize,
+    },
     DialDone {
         link: usize,
-        outcome: DialFailureOr,
+        outcome: DialOutcome,
     },
     LookupdAnswer {
         consumer: usize,
@@ -155,6 +159,13 @@ enum Ev {
     ResetFallback {
         link: usize,
     },
+    /// A publish's bound, as [`Ev::StopDeadline`].
+    PublishDeadline {
+        producer: usize,
+        tx: u64,
+        due: Duration,
+        jumped: Duration,
+    },
     /// A stop's bound, due at `due` plus the clock jumps after `jumped` (the total then).
     StopDeadline {
         party: Party,
@@ -167,7 +178,7 @@ enum Ev {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum DialFailureOr {
+enum DialOutcome {
     Accept,
     Fail(DialFailure),
 }
@@ -260,8 +271,6 @@ struct ConsumerNode {
     client: Option<SimConsumer>,
     stopping_since: Option<Duration>,
     stopped: bool,
-    /// Links the consumer has not closed.
-    live: BTreeSet<usize>,
     timer: Option<Duration>,
     firings: Firings,
     rates: ConsumerRates,
@@ -317,6 +326,8 @@ struct World {
     consumers: Vec<ConsumerNode>,
     links: Vec<Link>,
     by_client: BTreeMap<(Party, ConnId), usize>,
+    /// Each client's links it has not closed.
+    live: BTreeMap<Party, BTreeSet<usize>>,
     by_server: BTreeMap<(usize, ServerConn), usize>,
     ledger: Ledger,
     allow: Allow,
@@ -329,7 +340,7 @@ struct World {
 impl World {
     fn new(seed: u64, scenario: Scenario, allow: Allow, verbose: bool) -> Self {
         let base = Instant::now();
-        let mut rng = SimRng::new(seed ^ 0x00c0_ffee);
+        let rng = SimRng::new(seed ^ 0x00c0_ffee);
         let nsqds = scenario
             .nsqds
             .iter()
@@ -391,7 +402,6 @@ impl World {
                 client: None,
                 stopping_since: None,
                 stopped: false,
-                live: BTreeSet::new(),
                 timer: None,
                 firings: Firings::default(),
                 rates: ConsumerRates::default(),
@@ -405,7 +415,6 @@ impl World {
             faults: scenario.faults.len(),
             ..Report::default()
         };
-        let _ = rng.next_u64();
         Self {
             rng,
             base,
@@ -424,6 +433,7 @@ impl World {
             consumers,
             links: Vec::new(),
             by_client: BTreeMap::new(),
+            live: BTreeMap::new(),
             by_server: BTreeMap::new(),
             ledger: Ledger::default(),
             allow,
@@ -599,6 +609,11 @@ impl World {
     fn handle(&mut self, ev: Ev) -> Result<(), Violation> {
         match ev {
             Ev::Arrive { link, dir, seq } => self.arrive(link, dir, seq)?,
+            Ev::Written { link } => {
+                self.links[link].writing = false;
+                let party = self.links[link].party;
+                self.drain(party)?;
+            }
             Ev::DialDone { link, outcome } => self.dial_done(link, outcome)?,
             Ev::LookupdAnswer { consumer, query, addr, answer } => {
                 self.note("lookupd answer", Who::Party(Party::Consumer(consumer)), query.0, u64::from(answer.is_ok()));
@@ -639,6 +654,7 @@ impl World {
                 }
             }
             Ev::StopDeadline { party, due, jumped } => self.stop_deadline(party, due, jumped)?,
+            Ev::PublishDeadline { producer, tx, due, jumped } => self.publish_deadline(producer, tx, due, jumped)?,
             Ev::Heal => self.heal()?,
             Ev::HealDeadline => self.heal_deadline()?,
             Ev::End => self.done = true,
@@ -750,6 +766,25 @@ impl World {
         self.check(inv::violated(name::STOP_COMPLETES, detail))
     }
 
+    fn publish_deadline(&mut self, i: usize, tx: u64, due: Duration, jumped: Duration) -> Result<(), Violation> {
+        let due = due + (self.jumped - jumped);
+        if due > self.now {
+            let jumped = self.jumped;
+            self.at(due, Ev::PublishDeadline { producer: i, tx, due, jumped });
+            return Ok(());
+        }
+        if !self.producers[i].txs.contains_key(&tx) {
+            return Ok(());
+        }
+        let s = &self.producers[i].settings;
+        let bound = inv::publish_bound(s.dial_timeout, s.read_timeout);
+        let c = inv::violated(
+            name::PUBLISH_RESOLVES_IN_TIME,
+            format!("producer-{i}: tx {tx} unresolved {bound:?} after it was issued (auto_batch {})", s.auto_batch),
+        );
+        self.check(c)
+    }
+
     fn publish(&mut self, i: usize) -> Result<(), Violation> {
         let now = self.instant();
         if self.phase != Phase::Faults || self.producers[i].stopping_since.is_some() {
@@ -786,6 +821,9 @@ impl World {
                     self.check(c)?;
                 }
                 self.note("publish", Who::Party(Party::Producer(i)), 0, tx);
+                let s = &self.producers[i].settings;
+                let (due, jumped) = (self.now + inv::publish_bound(s.dial_timeout, s.read_timeout), self.jumped);
+                self.at(due, Ev::PublishDeadline { producer: i, tx, due, jumped });
             }
             Err(e) => {
                 let c = inv::violated(name::CLIENT_PROTOCOL, format!("producer-{i}: a valid publish was refused: {e}"));
@@ -879,9 +917,25 @@ impl World {
     fn drain(&mut self, party: Party) -> Result<(), Violation> {
         loop {
             let mut progress = false;
-            while let Some((conn, bytes)) = self.poll_transmit(party) {
-                progress = true;
-                self.client_write(party, conn, &bytes)?;
+            // As the driver does: a connection is asked for bytes only when its previous write
+            // finished, so what queues meanwhile leaves as one write.
+            let idle: Vec<usize> = self
+                .live
+                .get(&party)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|&l| self.links[l].writable() && !self.links[l].writing)
+                .collect();
+            for l in idle {
+                let conn = self.links[l].conn;
+                if let Some(bytes) = self.poll_transmit_for(party, conn) {
+                    progress = true;
+                    self.client_write(party, conn, &bytes)?;
+                    self.links[l].writing = true;
+                    let took = self.rng.duration(Duration::from_micros(1), self.links[l].latency);
+                    self.after(took, Ev::Written { link: l });
+                }
             }
             match party {
                 Party::Producer(i) => {
@@ -926,10 +980,10 @@ impl World {
         self.check_party(party)
     }
 
-    fn poll_transmit(&mut self, party: Party) -> Option<(ConnId, Bytes)> {
+    fn poll_transmit_for(&mut self, party: Party, conn: ConnId) -> Option<Bytes> {
         match party {
-            Party::Producer(i) => self.producers[i].client.as_mut()?.poll_transmit(),
-            Party::Consumer(i) => self.consumers[i].client.as_mut()?.poll_transmit(),
+            Party::Producer(i) => self.producers[i].client.as_mut()?.poll_transmit_for(conn),
+            Party::Consumer(i) => self.consumers[i].client.as_mut()?.poll_transmit_for(conn),
         }
     }
 
@@ -951,15 +1005,23 @@ impl World {
                 }
             }
             Party::Consumer(i) => {
-                let (mut granted, mut live) = (0, 0);
-                for link in self.consumers[i].live.iter().map(|&l| &self.links[l]) {
-                    if link.writable() {
-                        granted += link.rdy;
-                        live += 1;
-                    }
-                }
+                let client = self.consumers[i].client.as_ref();
+                let conns: Vec<inv::ConnRdy> = self
+                    .live
+                    .get(&party)
+                    .into_iter()
+                    .flatten()
+                    .map(|&l| &self.links[l])
+                    .filter(|link| link.writable())
+                    .map(|link| inv::ConnRdy {
+                        conn: link.conn.0,
+                        written: link.rdy,
+                        held: client.and_then(|c| c.rdy(link.conn)),
+                        writing: link.writing,
+                    })
+                    .collect();
                 let max = self.consumers[i].settings.max_in_flight;
-                let c = inv::rdy_within_max_in_flight(format_args!("consumer-{i}"), granted, max, live);
+                let c = inv::rdy_within_max_in_flight(format_args!("consumer-{i}"), &conns, max);
                 self.check(c)?;
             }
         }
@@ -974,7 +1036,10 @@ impl World {
         match io {
             Io::Connect { conn, addr } => {
                 if stopped {
-                    let c = inv::violated(name::STOPPED_IS_QUIET, format!("{party} dials {addr} after Stopped"));
+                    let c = inv::violated(
+                        name::STOPPED_IS_QUIET,
+                        format!("{party} asks to dial {addr} after (or with) its Stopped"),
+                    );
                     self.check(c)?;
                 }
                 self.dial(party, conn, addr)
@@ -1146,9 +1211,7 @@ impl World {
         let nsqd = Self::nsqd_of(&addr);
         let link = self.links.len();
         self.links.push(Link::new(party, conn, nsqd.unwrap_or(usize::MAX), addr, latency));
-        if let Party::Consumer(i) = party {
-            self.consumers[i].live.insert(link);
-        }
+        self.live.entry(party).or_default().insert(link);
         if self.by_client.insert((party, conn), link).is_some() {
             let c = inv::violated(name::CLIENT_PROTOCOL, format!("{party} reused conn id {}", conn.0));
             self.check(c)?;
@@ -1158,17 +1221,17 @@ impl World {
             Party::Consumer(i) => self.consumers[i].settings.dial_timeout,
         };
         let (delay, outcome) = match nsqd.map(|n| &self.nsqds[n]) {
-            Some(node) if node.up && node.refuse_until <= self.now => (2 * latency, DialFailureOr::Accept),
-            Some(node) if node.up && node.blackhole => (dial_timeout, DialFailureOr::Fail(DialFailure::TimedOut)),
+            Some(node) if node.up && node.refuse_until <= self.now => (2 * latency, DialOutcome::Accept),
+            Some(node) if node.up && node.blackhole => (dial_timeout, DialOutcome::Fail(DialFailure::TimedOut)),
             // An address nobody listens on (a ghost) times out or is refused, by its name.
-            None if link % 2 == 0 => (dial_timeout, DialFailureOr::Fail(DialFailure::TimedOut)),
-            _ => (2 * latency, DialFailureOr::Fail(DialFailure::Refused)),
+            None if link % 2 == 0 => (dial_timeout, DialOutcome::Fail(DialFailure::TimedOut)),
+            _ => (2 * latency, DialOutcome::Fail(DialFailure::Refused)),
         };
         self.after(delay, Ev::DialDone { link, outcome });
         Ok(())
     }
 
-    fn dial_done(&mut self, link: usize, outcome: DialFailureOr) -> Result<(), Violation> {
+    fn dial_done(&mut self, link: usize, outcome: DialOutcome) -> Result<(), Violation> {
         let (party, conn, nsqd) = (self.links[link].party, self.links[link].conn, self.links[link].nsqd);
         let now = self.instant();
         if !self.links[link].client_open {
@@ -1178,13 +1241,13 @@ impl World {
         }
         // The nsqd may have gone down meanwhile.
         let outcome = match outcome {
-            DialFailureOr::Accept if !self.nsqds.get(nsqd).is_some_and(|n| n.up) => {
-                DialFailureOr::Fail(DialFailure::Refused)
+            DialOutcome::Accept if !self.nsqds.get(nsqd).is_some_and(|n| n.up) => {
+                DialOutcome::Fail(DialFailure::Refused)
             }
             other => other,
         };
         match outcome {
-            DialFailureOr::Fail(why) => {
+            DialOutcome::Fail(why) => {
                 self.note("dial failed", Who::Party(party), conn.0, 0);
                 let l = &mut self.links[link];
                 l.faulted = true;
@@ -1204,11 +1267,9 @@ impl World {
                 }
                 // The client knows: no Close is needed for a socket that never opened.
                 self.links[link].client_open = false;
-                if let Party::Consumer(i) = party {
-                    self.consumers[i].live.remove(&link);
-                }
+                self.live.entry(party).or_default().remove(&link);
             }
-            DialFailureOr::Accept => {
+            DialOutcome::Accept => {
                 self.note("accepted", Who::Party(party), conn.0, 0);
                 let node = &mut self.nsqds[nsqd];
                 let fault = node.handshake.as_ref().filter(|(_, until)| *until > self.now).map(|(f, _)| f.clone());
@@ -1281,13 +1342,15 @@ impl World {
             ));
         };
         self.note("client close", Who::Party(party), conn.0, 0);
-        if let Party::Consumer(i) = party {
-            self.consumers[i].live.remove(&l);
-        }
-        let link = &mut self.links[l];
-        if !link.client_open {
+        if !self.links[l].client_open {
             return Ok(());
         }
+        // The connection's last bytes (final FINs, CLS) go out before the socket closes.
+        while let Some(bytes) = self.poll_transmit_for(party, conn) {
+            self.client_write(party, conn, &bytes)?;
+        }
+        self.live.entry(party).or_default().remove(&l);
+        let link = &mut self.links[l];
         link.client_open = false;
         let latency = link.latency;
         if link.server.is_some() {
@@ -1395,14 +1458,11 @@ impl World {
             }
         }
         for (&(_, server), &l) in self.by_server.range(server_range(n)) {
-            if let (Some((rdy, in_flight)), Some(max)) =
-                (self.nsqds[n].model.rdy_and_in_flight(server), self.nsqds[n].model.max_rdy_granted(server))
-            {
-                let _ = rdy;
-                if in_flight > max {
+            if let Some(flow) = self.nsqds[n].model.flow(server) {
+                if flow.in_flight > flow.max_rdy_granted {
                     let party = self.links[l].party;
-                    let c =
-                        inv::in_flight_within_rdy(format_args!("nsqd-{n} conn {} ({party})", server.0), in_flight, max);
+                    let what = format_args!("nsqd-{n} conn {} ({party})", server.0);
+                    let c = inv::in_flight_within_rdy(what, flow.in_flight, flow.max_rdy_granted);
                     return self.check(c);
                 }
             }
