@@ -23,7 +23,7 @@ use sim::invariants::name;
 use sim::world::{self, Allow, Failure};
 
 /// Seeds of a plain `cargo test` run: a few seconds in a debug build.
-const DEFAULT_SEEDS: u64 = 200;
+const DEFAULT_SEEDS: u64 = 300;
 /// How many of the slowest seeds the summary names.
 const SLOWEST_SHOWN: usize = 5;
 /// A run stops after this many failing seeds.

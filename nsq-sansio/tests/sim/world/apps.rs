@@ -81,7 +81,9 @@ impl World {
         c.stopping_since = Some(self.now);
         client.stop(now);
         self.note("consumer stop", Who::Party(Party::Consumer(i)), 0, 0);
-        let (due, jumped) = (self.now + inv::consumer_stop_bound(), self.jumped);
+        // Once faults are over (the last phase), nothing is left to wait out.
+        let healthy = self.phase == Phase::Stopping;
+        let (due, jumped) = (self.now + inv::consumer_stop_bound(healthy), self.jumped);
         self.at(due, Ev::StopDeadline { party: Party::Consumer(i), due, jumped });
         self.drain(Party::Consumer(i))
     }
@@ -218,6 +220,8 @@ impl World {
         } else if roll < h.requeue + h.touch {
             Answer::Touch
         } else {
+            // Ignored (it times out), until the cluster heals.
+            self.consumers[consumer].ignored.push(msg);
             return;
         };
         self.after(delay, Ev::Respond { consumer, msg, answer });

@@ -271,6 +271,8 @@ struct ConsumerNode {
     direct: Vec<String>,
     lookupds: Vec<String>,
     handler: Handler,
+    /// Messages the handler chose not to answer; answered once the cluster is healthy.
+    ignored: Vec<Delivered>,
     sources_after: Duration,
     client: Option<SimConsumer>,
     stopping_since: Option<Duration>,
@@ -402,6 +404,7 @@ impl World {
                 direct: c.direct.iter().map(|&i| format!("nsqd-{i}:4150")).collect(),
                 lookupds: c.lookupds.iter().map(|&i| format!("lookupd-{i}:4161")).collect(),
                 handler: c.handler,
+                ignored: Vec::new(),
                 sources_after: c.sources_after,
                 client: None,
                 stopping_since: None,
@@ -698,6 +701,13 @@ impl World {
         }
         for i in 0..self.producers.len() {
             self.stop_producer(i)?;
+        }
+        // Healthy applications too: what the handlers held back is answered (if it has not
+        // timed out meanwhile).
+        for consumer in 0..self.consumers.len() {
+            for msg in std::mem::take(&mut self.consumers[consumer].ignored) {
+                self.after(HEALING_HANDLER_DELAY, Ev::Respond { consumer, msg, answer: Answer::Finish });
+            }
         }
         let inputs: Vec<inv::DeliveryInputs> = self
             .consumers
