@@ -159,7 +159,13 @@ impl World {
         let node = &mut self.nsqds[n];
         node.up = true;
         node.model.restart(now);
+        // A stall injected while it was down ends with its own deadline, as if it were up.
+        let (stalled, until) = (node.stall_until > self.now, node.stall_until);
+        node.model.set_stalled_all(stalled, now);
         let (addr, regs) = (node.addr.clone(), node.model.registrations());
+        if stalled {
+            self.at(until, Ev::NsqdHeal(n));
+        }
         for l in self.lookupds.iter_mut().filter(|l| l.mode != LookupdMode::Down) {
             l.model.register_node(Producer::for_addr(&addr, 40_000 + n as u16));
             for reg in &regs {
