@@ -126,15 +126,18 @@ impl World {
             return self.check(c);
         }
         self.note("client write", Who::Party(party), conn.0, bytes.len() as u64);
-        let link = &mut self.links[l];
         let mut scanned = Vec::new();
-        link.scanner.feed(bytes, &mut scanned);
+        self.links[l].scanner.feed(bytes, &mut scanned);
         for s in scanned {
             match s {
-                Scanned::Rdy(n) => link.rdy = n,
-                Scanned::Cls => {}
+                Scanned::Rdy(n) => {
+                    self.links[l].rdy = n;
+                    self.note("RDY", Who::Party(party), conn.0, n);
+                }
+                Scanned::Cls => self.note("CLS", Who::Party(party), conn.0, 0),
             }
         }
+        let link = &mut self.links[l];
         if !link.server_open {
             return Ok(());
         }
