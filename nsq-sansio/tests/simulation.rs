@@ -1,7 +1,7 @@
 //! The cluster simulation: whole NSQ clusters (modelled nsqds and nsqlookupds, producers and
 //! consumers built on `ProducerState` and `ConsumerState`) run on a virtual clock through a
 //! seeded schedule of faults, with the invariants in `sim/invariants.rs` checked after every
-//! step. See `sim/world.rs` for a run's phases and `sim/scenario.rs` for what a seed draws.
+//! step. See `sim/world/mod.rs` for a run's phases and `sim/scenario.rs` for what a seed draws.
 //!
 //! - `SIM_SEEDS=N` runs seeds `SIM_FIRST..SIM_FIRST+N` (default [`DEFAULT_SEEDS`] from 0) on
 //!   every core (`SIM_THREADS` to choose);

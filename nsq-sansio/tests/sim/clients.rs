@@ -1,5 +1,5 @@
 //! The glue to the client state machines. This is the only file that calls `ConsumerState`,
-//! `ProducerState`, `ConnectionState` and `Config`, so an API change of theirs is adapted here
+//! `ProducerState`, `ProducerPoolState`, `ConnectionState` and `Config`, so an API change of theirs is adapted here
 //! alone; the rest of the simulator sees the plain types below.
 
 use std::sync::Arc;
@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use nsq_sansio::{
     Action, BackoffStrategy, Channel, Config, ConnId, ConnectionError, ConnectionState, ConsumerEvent, ConsumerState,
-    Event, MessageId, ProducerEvent, ProducerState, PublishError, QueryId, Response, Topic,
+    Event, MessageId, PoolEvent, PoolOptions, ProducerEvent, ProducerPoolState, ProducerState, PublishError, Response,
+    Strategy, Topic,
 };
 
 /// The options the simulation varies, for either kind of client.
@@ -108,31 +109,60 @@ pub enum DialFailure {
 }
 
 impl DialFailure {
-    fn error(self, addr: &str, dial_timeout: Duration) -> String {
+    /// The `std::io::Error` a runtime's connect returns; `timeout` is the one the action gave.
+    fn error(self, timeout: Duration) -> std::io::Error {
+        use std::io::{Error, ErrorKind};
         match self {
-            Self::Refused => format!("{addr}: connection refused"),
-            Self::TimedOut => format!("{addr}: timed out after {dial_timeout:?}"),
+            Self::Refused => Error::new(ErrorKind::ConnectionRefused, "connection refused"),
+            Self::TimedOut => Error::new(ErrorKind::TimedOut, format!("connect timed out after {timeout:?}")),
         }
     }
 }
 
-/// Why a lookupd query got no response bytes.
-pub type LookupdFailure = DialFailure;
-
 /// I/O a client asks for.
 #[derive(Debug, Clone)]
 pub enum Io {
-    Connect { conn: ConnId, addr: String },
-    Close { conn: ConnId },
-    QueryLookupd { query: QueryId, addr: String, request: Bytes },
+    /// Open a socket to `addr` (an nsqd, or a lookupd for a query), failing after `timeout`.
+    Connect {
+        conn: ConnId,
+        addr: String,
+        timeout: Duration,
+    },
+    Close {
+        conn: ConnId,
+    },
 }
 
 fn io(action: Action) -> Io {
     match action {
-        Action::Connect { conn, addr } => Io::Connect { conn, addr },
+        Action::Connect { conn, addr, local_addr: _, timeout } => Io::Connect { conn, addr, timeout },
         Action::Close { conn } => Io::Close { conn },
-        Action::QueryLookupd { query, addr, request } => Io::QueryLookupd { query, addr, request },
         other => panic!("an action the simulation does not know: {other:?}"),
+    }
+}
+
+/// Why a connection ended, as far as the invariants care.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    pub text: String,
+    /// The client closed it itself (`ConnectionError::LocallyClosed`): no fault, no nsqd.
+    pub local: bool,
+    /// nsqd closed it after refusing a publish (the command's fault, not the connection's):
+    /// the pool does not count it against the nsqd's health.
+    pub refused_publish: bool,
+}
+
+impl Cause {
+    fn of(error: &ConnectionError) -> Self {
+        let refused_publish = matches!(
+            error,
+            ConnectionError::Server(e) if matches!(
+                e.code.as_str(),
+                "E_INVALID" | "E_BAD_TOPIC" | "E_BAD_MESSAGE" | "E_BAD_BODY" | "E_PUB_FAILED" | "E_MPUB_FAILED"
+                    | "E_DPUB_FAILED" | "E_UNAUTHORIZED"
+            )
+        );
+        Self { text: error.to_string(), local: error.is_local_close(), refused_publish }
     }
 }
 
@@ -164,16 +194,26 @@ pub enum ConsumerNote {
         conn: ConnId,
         addr: String,
     },
-    /// A connection ended, or never came up.
+    /// A connection that never subscribed ended; `retry_at` is when the consumer says it tries
+    /// the address again (`None`: never, as for the first attempt at a direct address).
+    ConnectFailed {
+        conn: ConnId,
+        addr: String,
+        cause: Cause,
+        retry_at: Option<Instant>,
+    },
+    /// A subscribed connection ended.
     Closed {
         conn: ConnId,
         addr: String,
-        cause: String,
+        cause: Cause,
     },
     LookupdFailed {
         addr: String,
         error: String,
     },
+    /// nsqd accepted the AUTH secret.
+    Authenticated,
     Stopped,
 }
 
@@ -181,14 +221,13 @@ pub enum ConsumerNote {
 #[derive(Debug)]
 pub struct SimConsumer {
     state: ConsumerState,
-    dial_timeout: Duration,
 }
 
 impl SimConsumer {
     pub fn new(topic: &str, channel: &str, settings: &Settings, now: Instant) -> Self {
         let topic = Topic::new(topic).expect("a valid topic");
         let channel = Channel::new(channel).expect("a valid channel");
-        Self { state: ConsumerState::new(topic, channel, settings.config(), now), dial_timeout: settings.dial_timeout }
+        Self { state: ConsumerState::new(topic, channel, settings.config(), now) }
     }
 
     pub fn connect_to_nsqd(&mut self, addr: &str, now: Instant) -> Result<(), String> {
@@ -203,8 +242,8 @@ impl SimConsumer {
         self.state.handle_connected(conn, now);
     }
 
-    pub fn connect_failed(&mut self, conn: ConnId, addr: &str, why: DialFailure, now: Instant) {
-        self.state.handle_connect_failed(conn, why.error(addr, self.dial_timeout), now);
+    pub fn connect_failed(&mut self, conn: ConnId, why: DialFailure, timeout: Duration, now: Instant) {
+        self.state.handle_connect_failed(conn, why.error(timeout), now);
     }
 
     pub fn input(&mut self, conn: ConnId, bytes: &[u8], now: Instant) {
@@ -213,17 +252,6 @@ impl SimConsumer {
 
     pub fn eof(&mut self, conn: ConnId, now: Instant) {
         self.state.handle_eof(conn, now);
-    }
-
-    pub fn lookupd_answer(
-        &mut self,
-        query: QueryId,
-        addr: &str,
-        answer: Result<Vec<u8>, LookupdFailure>,
-        now: Instant,
-    ) {
-        let answer = answer.map(Bytes::from).map_err(|why| why.error(addr, LOOKUPD_QUERY_TIMEOUT));
-        self.state.handle_lookupd_response(query, answer, now);
     }
 
     pub fn timeout(&mut self, now: Instant) {
@@ -264,10 +292,16 @@ impl SimConsumer {
             ConsumerEvent::Message { conn, message } => ConsumerNote::Message(delivered(conn, message)),
             ConsumerEvent::GaveUp { conn, message } => ConsumerNote::GaveUp(delivered(conn, message)),
             ConsumerEvent::Connected { conn, addr } => ConsumerNote::Connected { conn, addr },
-            ConsumerEvent::Disconnected { conn, addr, error } => {
-                ConsumerNote::Closed { conn, addr, cause: error.to_string() }
+            ConsumerEvent::ConnectFailed { conn, addr, error, retry_at } => {
+                ConsumerNote::ConnectFailed { conn, addr, cause: Cause::of(&error), retry_at }
             }
-            ConsumerEvent::LookupdFailed { addr, error } => ConsumerNote::LookupdFailed { addr, error },
+            ConsumerEvent::Disconnected { conn, addr, error } => {
+                ConsumerNote::Closed { conn, addr, cause: Cause::of(&error) }
+            }
+            ConsumerEvent::LookupdFailed { addr, error } => {
+                ConsumerNote::LookupdFailed { addr, error: error.to_string() }
+            }
+            ConsumerEvent::Authenticated { .. } => ConsumerNote::Authenticated,
             ConsumerEvent::Stopped => ConsumerNote::Stopped,
             other => panic!("a consumer event the simulation does not know: {other:?}"),
         })
@@ -283,16 +317,42 @@ impl SimConsumer {
     }
 }
 
+/// How one attempt of a publish failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// nsqd answered with an error.
+    Refused(String),
+    /// Sent, then the connection ended before an answer: it may or may not have been stored.
+    Lost(Cause),
+    /// Never sent: the connection could not be made (or the pool gave up waiting for one).
+    NotSent(Cause),
+    /// Refused locally.
+    Rejected(String),
+}
+
+impl Failure {
+    fn of(error: PublishError) -> Self {
+        match error {
+            PublishError::Server(e) => Self::Refused(e.to_string()),
+            PublishError::ConnectionLost(cause) => Self::Lost(Cause::of(&cause)),
+            PublishError::NotConnected(cause) => Self::NotSent(Cause::of(&cause)),
+            e => Self::Rejected(e.to_string()),
+        }
+    }
+
+    /// The cause, when it is the client closing its own connection.
+    pub fn local_close(&self) -> bool {
+        matches!(self, Self::Lost(c) | Self::NotSent(c) if c.local)
+    }
+}
+
 /// How a publish ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublishOutcome {
     Acked,
-    /// nsqd answered with an error.
-    Refused(String),
-    /// The connection ended before an answer: it may or may not have been stored.
-    Lost(String),
-    /// Refused locally.
-    Rejected(String),
+    /// Every attempt's failure, with the nsqd it was on (`""`: none in particular). One for
+    /// a single-nsqd producer.
+    Failed(Vec<(String, Failure)>),
 }
 
 /// What a producer tells the application.
@@ -302,113 +362,242 @@ pub enum ProducerNote {
         tx: u64,
         outcome: PublishOutcome,
     },
-    Connected(ConnId),
-    /// `local`: the producer closed it itself (stop), not the network or nsqd.
+    Connected {
+        conn: ConnId,
+        addr: String,
+    },
+    /// A connection that never finished its handshake ended; the nsqd is left alone until
+    /// `retry_at`.
+    ConnectFailed {
+        conn: ConnId,
+        addr: String,
+        cause: Cause,
+        retry_at: Instant,
+    },
+    /// A connection that had finished its handshake ended.
     Disconnected {
         conn: ConnId,
-        cause: String,
-        local: bool,
+        addr: String,
+        cause: Cause,
     },
+    LookupdFailed {
+        addr: String,
+        error: String,
+    },
+    /// Authenticated, a pool's answer to `connect`: nothing the invariants look at.
+    Other,
     Stopped,
 }
 
-/// A producer publishing to one nsqd.
+/// How a pool spreads its publishes (`nsq_sansio::Strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolStrategy {
+    Failover,
+    RoundRobin,
+    All,
+}
+
+/// A pool's options.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub strategy: PoolStrategy,
+    pub max_retries: u32,
+    pub wait: Duration,
+}
+
+#[derive(Debug)]
+enum ProducerKind {
+    One(Box<ProducerState>),
+    Pool(Box<ProducerPoolState>),
+}
+
+/// A producer: one `ProducerState` on one nsqd, or a `ProducerPoolState` over several.
 #[derive(Debug)]
 pub struct SimProducer {
-    state: ProducerState,
-    dial_timeout: Duration,
+    kind: ProducerKind,
+    /// The single producer's nsqd.
+    addr: String,
 }
 
 impl SimProducer {
     pub fn new(addr: &str, settings: &Settings, now: Instant) -> Self {
         let mut state = ProducerState::new(addr, settings.config(), now);
         state.set_auto_batch(settings.auto_batch);
-        Self { state, dial_timeout: settings.dial_timeout }
+        Self { kind: ProducerKind::One(Box::new(state)), addr: addr.to_owned() }
+    }
+
+    pub fn pool(addrs: &[String], pool: &PoolSettings, settings: &Settings, now: Instant) -> Self {
+        let strategy = match pool.strategy {
+            PoolStrategy::Failover => Strategy::Failover,
+            PoolStrategy::RoundRobin => Strategy::RoundRobin,
+            PoolStrategy::All => Strategy::All,
+        };
+        let options = PoolOptions::new(strategy).max_retries(pool.max_retries).wait(pool.wait);
+        let state = ProducerPoolState::new(addrs.iter().cloned(), options, settings.config(), now);
+        Self { kind: ProducerKind::Pool(Box::new(state)), addr: String::new() }
+    }
+
+    /// Adds a lookupd whose `/nodes` a pool takes nsqds from.
+    pub fn connect_to_lookupd(&mut self, addr: &str, now: Instant) -> Result<(), String> {
+        match &mut self.kind {
+            ProducerKind::One(_) => Err("a single-nsqd producer has no lookupds".into()),
+            ProducerKind::Pool(p) => p.connect_to_nsqlookupd(addr, now).map(drop).map_err(|e| e.to_string()),
+        }
     }
 
     pub fn publish(&mut self, topic: &str, body: Bytes, now: Instant) -> Result<u64, String> {
         let topic = Topic::new(topic).expect("a valid topic");
-        self.state.publish(&topic, body, now).map(|tx| tx.0).map_err(|e| e.to_string())
+        let tx = match &mut self.kind {
+            ProducerKind::One(p) => p.publish(&topic, body, now),
+            ProducerKind::Pool(p) => p.publish(&topic, body, now),
+        };
+        tx.map(|tx| tx.0).map_err(|e| e.to_string())
     }
 
     pub fn multi_publish(&mut self, topic: &str, bodies: Vec<Bytes>, now: Instant) -> Result<u64, String> {
         let topic = Topic::new(topic).expect("a valid topic");
-        self.state.multi_publish(&topic, bodies, now).map(|tx| tx.0).map_err(|e| e.to_string())
+        let tx = match &mut self.kind {
+            ProducerKind::One(p) => p.multi_publish(&topic, bodies, now),
+            ProducerKind::Pool(p) => p.multi_publish(&topic, bodies, now),
+        };
+        tx.map(|tx| tx.0).map_err(|e| e.to_string())
     }
 
     pub fn deferred_publish(&mut self, topic: &str, delay: Duration, body: Bytes, now: Instant) -> Result<u64, String> {
         let topic = Topic::new(topic).expect("a valid topic");
-        self.state.deferred_publish(&topic, delay, body, now).map(|tx| tx.0).map_err(|e| e.to_string())
+        let tx = match &mut self.kind {
+            ProducerKind::One(p) => p.deferred_publish(&topic, delay, body, now),
+            ProducerKind::Pool(p) => p.deferred_publish(&topic, delay, body, now),
+        };
+        tx.map(|tx| tx.0).map_err(|e| e.to_string())
     }
 
     pub fn connected(&mut self, conn: ConnId, now: Instant) {
-        self.state.handle_connected(conn, now);
+        match &mut self.kind {
+            ProducerKind::One(p) => p.handle_connected(conn, now),
+            ProducerKind::Pool(p) => p.handle_connected(conn, now),
+        }
     }
 
-    pub fn connect_failed(&mut self, conn: ConnId, addr: &str, why: DialFailure, now: Instant) {
-        self.state.handle_connect_failed(conn, why.error(addr, self.dial_timeout), now);
+    pub fn connect_failed(&mut self, conn: ConnId, why: DialFailure, timeout: Duration, now: Instant) {
+        match &mut self.kind {
+            ProducerKind::One(p) => p.handle_connect_failed(conn, why.error(timeout), now),
+            ProducerKind::Pool(p) => p.handle_connect_failed(conn, why.error(timeout), now),
+        }
     }
 
     pub fn input(&mut self, conn: ConnId, bytes: &[u8], now: Instant) {
-        self.state.handle_input(conn, now, BytesMut::from(bytes));
+        match &mut self.kind {
+            ProducerKind::One(p) => p.handle_input(conn, now, BytesMut::from(bytes)),
+            ProducerKind::Pool(p) => p.handle_input(conn, now, BytesMut::from(bytes)),
+        }
     }
 
     pub fn eof(&mut self, conn: ConnId, now: Instant) {
-        self.state.handle_eof(conn, now);
+        match &mut self.kind {
+            ProducerKind::One(p) => p.handle_eof(conn, now),
+            ProducerKind::Pool(p) => p.handle_eof(conn, now),
+        }
     }
 
     pub fn timeout(&mut self, now: Instant) {
-        self.state.handle_timeout(now);
+        match &mut self.kind {
+            ProducerKind::One(p) => p.handle_timeout(now),
+            ProducerKind::Pool(p) => p.handle_timeout(now),
+        }
     }
 
     pub fn stop(&mut self, now: Instant) {
-        self.state.stop(now);
+        match &mut self.kind {
+            ProducerKind::One(p) => p.stop(now),
+            ProducerKind::Pool(p) => p.stop(now),
+        }
     }
 
     /// Publishes the producer holds and has not resolved.
     pub fn outstanding(&self) -> usize {
-        self.state.outstanding()
+        match &self.kind {
+            ProducerKind::One(p) => p.outstanding(),
+            ProducerKind::Pool(p) => p.outstanding(),
+        }
     }
 
     /// Everything queued for `conn` since the last call (see [`SimConsumer::poll_transmit_for`]).
     pub fn poll_transmit_for(&mut self, conn: ConnId) -> Option<Bytes> {
-        self.state.poll_transmit_for(conn)
+        match &mut self.kind {
+            ProducerKind::One(p) => p.poll_transmit_for(conn),
+            ProducerKind::Pool(p) => p.poll_transmit_for(conn),
+        }
     }
 
     pub fn poll_io(&mut self) -> Option<Io> {
-        self.state.poll_action().map(io)
+        match &mut self.kind {
+            ProducerKind::One(p) => p.poll_action().map(io),
+            ProducerKind::Pool(p) => p.poll_action().map(io),
+        }
     }
 
     pub fn poll_note(&mut self) -> Option<ProducerNote> {
-        Some(match self.state.poll_event()? {
+        match &mut self.kind {
+            ProducerKind::One(p) => Some(Self::note(&self.addr, p.poll_event()?)),
+            ProducerKind::Pool(p) => Some(Self::pool_note(p.poll_event()?)),
+        }
+    }
+
+    fn note(addr: &str, event: ProducerEvent) -> ProducerNote {
+        match event {
             ProducerEvent::Published { tx, result } => {
                 let outcome = match result {
                     Ok(()) => PublishOutcome::Acked,
-                    Err(PublishError::Server(e)) => PublishOutcome::Refused(e.to_string()),
-                    Err(PublishError::ConnectionLost) => PublishOutcome::Lost("connection lost".into()),
-                    Err(e) => PublishOutcome::Rejected(e.to_string()),
+                    Err(e) => PublishOutcome::Failed(vec![(addr.to_owned(), Failure::of(e))]),
                 };
                 ProducerNote::Published { tx: tx.0, outcome }
             }
-            ProducerEvent::Connected(conn) => ProducerNote::Connected(conn),
-            ProducerEvent::Disconnected(conn, error) => ProducerNote::Disconnected {
-                conn,
-                local: matches!(error, ConnectionError::LocallyClosed),
-                cause: error.to_string(),
-            },
+            ProducerEvent::Connected(conn) => ProducerNote::Connected { conn, addr: addr.to_owned() },
+            ProducerEvent::ConnectFailed { conn, error, retry_at } => {
+                ProducerNote::ConnectFailed { conn, addr: addr.to_owned(), cause: Cause::of(&error), retry_at }
+            }
+            ProducerEvent::Disconnected(conn, error) => {
+                ProducerNote::Disconnected { conn, addr: addr.to_owned(), cause: Cause::of(&error) }
+            }
+            ProducerEvent::Authenticated { .. } => ProducerNote::Other,
             ProducerEvent::Stopped => ProducerNote::Stopped,
             other => panic!("a producer event the simulation does not know: {other:?}"),
-        })
+        }
+    }
+
+    fn pool_note(event: PoolEvent) -> ProducerNote {
+        match event {
+            PoolEvent::Published { tx, result } => {
+                let outcome = match result {
+                    Ok(()) => PublishOutcome::Acked,
+                    Err(e) => PublishOutcome::Failed(
+                        e.attempts.into_iter().map(|(addr, error)| (addr, Failure::of(error))).collect(),
+                    ),
+                };
+                ProducerNote::Published { tx: tx.0, outcome }
+            }
+            PoolEvent::Connected { conn, addr } => ProducerNote::Connected { conn, addr },
+            PoolEvent::ConnectFailed { conn, addr, error, retry_at } => {
+                ProducerNote::ConnectFailed { conn, addr, cause: Cause::of(&error), retry_at }
+            }
+            PoolEvent::Disconnected { conn, addr, error } => {
+                ProducerNote::Disconnected { conn, addr, cause: Cause::of(&error) }
+            }
+            PoolEvent::LookupdFailed { addr, error } => ProducerNote::LookupdFailed { addr, error: error.to_string() },
+            PoolEvent::Authenticated { .. } | PoolEvent::Ready(_) => ProducerNote::Other,
+            PoolEvent::Stopped => ProducerNote::Stopped,
+            other => panic!("a pool event the simulation does not know: {other:?}"),
+        }
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.state.poll_timeout()
+        match &self.kind {
+            ProducerKind::One(p) => p.poll_timeout(),
+            ProducerKind::Pool(p) => p.poll_timeout(),
+        }
     }
 }
-
-/// How long the runtime crates give a lookupd query, connect to last byte (the driver's
-/// `LOOKUPD_TIMEOUT`).
-pub const LOOKUPD_QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a bare connection reports, for driving the nsqd model in its unit tests.
 #[derive(Debug, PartialEq, Eq)]

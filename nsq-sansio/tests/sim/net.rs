@@ -1,7 +1,7 @@
-//! The network between the clients and the nsqds: one [`Link`] per TCP connection. Each
-//! direction is a [`Pipe`] that delivers bytes in order, cut at random boundaries, each piece
-//! after a latency; then, when its writer closes, end of file. A reset cuts what is in
-//! transit short and ends both directions.
+//! The network between the clients and the servers (nsqds, lookupds): one [`Link`] per TCP
+//! connection. Each direction is a [`Pipe`] that delivers bytes in order, cut at random
+//! boundaries, each piece after a latency; then, when its writer closes, end of file. A reset
+//! cuts what is in transit short and ends both directions.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -144,26 +144,56 @@ impl Pipe {
     }
 }
 
-/// One client connection to an nsqd, from the dial to both sides' close.
+/// The server end of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Nsqd(usize),
+    Lookupd(usize),
+    /// An address nobody listens on (a lying lookupd's ghost).
+    Nobody,
+}
+
+/// The lookupd query a link carries: which poll round it belongs to (a failed query's
+/// successor on the next lookupd belongs to the same round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    pub id: u64,
+    /// When the round's first query was made.
+    pub start: Duration,
+    /// 0 for the round's first query, 1 for the next lookupd after it failed, ...
+    pub attempt: usize,
+}
+
+/// One client connection to an nsqd or a lookupd, from the dial to both sides' close.
 #[derive(Debug)]
 pub struct Link {
     pub party: Party,
     pub conn: ConnId,
+    pub peer: Peer,
+    /// The nsqd's index (`usize::MAX` for any other peer).
     pub nsqd: usize,
     pub addr: String,
     pub latency: Duration,
+    /// The connect's timeout, as the client's action gave it.
+    pub dial_timeout: Duration,
+    /// The dial succeeded: the socket is connected.
+    pub accepted: bool,
     /// The nsqd's connection, once accepted; with the nsqd's incarnation (a crash ends it).
     pub server: Option<(ServerConn, u64)>,
     /// The client has not closed its socket.
     pub client_open: bool,
-    /// nsqd has not closed its socket (nor vanished).
+    /// When the client closed it or saw it end.
+    pub closed_at: Option<Duration>,
+    /// The server has not closed its socket (nor vanished).
     pub server_open: bool,
     pub to_server: Pipe,
     pub to_client: Pipe,
     /// A fault hit this connection (refused, reset, stalled, crashed, handshake error).
     pub faulted: bool,
-    /// The consumer reported it subscribed.
+    /// The client reported it subscribed (consumer) or finished its handshake (producer).
     pub up: bool,
+    /// When it came up.
+    pub up_at: Option<Duration>,
     /// The client's commands as written, for the RDY it granted.
     pub scanner: CommandScanner,
     pub rdy: u64,
@@ -171,27 +201,53 @@ pub struct Link {
     pub reset_armed: bool,
     /// The client's last write is still under way: the driver asks for more only after it.
     pub writing: bool,
+    /// A lookupd link: the request so far, and whether lookupd has answered it.
+    pub request: Vec<u8>,
+    pub answered: bool,
+    /// A lookupd link: the response lookupd sent.
+    pub response: Vec<u8>,
+    /// A lookupd link: the poll round of the query.
+    pub round: Option<Round>,
 }
 
 impl Link {
-    pub fn new(party: Party, conn: ConnId, nsqd: usize, addr: String, latency: Duration) -> Self {
+    pub fn new(
+        party: Party,
+        conn: ConnId,
+        peer: Peer,
+        addr: String,
+        latency: Duration,
+        dial_timeout: Duration,
+    ) -> Self {
         Self {
             party,
             conn,
-            nsqd,
+            peer,
+            nsqd: match peer {
+                Peer::Nsqd(n) => n,
+                _ => usize::MAX,
+            },
             addr,
             latency,
+            dial_timeout,
+            accepted: false,
             server: None,
             client_open: true,
+            closed_at: None,
             server_open: true,
             to_server: Pipe::default(),
             to_client: Pipe::default(),
             faulted: false,
             up: false,
+            up_at: None,
             scanner: CommandScanner::default(),
             rdy: 0,
             reset_armed: false,
             writing: false,
+            request: Vec::new(),
+            answered: false,
+            response: Vec::new(),
+            round: None,
         }
     }
 
@@ -204,7 +260,11 @@ impl Link {
 
     /// Established and not yet closed by the client: the client may write to it.
     pub fn writable(&self) -> bool {
-        self.client_open && self.server.is_some()
+        self.client_open && self.accepted
+    }
+
+    pub fn is_lookupd(&self) -> bool {
+        matches!(self.peer, Peer::Lookupd(_))
     }
 }
 

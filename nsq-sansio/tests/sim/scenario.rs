@@ -1,10 +1,11 @@
-//! What one seed draws: the cluster (nsqds, lookupds), the clients and their settings, the
-//! applications' behaviour and the fault schedule. Everything random about a run comes from
+//! What one seed draws: the cluster (nsqds, lookupds), the clients (producers on one nsqd or
+//! pools over several, consumers) and their settings, the applications' behaviour and the
+//! fault schedule. Everything random about a run comes from
 //! here or from the world's own generator, both seeded by the run's seed.
 
 use std::time::Duration;
 
-use super::clients::Settings;
+use super::clients::{PoolSettings, PoolStrategy, Settings};
 use super::lookupd::Garbage;
 use super::nsqd::{AuthOptions, HandshakeFault, NsqdOptions};
 use super::rng::SimRng;
@@ -17,6 +18,11 @@ pub const SECRET: &str = "s3cret";
 
 /// How long faults are injected before the healing phase, in seconds.
 const FAULT_PHASE_SECS: (u64, u64) = (60, 240);
+/// Seeds the generator of the draws added after the first ones (the pool), so that adding
+/// them left what every seed drew before unchanged.
+const POOL_DRAWS: u64 = 0x9001_5eed;
+/// The share of seeds whose first producer is a pool.
+const POOL_SHARE: f64 = 0.4;
 
 #[derive(Debug)]
 pub struct Scenario {
@@ -32,13 +38,22 @@ pub struct Scenario {
 
 #[derive(Debug)]
 pub struct ProducerPlan {
-    pub nsqd: usize,
+    pub target: Target,
     pub settings: Settings,
     pub start: Duration,
     /// Graceful stop during the fault phase (else at the healing phase).
     pub stop: Option<Duration>,
     /// Mean time between two publishes.
     pub publish_every: Duration,
+}
+
+/// Where a producer publishes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A `ProducerState` on this nsqd.
+    One(usize),
+    /// A `ProducerPoolState` over these nsqds, and maybe more from these lookupds' `/nodes`.
+    Pool { nsqds: Vec<usize>, lookupds: Vec<usize>, settings: PoolSettings },
 }
 
 #[derive(Debug)]
@@ -157,9 +172,9 @@ impl Scenario {
             .collect();
         let secret = auth.then(|| SECRET.to_owned());
 
-        let producers = (0..rng.range(1, 3))
+        let mut producers: Vec<ProducerPlan> = (0..rng.range(1, 3))
             .map(|_| ProducerPlan {
-                nsqd: rng.index(nsqd_count),
+                target: Target::One(rng.index(nsqd_count)),
                 settings: producer_settings(&mut rng, secret.clone()),
                 start: rng.duration(Duration::ZERO, fault_phase / 3),
                 stop: rng.chance(0.3).then(|| rng.duration(fault_phase / 3, fault_phase)),
@@ -218,15 +233,27 @@ impl Scenario {
             })
             .collect();
 
-        Self {
-            nsqds,
-            lookupds,
-            producers,
-            consumers,
-            faults,
-            fault_phase,
-            latency: Duration::from_micros(rng.range(50, 5_000)),
+        let latency = Duration::from_micros(rng.range(50, 5_000));
+
+        let mut more = SimRng::new(seed ^ POOL_DRAWS);
+        if more.chance(POOL_SHARE) {
+            let mut members: Vec<usize> = (0..nsqd_count).collect();
+            for i in (1..members.len()).rev() {
+                members.swap(i, more.index(i + 1));
+            }
+            members.truncate(more.range(2, nsqd_count.min(3) as u64) as usize);
+            let strategy = *more.pick(&[PoolStrategy::Failover, PoolStrategy::RoundRobin, PoolStrategy::All]);
+            let settings = PoolSettings {
+                strategy,
+                max_retries: more.range(0, 3) as u32,
+                wait: *more.pick(&[Duration::from_millis(500), Duration::from_secs(2), Duration::from_secs(10)]),
+            };
+            let lookupds = if lookupds > 0 && more.chance(0.5) { (0..lookupds).collect() } else { Vec::new() };
+            producers[0].target = Target::Pool { nsqds: members, lookupds, settings };
+            producers[0].settings.auto_batch = 0;
         }
+
+        Self { nsqds, lookupds, producers, consumers, faults, fault_phase, latency }
     }
 }
 

@@ -89,10 +89,13 @@ pub fn go_quote(bytes: &[u8]) -> String {
 }
 
 /// Watches the bytes a client writes and reports the RDY counts in them, for the harness's
-/// RDY invariant. It follows the framing only (line, then a body for the commands that have
-/// one); validation is the nsqd model's job.
+/// RDY invariant, and (when asked) the publishes, to follow a pool's attempts. It follows the
+/// framing only (line, then a body for the commands that have one); validation is the nsqd
+/// model's job.
 #[derive(Debug, Default)]
 pub struct CommandScanner {
+    /// Report PUB, DPUB and MPUB too.
+    pub publishes: bool,
     buf: Vec<u8>,
     magic_seen: bool,
     /// Set once the stream stopped making sense; the nsqd model reports why.
@@ -100,10 +103,12 @@ pub struct CommandScanner {
 }
 
 /// A command the scanner recognised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scanned {
     Rdy(u64),
     Cls,
+    /// A publish, by its (first) message body.
+    Publish(Vec<u8>),
 }
 
 impl CommandScanner {
@@ -152,7 +157,16 @@ impl CommandScanner {
             if rest.len() < total {
                 break;
             }
+            let first_body = match name {
+                _ if !self.publishes => None,
+                b"PUB" | b"DPUB" => Some(&rest[used + 4..total]),
+                // [count][size][body]...
+                b"MPUB" => read_len(rest.get(used + 8..total).unwrap_or_default())
+                    .and_then(|size| rest.get(used + 12..used + 12 + usize::try_from(size).ok()?)),
+                _ => None,
+            };
             out.extend(scanned);
+            out.extend(first_body.map(|body| Scanned::Publish(body.to_vec())));
             pos += total;
         }
         self.buf.drain(..pos);
@@ -184,5 +198,11 @@ mod tests {
             s.feed(&stream[cut..], &mut out);
             assert_eq!(out, [Scanned::Rdy(7), Scanned::Cls, Scanned::Rdy(1)], "cut at {cut}");
         }
+        let stream = b"  V2PUB t\n\0\0\0\x03abcMPUB t\n\0\0\0\x0e\0\0\0\x02\0\0\0\x01x\0\0\0\x01yDPUB t 5\n\0\0\0\x01z";
+        let mut s = CommandScanner { publishes: true, ..CommandScanner::default() };
+        let mut out = Vec::new();
+        s.feed(stream, &mut out);
+        let bodies: Vec<Scanned> = [&b"abc"[..], b"x", b"z"].iter().map(|b| Scanned::Publish(b.to_vec())).collect();
+        assert_eq!(out, bodies);
     }
 }

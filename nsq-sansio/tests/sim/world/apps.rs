@@ -9,9 +9,18 @@ impl World {
             self.producers[i].stopped = true;
             return Ok(());
         }
+        let now = self.instant();
         let p = &mut self.producers[i];
-        let addr = format!("nsqd-{}:4150", p.nsqd);
-        p.client = Some(SimProducer::new(&addr, &p.settings, self.base + self.now));
+        let mut client = match &p.target {
+            Target::One(_) => SimProducer::new(&p.addrs[0], &p.settings, now),
+            Target::Pool { settings, .. } => SimProducer::pool(&p.addrs, settings, &p.settings, now),
+        };
+        for addr in &p.lookupds {
+            client
+                .connect_to_lookupd(addr, now)
+                .map_err(|e| Violation { invariant: name::CLIENT_PROTOCOL, detail: e })?;
+        }
+        p.client = Some(client);
         self.note("producer start", Who::Party(Party::Producer(i)), 0, 0);
         let first = self.rng.exponential(self.producers[i].publish_every);
         self.after(first, Ev::Publish(i));
@@ -59,6 +68,7 @@ impl World {
         }
         for addr in &c.direct {
             client.connect_to_nsqd(addr, now).map_err(|e| Violation { invariant: name::CLIENT_PROTOCOL, detail: e })?;
+            c.direct_live.insert(addr.clone());
         }
         for addr in &c.lookupds {
             client
@@ -124,13 +134,62 @@ impl World {
         if !self.producers[i].txs.contains_key(&tx) {
             return Ok(());
         }
-        let s = &self.producers[i].settings;
-        let bound = inv::publish_bound(s.dial_timeout, s.read_timeout);
-        let c = inv::violated(
-            name::PUBLISH_RESOLVES_IN_TIME,
-            format!("producer-{i}: tx {tx} unresolved {bound:?} after it was issued (auto_batch {})", s.auto_batch),
-        );
-        self.check(c)
+        match self.publish_late(i, tx) {
+            // Not late yet: its attempts under way may take until the next check.
+            Ok(Some(next)) => {
+                let jumped = self.jumped;
+                self.at(next, Ev::PublishDeadline { producer: i, tx, due: next, jumped });
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(c) => self.check(Err(c)),
+        }
+    }
+
+    /// Whether publish `tx` is past its bound now: a violation if so; else, for a pool, when
+    /// to look again (its attempts under way may still take that long).
+    pub(super) fn publish_late(&self, i: usize, tx: u64) -> Result<Option<Duration>, Violation> {
+        let p = &self.producers[i];
+        let Some(t) = p.txs.get(&tx) else { return Ok(None) };
+        let s = &p.settings;
+        let elapsed =
+            self.now.saturating_sub(t.issued) - (self.jumped - t.jumped).min(self.now.saturating_sub(t.issued));
+        let Target::Pool { settings: pool, .. } = &p.target else {
+            let bound = inv::publish_bound(s.dial_timeout, s.read_timeout);
+            if elapsed < bound {
+                return Ok(Some(self.now + (bound - elapsed)));
+            }
+            return Err(Violation {
+                invariant: name::PUBLISH_RESOLVES_IN_TIME,
+                detail: format!(
+                    "producer-{i}: tx {tx} unresolved {bound:?} after it was issued (auto_batch {})",
+                    s.auto_batch
+                ),
+            });
+        };
+        let cap = inv::pool_attempt_cap(s.read_timeout);
+        let mut took = Duration::ZERO;
+        let mut open = false;
+        for &(l, start) in &t.attempts {
+            let end = self.links[l].closed_at.unwrap_or(self.now);
+            open |= self.links[l].closed_at.is_none();
+            took += end.saturating_sub(start).min(cap);
+        }
+        let bound = inv::pool_publish_bound(pool.wait, t.attempts.len(), took);
+        if elapsed <= bound {
+            // Attempts under way may count up to their cap.
+            let more = if open { cap } else { Duration::ZERO };
+            return Ok(Some(self.now + (bound - elapsed) + more));
+        }
+        Err(Violation {
+            invariant: name::PUBLISH_RESOLVES_IN_TIME,
+            detail: format!(
+                "producer-{i} (pool, {:?}, wait {:?}): tx {tx} unresolved {elapsed:?} after it was issued; {} attempts took {took:?} (bound {bound:?})",
+                pool.strategy,
+                pool.wait,
+                t.attempts.len()
+            ),
+        })
     }
 
     pub(super) fn publish(&mut self, i: usize) -> Result<(), Violation> {
@@ -162,7 +221,11 @@ impl World {
             Ok(tx) => {
                 self.ledger.published.extend(bodies.iter().cloned());
                 let p = &mut self.producers[i];
-                let first = p.txs.insert(tx, bodies).is_none();
+                if matches!(p.target, Target::Pool { .. }) {
+                    p.by_body.insert(bodies[0].clone(), tx);
+                }
+                let entry = Tx { bodies, issued: self.now, jumped: self.jumped, attempts: Vec::new() };
+                let first = p.txs.insert(tx, entry).is_none();
                 if !first {
                     let c =
                         inv::violated(name::PUBLISH_RESOLVES_ONCE, format!("producer-{i}: tx {tx} handed out twice"));
@@ -170,7 +233,11 @@ impl World {
                 }
                 self.note("publish", Who::Party(Party::Producer(i)), 0, tx);
                 let s = &self.producers[i].settings;
-                let (due, jumped) = (self.now + inv::publish_bound(s.dial_timeout, s.read_timeout), self.jumped);
+                let bound = match &self.producers[i].target {
+                    Target::One(_) => inv::publish_bound(s.dial_timeout, s.read_timeout),
+                    Target::Pool { settings, .. } => inv::pool_publish_bound(settings.wait, 0, Duration::ZERO),
+                };
+                let (due, jumped) = (self.now + bound, self.jumped);
                 self.at(due, Ev::PublishDeadline { producer: i, tx, due, jumped });
             }
             Err(e) => {
@@ -265,6 +332,7 @@ impl World {
     /// Takes everything a client has to say, until it is quiet; then re-arms its timer and
     /// checks its invariants.
     pub(super) fn drain(&mut self, party: Party) -> Result<(), Violation> {
+        self.failover = None;
         loop {
             let mut progress = false;
             // As the driver does: a connection is asked for bytes only when its previous write
@@ -362,7 +430,7 @@ impl World {
                     .into_iter()
                     .flatten()
                     .map(|&l| &self.links[l])
-                    .filter(|link| link.writable())
+                    .filter(|link| link.writable() && !link.is_lookupd())
                     .map(|link| inv::ConnRdy {
                         conn: link.conn.0,
                         written: link.rdy,
@@ -384,7 +452,7 @@ impl World {
             Party::Consumer(i) => self.consumers[i].stopped,
         };
         match io {
-            Io::Connect { conn, addr } => {
+            Io::Connect { conn, addr, timeout } => {
                 if stopped {
                     let c = inv::violated(
                         name::STOPPED_IS_QUIET,
@@ -392,85 +460,169 @@ impl World {
                     );
                     self.check(c)?;
                 }
-                self.dial(party, conn, addr)
+                self.dial(party, conn, addr, timeout)
             }
-            Io::Close { conn } => self.client_close(party, conn),
-            Io::QueryLookupd { query, addr, request } => {
-                let Party::Consumer(i) = party else {
-                    return self.check(inv::violated(name::CLIENT_PROTOCOL, "a producer queried lookupd"));
-                };
-                if stopped {
-                    let c = inv::violated(name::STOPPED_IS_QUIET, format!("{party} queries {addr} after Stopped"));
-                    self.check(c)?;
+            Io::Close { conn } => {
+                // A lookupd query's close followed at once by another query is the next attempt
+                // of the same poll round (a failed query is retried on the next lookupd), if
+                // the round has attempts left.
+                self.failover = None;
+                if let Some(&l) = self.by_client.get(&(party, conn)) {
+                    if let Some(round) = self.links[l].round {
+                        let lookupds = match party {
+                            Party::Producer(i) => self.producers[i].lookupds.len(),
+                            Party::Consumer(i) => self.consumers[i].lookupds.len(),
+                        };
+                        if round.attempt + 1 < inv::LOOKUPD_ATTEMPTS.min(lookupds) {
+                            self.failover = Some((party, round));
+                        }
+                    }
                 }
-                let interval = self.consumers[i].settings.lookupd_poll_interval;
-                let c = self.consumers[i].rates.queried(self.now, interval);
-                self.check(c)?;
-                self.query_lookupd(i, query, addr, &request);
-                Ok(())
+                self.client_close(party, conn)
             }
         }
     }
 
     pub(super) fn producer_note(&mut self, i: usize, note: ProducerNote) -> Result<(), Violation> {
+        let party = Party::Producer(i);
+        let now = self.now;
         match note {
             ProducerNote::Published { tx, outcome } => {
-                self.note("published", Who::Party(Party::Producer(i)), 0, tx);
-                let Some(bodies) = self.producers[i].txs.remove(&tx) else {
+                self.note("published", Who::Party(party), 0, tx);
+                let late = self.publish_late(i, tx);
+                let Some(t) = self.producers[i].txs.remove(&tx) else {
                     let c = inv::violated(
                         name::PUBLISH_RESOLVES_ONCE,
                         format!("producer-{i}: tx {tx} resolved twice or never issued"),
                     );
                     return self.check(c);
                 };
+                self.producers[i].by_body.remove(&t.bodies[0]);
+                if let Err(v) = late {
+                    self.check(Err(v))?;
+                }
                 match outcome {
                     PublishOutcome::Acked => {
-                        let nsqd = self.producers[i].nsqd;
-                        for body in bodies {
-                            let held = self.nsqds[nsqd].model.holds(&body);
+                        for body in t.bodies {
+                            let holder = self.nsqds.iter().position(|n| n.model.holds(&body));
                             let delivered = self.ledger.delivered.contains(&body);
                             let lost = self.ledger.lost.contains(&body);
-                            let c = inv::acked_publish_held(&body, held, delivered, lost);
+                            let c = inv::acked_publish_held(&body, holder.is_some(), delivered, lost);
                             self.check(c)?;
                             if !lost && !self.ledger.handled.contains(&body) {
                                 self.ledger.unhandled.insert(body.clone());
                             }
-                            self.ledger.acked.insert(body, nsqd);
+                            self.ledger.acked.insert(body, holder.unwrap_or(usize::MAX));
                         }
                     }
-                    PublishOutcome::Lost(_) => self.producers[i].lost.push(tx),
-                    PublishOutcome::Refused(_) | PublishOutcome::Rejected(_) => {}
+                    PublishOutcome::Failed(attempts) => self.publish_failed(i, tx, &attempts)?,
                 }
             }
-            ProducerNote::Connected(conn) => {
-                self.note("producer connected", Who::Party(Party::Producer(i)), conn.0, 0);
-                if let Some(&l) = self.by_client.get(&(Party::Producer(i), conn)) {
+            ProducerNote::Connected { conn, addr } => {
+                self.note("producer connected", Who::Party(party), conn.0, 0);
+                if let Some(&l) = self.by_client.get(&(party, conn)) {
                     self.links[l].up = true;
+                    self.links[l].up_at = Some(now);
                 }
+                self.producers[i].redials.up(&addr, now);
             }
-            ProducerNote::Disconnected { conn, cause, local } => {
-                self.note("producer disconnected", Who::Party(Party::Producer(i)), conn.0, u64::from(local));
-                self.detail(|| cause.clone());
-                let lost = std::mem::take(&mut self.producers[i].lost);
-                let link = self.by_client.get(&(Party::Producer(i), conn)).map(|&l| &self.links[l]);
-                let faulted = link.is_some_and(|l| l.faulted);
-                if local && !faulted && !lost.is_empty() {
-                    let when = if link.is_some_and(|l| l.up) { "after its handshake" } else { "during its handshake" };
-                    let c = inv::violated(
-                        name::PUBLISH_FAILS_ONLY_WITH_CAUSE,
-                        format!("producer-{i}: {} publishes (txs {lost:?}) failed with \"connection lost\" on conn {} that no fault touched, closed locally {when} ({cause})", lost.len(), conn.0),
-                    );
-                    self.check(c)?;
-                }
+            ProducerNote::ConnectFailed { conn, addr, cause, retry_at } => {
+                self.note("producer connect failed", Who::Party(party), conn.0, u64::from(cause.local));
+                let d = self.producers[i].redials.closed(&addr, now, Duration::ZERO, false);
+                let retry_in = self.since_base(retry_at).saturating_sub(now);
+                self.detail(|| format!("{addr}: {}; retry in {retry_in:?} (nominal {d:?})", cause.text));
+                self.producers[i].redials.retry_at(&addr, now + retry_in);
+                self.check(inv::retry_in_schedule(format_args!("producer-{i}"), &addr, retry_in, d))?;
+                self.lost_on(i, conn, cause.local)?;
             }
+            ProducerNote::Disconnected { conn, addr, cause } => {
+                self.note("producer disconnected", Who::Party(party), conn.0, u64::from(cause.local));
+                self.detail(|| format!("{addr}: {}", cause.text));
+                // A pool does not count a close it made, nor nsqd's close after refusing a
+                // publish (the command's fault), against the nsqd; the stable time decides
+                // the rest.
+                let healthy = cause.local || cause.refused_publish;
+                self.producers[i].redials.closed(&addr, now, Duration::ZERO, healthy);
+                self.lost_on(i, conn, cause.local)?;
+            }
+            ProducerNote::LookupdFailed { addr, error } => {
+                self.note("lookupd failed", Who::Party(party), 0, 0);
+                self.detail(|| format!("{addr}: {error}"));
+            }
+            ProducerNote::Other => {}
             ProducerNote::Stopped => {
-                self.note("producer stopped", Who::Party(Party::Producer(i)), 0, 0);
+                self.note("producer stopped", Who::Party(party), 0, 0);
                 self.producers[i].stopped = true;
                 if self.producers[i].stopping_since.is_none() {
                     let c = inv::violated(name::STOP_COMPLETES, format!("producer-{i}: Stopped without a stop"));
                     self.check(c)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A publish failed: with a cause, never because the client closed a connection no fault
+    /// touched (a stop lets what was sent finish).
+    fn publish_failed(&mut self, i: usize, tx: u64, attempts: &[(String, PublishFailure)]) -> Result<(), Violation> {
+        let party = Party::Producer(i);
+        self.detail(|| format!("tx {tx}: {attempts:?}"));
+        if attempts.is_empty() {
+            let c = inv::violated(
+                name::PUBLISH_FAILS_ONLY_WITH_CAUSE,
+                format!("producer-{i}: tx {tx} failed with no cause"),
+            );
+            return self.check(c);
+        }
+        if matches!(self.producers[i].target, Target::One(_)) {
+            // Judged when its connection's close says whether a fault touched it.
+            if attempts.iter().any(|(_, f)| f.local_close()) {
+                self.producers[i].lost.push(tx);
+            }
+            return Ok(());
+        }
+        let stopping = self.producers[i].stopping_since.is_some();
+        for (addr, failure) in attempts {
+            let blamed = match failure {
+                // Sent, and lost to a close of the pool's own: only a fault excuses it.
+                PublishFailure::Lost(cause) if cause.local => {
+                    let faulted = self.links.iter().any(|l| l.party == party && &l.addr == addr && l.faulted);
+                    (!faulted).then_some("lost with a connection the pool closed and no fault touched")
+                }
+                // Waiting for a connected nsqd when the pool stopped: documented.
+                PublishFailure::NotSent(cause) if cause.local && !stopping => {
+                    Some("not sent because the pool closed a connection, while it was not stopping")
+                }
+                _ => None,
+            };
+            if let Some(why) = blamed {
+                let c = inv::violated(
+                    name::PUBLISH_FAILS_ONLY_WITH_CAUSE,
+                    format!("producer-{i} (pool): tx {tx} failed on {addr:?}: {why} ({failure:?})"),
+                );
+                self.check(c)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A single-nsqd producer's connection closed: publishes that failed with a close of its
+    /// own must have had a fault on that connection.
+    fn lost_on(&mut self, i: usize, conn: ConnId, local: bool) -> Result<(), Violation> {
+        let lost = std::mem::take(&mut self.producers[i].lost);
+        let link = self.by_client.get(&(Party::Producer(i), conn)).map(|&l| &self.links[l]);
+        let faulted = link.is_some_and(|l| l.faulted);
+        if local && !faulted && !lost.is_empty() {
+            let when = if link.is_some_and(|l| l.up) { "after its handshake" } else { "during its handshake" };
+            let c = inv::violated(
+                name::PUBLISH_FAILS_ONLY_WITH_CAUSE,
+                format!(
+                    "producer-{i}: {} publishes (txs {lost:?}) failed with a local close on conn {} that no fault touched, closed {when}",
+                    lost.len(),
+                    conn.0
+                ),
+            );
+            self.check(c)?;
         }
         Ok(())
     }
@@ -503,7 +655,10 @@ impl World {
             ConsumerNote::Connected { conn, addr } => {
                 self.note("consumer connected", Who::Party(party), conn.0, 0);
                 match self.by_client.get(&(party, conn)) {
-                    Some(&l) if self.links[l].addr == addr => self.links[l].up = true,
+                    Some(&l) if self.links[l].addr == addr => {
+                        self.links[l].up = true;
+                        self.links[l].up_at = Some(self.now);
+                    }
                     _ => {
                         let c = inv::violated(
                             name::CLIENT_PROTOCOL,
@@ -512,21 +667,45 @@ impl World {
                         self.check(c)?;
                     }
                 }
+                self.consumers[i].redials.up(&addr, self.now);
+            }
+            ConsumerNote::ConnectFailed { conn, addr, cause, retry_at } => {
+                self.note("consumer connect failed", Who::Party(party), conn.0, 0);
+                self.detail(|| format!("{addr}: {}", cause.text));
+                let now = self.now;
+                let c = &mut self.consumers[i];
+                if !c.direct_live.contains(&addr) {
+                    c.listed.closed(&addr);
+                } else if let Some(retry_at) = retry_at {
+                    let d = c.redials.closed(&addr, now, c.settings.lookupd_poll_interval, false);
+                    let retry_in = retry_at.saturating_duration_since(self.base).saturating_sub(now);
+                    c.redials.retry_at(&addr, now + retry_in);
+                    self.check(inv::retry_in_schedule(format_args!("consumer-{i}"), &addr, retry_in, d))?;
+                } else {
+                    // Not retried (a direct address whose first attempt failed): forgotten.
+                    c.direct_live.remove(&addr);
+                    c.redials.forget(&addr);
+                }
             }
             ConsumerNote::Closed { conn, addr, cause } => {
-                let up = self.by_client.get(&(party, conn)).is_some_and(|&l| self.links[l].up);
-                self.note("consumer closed", Who::Party(party), conn.0, u64::from(up));
-                self.detail(|| format!("{addr}: {cause}"));
-                if up {
-                    self.consumers[i].rates.up_closed(self.now);
+                self.note("consumer closed", Who::Party(party), conn.0, 0);
+                self.detail(|| format!("{addr}: {}", cause.text));
+                let now = self.now;
+                let c = &mut self.consumers[i];
+                if c.direct_live.contains(&addr) {
+                    c.redials.closed(&addr, now, c.settings.lookupd_poll_interval, false);
                 } else {
-                    self.consumers[i].rates.down_closed(self.now);
+                    c.listed.closed(&addr);
+                    if !cause.local && !c.lookupds.is_empty() {
+                        c.lookupd.recheck_cause(now);
+                    }
                 }
             }
             ConsumerNote::LookupdFailed { addr, error } => {
                 self.note("lookupd failed", Who::Party(party), 0, 0);
                 self.detail(|| format!("{addr}: {error}"));
             }
+            ConsumerNote::Authenticated => {}
             ConsumerNote::Stopped => {
                 self.note("consumer stopped", Who::Party(party), 0, 0);
                 self.consumers[i].stopped = true;

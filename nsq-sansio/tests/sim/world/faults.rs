@@ -57,6 +57,16 @@ impl World {
                 l.model.forget_everything();
                 l.until = l.until.max(self.now + duration);
                 self.after(duration, Ev::LookupdHeal(lookupd));
+                // Its open connections die with it.
+                let open: Vec<usize> = (0..self.links.len())
+                    .filter(|&i| {
+                        let link = &self.links[i];
+                        link.peer == Peer::Lookupd(lookupd) && link.accepted && link.server_open
+                    })
+                    .collect();
+                for l in open {
+                    self.reset(l)?;
+                }
             }
             FaultKind::LookupdSlow { lookupd, delay, duration } => {
                 self.lookupd_mode(lookupd, LookupdMode::Slow(delay), duration)

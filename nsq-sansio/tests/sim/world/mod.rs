@@ -21,18 +21,20 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nsq_sansio::{ConnId, QueryId};
+use nsq_sansio::ConnId;
 
 use super::clients::{
-    Answer, ConsumerNote, Delivered, DialFailure, Io, ProducerNote, PublishOutcome, Settings, SimConsumer, SimProducer,
-    LOOKUPD_QUERY_TIMEOUT,
+    Answer, ConsumerNote, Delivered, DialFailure, Failure as PublishFailure, Io, ProducerNote, PublishOutcome,
+    Settings, SimConsumer, SimProducer,
 };
-use super::invariants::{self as inv, name, Check, ConsumerRates, Firings, ProducerRates, Violation};
+use super::invariants::{
+    self as inv, name, Check, Firings, ListedDials, LookupdRates, ProducerRates, Redials, Violation,
+};
 use super::lookupd::{LookupdModel, Producer};
-use super::net::{Dir, Link, Party};
+use super::net::{Dir, Link, Party, Peer, Round};
 use super::nsqd::{HandshakeFault, NsqdModel, ServerConn};
 use super::rng::SimRng;
-use super::scenario::{FaultKind, Handler, Scenario, CHANNEL, TOPIC};
+use super::scenario::{FaultKind, Handler, Scenario, Target, CHANNEL, TOPIC};
 use super::wire::Scanned;
 
 /// The longest DPUB delay the publishers draw.
@@ -43,6 +45,9 @@ const QUIET_PERIOD: Duration = Duration::from_secs(120);
 const HEALING_HANDLER_DELAY: Duration = Duration::from_millis(1);
 /// How many events the failure report shows.
 const TRACE_LEN: usize = 48;
+/// A lookupd answers a request whose head has not ended within this many bytes (with 400, as
+/// Go's server refuses an oversized head).
+const LOOKUPD_MAX_REQUEST: usize = 16 * 1024;
 
 /// Invariants reported as warnings instead of failures (`SIM_ALLOW`).
 #[derive(Debug, Clone, Default)]
@@ -126,11 +131,10 @@ enum Ev {
         link: usize,
         outcome: DialOutcome,
     },
-    LookupdAnswer {
-        consumer: usize,
-        query: QueryId,
-        addr: String,
-        answer: Result<Vec<u8>, DialFailure>,
+    /// A slow lookupd sends its answer.
+    LookupdRespond {
+        link: usize,
+        bytes: Vec<u8>,
     },
     ClientTimer {
         party: Party,
@@ -250,20 +254,39 @@ struct LookupdNode {
 }
 
 struct ProducerNode {
-    nsqd: usize,
+    target: Target,
+    /// The nsqd addresses it was given (one, or a pool's).
+    addrs: Vec<String>,
+    /// A pool's lookupds (`/nodes` discovery).
+    lookupds: Vec<String>,
     settings: Settings,
     client: Option<SimProducer>,
     publish_every: Duration,
     stopping_since: Option<Duration>,
     stopped: bool,
     next_body: u64,
-    /// Publishes issued and not resolved, with their bodies.
-    txs: BTreeMap<u64, Vec<Bytes>>,
-    /// Publishes that ended "connection lost", waiting for their connection's Disconnected.
+    /// Publishes issued and not resolved.
+    txs: BTreeMap<u64, Tx>,
+    /// A pool's publishes by their first body, to follow their attempts on the wire.
+    by_body: HashMap<Bytes, u64, BuildHasherDefault<FxHasher>>,
+    /// Publishes that failed because the client closed their connection, waiting for that
+    /// connection's close.
     lost: Vec<u64>,
     timer: Option<Duration>,
     firings: Firings,
     rates: ProducerRates,
+    redials: Redials,
+    lookupd: LookupdRates,
+}
+
+/// A publish issued and not resolved.
+struct Tx {
+    bodies: Vec<Bytes>,
+    issued: Duration,
+    /// The clock jumps so far when it was issued.
+    jumped: Duration,
+    /// A pool's attempts: the link each went out on, and when.
+    attempts: Vec<(usize, Duration)>,
 }
 
 struct ConsumerNode {
@@ -279,7 +302,12 @@ struct ConsumerNode {
     stopped: bool,
     timer: Option<Duration>,
     firings: Firings,
-    rates: ConsumerRates,
+    /// The addresses the client treats as direct: given to `connect_to_nsqd`, and not dropped
+    /// after a failed first attempt.
+    direct_live: BTreeSet<String>,
+    lookupd: LookupdRates,
+    redials: Redials,
+    listed: ListedDials,
 }
 
 /// Where every published body stands.
@@ -335,6 +363,11 @@ struct World {
     /// Each client's links it has not closed.
     live: BTreeMap<Party, BTreeSet<usize>>,
     by_server: BTreeMap<(usize, ServerConn), usize>,
+    /// The lookupd link whose answer the client is reading in this step.
+    answering: Option<usize>,
+    /// The lookupd query a client just closed, if its round may go on: the lookupd query that
+    /// follows at once is that round's next attempt.
+    failover: Option<(Party, Round)>,
     ledger: Ledger,
     allow: Allow,
     verbose: bool,
@@ -382,7 +415,15 @@ impl World {
             .producers
             .iter()
             .map(|p| ProducerNode {
-                nsqd: p.nsqd,
+                target: p.target.clone(),
+                addrs: match &p.target {
+                    Target::One(n) => vec![format!("nsqd-{n}:4150")],
+                    Target::Pool { nsqds, .. } => nsqds.iter().map(|n| format!("nsqd-{n}:4150")).collect(),
+                },
+                lookupds: match &p.target {
+                    Target::One(_) => Vec::new(),
+                    Target::Pool { lookupds, .. } => lookupds.iter().map(|i| format!("lookupd-{i}:4161")).collect(),
+                },
                 settings: p.settings.clone(),
                 client: None,
                 publish_every: p.publish_every,
@@ -390,10 +431,16 @@ impl World {
                 stopped: false,
                 next_body: 0,
                 txs: BTreeMap::new(),
+                by_body: HashMap::default(),
                 lost: Vec::new(),
                 timer: None,
                 firings: Firings::default(),
                 rates: ProducerRates::default(),
+                redials: Redials::new(match p.target {
+                    Target::One(_) => inv::PRODUCER_REDIAL,
+                    Target::Pool { .. } => inv::POOL_REDIAL,
+                }),
+                lookupd: LookupdRates::default(),
             })
             .collect();
         let consumers = scenario
@@ -411,7 +458,10 @@ impl World {
                 stopped: false,
                 timer: None,
                 firings: Firings::default(),
-                rates: ConsumerRates::default(),
+                direct_live: BTreeSet::new(),
+                lookupd: LookupdRates::default(),
+                redials: Redials::new(inv::CONSUMER_REDIAL),
+                listed: ListedDials::default(),
             })
             .collect();
         let report = Report {
@@ -442,6 +492,8 @@ impl World {
             by_client: BTreeMap::new(),
             live: BTreeMap::new(),
             by_server: BTreeMap::new(),
+            answering: None,
+            failover: None,
             ledger: Ledger::default(),
             allow,
             verbose,
@@ -622,14 +674,7 @@ impl World {
                 self.drain(party)?;
             }
             Ev::DialDone { link, outcome } => self.dial_done(link, outcome)?,
-            Ev::LookupdAnswer { consumer, query, addr, answer } => {
-                self.note("lookupd answer", Who::Party(Party::Consumer(consumer)), query.0, u64::from(answer.is_ok()));
-                let now = self.instant();
-                if let Some(c) = self.consumers[consumer].client.as_mut() {
-                    c.lookupd_answer(query, &addr, answer, now);
-                }
-                self.drain(Party::Consumer(consumer))?;
-            }
+            Ev::LookupdRespond { link, bytes } => self.lookupd_respond(link, bytes)?,
             Ev::ClientTimer { party, at } => self.client_timer(party, at)?,
             Ev::NsqdTimer { nsqd, at } => {
                 if self.nsqds[nsqd].timer == Some(at) && self.nsqds[nsqd].up {

@@ -8,56 +8,154 @@ impl World {
         addr.strip_prefix("nsqd-")?.strip_suffix(":4150")?.parse().ok()
     }
 
-    pub(super) fn dial(&mut self, party: Party, conn: ConnId, addr: String) -> Result<(), Violation> {
+    pub(super) fn lookupd_of(addr: &str) -> Option<usize> {
+        addr.strip_prefix("lookupd-")?.strip_suffix(":4161")?.parse().ok()
+    }
+
+    fn peer_of(&self, addr: &str) -> Peer {
+        if let Some(n) = Self::nsqd_of(addr).filter(|&n| n < self.nsqds.len()) {
+            Peer::Nsqd(n)
+        } else if let Some(i) = Self::lookupd_of(addr).filter(|&i| i < self.lookupds.len()) {
+            Peer::Lookupd(i)
+        } else {
+            Peer::Nobody
+        }
+    }
+
+    /// The lookupd answer the client is reading in this step, if it is `party`'s, and whether
+    /// it lists `addr`.
+    fn answer_for(&self, party: Party, addr: &str) -> Option<(Round, bool)> {
+        let link = &self.links[self.answering?];
+        if link.party != party {
+            return None;
+        }
+        let (host, port) = addr.rsplit_once(':')?;
+        let entry = format!(r#""broadcast_address":"{host}","tcp_port":{port}"#);
+        let listed = String::from_utf8_lossy(&link.response).contains(&entry);
+        Some((link.round?, listed))
+    }
+
+    /// Checks a client's dial against its schedule, then starts it.
+    pub(super) fn dial(
+        &mut self,
+        party: Party,
+        conn: ConnId,
+        addr: String,
+        timeout: Duration,
+    ) -> Result<(), Violation> {
         self.note("dial", Who::Party(party), conn.0, 0);
-        let rate = match party {
-            Party::Producer(i) => self.producers[i].rates.dialled(&addr, self.now),
-            Party::Consumer(i) => {
-                let c = &mut self.consumers[i];
-                let interval = c.settings.lookupd_poll_interval;
-                let direct = c.direct.contains(&addr);
-                c.rates.dialled(&addr, self.now, interval, direct, !c.lookupds.is_empty())
+        let peer = self.peer_of(&addr);
+        let now = self.now;
+        let mut round = None;
+        match peer {
+            Peer::Lookupd(_) => {
+                let failover = self.failover.take().filter(|(p, _)| *p == party).map(|(_, r)| r);
+                let (lookupds, interval) = match party {
+                    Party::Producer(i) => {
+                        (&self.producers[i].lookupds, self.producers[i].settings.lookupd_poll_interval)
+                    }
+                    Party::Consumer(i) => {
+                        (&self.consumers[i].lookupds, self.consumers[i].settings.lookupd_poll_interval)
+                    }
+                };
+                let (given, count) = (lookupds.contains(&addr), lookupds.len());
+                if !given {
+                    let c = inv::violated(
+                        name::CLIENT_PROTOCOL,
+                        format!("{party} queries {addr}, a lookupd it was not given"),
+                    );
+                    self.check(c)?;
+                }
+                let rates = match party {
+                    Party::Producer(i) => &mut self.producers[i].lookupd,
+                    Party::Consumer(i) => &mut self.consumers[i].lookupd,
+                };
+                let (r, c) = rates.queried(now, interval, count, failover);
+                round = Some(r);
+                self.note("lookupd query", Who::Party(party), conn.0, r.attempt as u64);
+                self.check(c)?;
             }
-        };
-        self.check(rate)?;
+            Peer::Nsqd(_) | Peer::Nobody => {
+                self.failover = None;
+                let who = &match party {
+                    Party::Producer(i) if self.producers[i].settings.auto_batch > 1 => {
+                        format!("{party} (auto_batch {})", self.producers[i].settings.auto_batch)
+                    }
+                    _ => party.to_string(),
+                };
+                let c = match party {
+                    Party::Producer(i) => {
+                        let p = &mut self.producers[i];
+                        if matches!(p.target, Target::One(_)) {
+                            p.rates.dialled(&addr, now).and_then(|()| p.redials.dialled(who, &addr, now))
+                        } else if !p.addrs.contains(&addr)
+                            && self.answering.is_some_and(|l| self.links[l].party == party)
+                        {
+                            // A pool dials an nsqd lookupd lists for the first time (or again
+                            // after it left the pool and came back) as the answer arrives.
+                            p.redials.forget(&addr);
+                            p.redials.dialled(who, &addr, now)
+                        } else {
+                            p.redials.dialled(who, &addr, now)
+                        }
+                    }
+                    Party::Consumer(i) => {
+                        let answer = self.answer_for(party, &addr);
+                        let c = &mut self.consumers[i];
+                        if c.direct_live.contains(&addr) {
+                            c.redials.dialled(who, &addr, now)
+                        } else {
+                            c.listed.dialled(who, &addr, answer)
+                        }
+                    }
+                };
+                self.check(c)?;
+            }
+        }
         let latency = self.scenario.latency.mul_f64(0.5 + self.rng.unit());
-        let nsqd = Self::nsqd_of(&addr);
         let link = self.links.len();
-        self.links.push(Link::new(party, conn, nsqd.unwrap_or(usize::MAX), addr, latency));
+        let mut new = Link::new(party, conn, peer, addr, latency, timeout);
+        new.round = round;
+        new.scanner.publishes =
+            matches!(party, Party::Producer(i) if matches!(self.producers[i].target, Target::Pool { .. }));
+        self.links.push(new);
         self.live.entry(party).or_default().insert(link);
         if self.by_client.insert((party, conn), link).is_some() {
             let c = inv::violated(name::CLIENT_PROTOCOL, format!("{party} reused conn id {}", conn.0));
             self.check(c)?;
         }
-        let dial_timeout = match party {
-            Party::Producer(i) => self.producers[i].settings.dial_timeout,
-            Party::Consumer(i) => self.consumers[i].settings.dial_timeout,
-        };
-        let (delay, outcome) = match nsqd.map(|n| &self.nsqds[n]) {
-            Some(node) if node.up && node.refuse_until <= self.now => (2 * latency, DialOutcome::Accept),
-            Some(node) if node.up && node.blackhole => (dial_timeout, DialOutcome::Fail(DialFailure::TimedOut)),
-            // An address nobody listens on (a ghost) times out or is refused, by its name.
-            None if link % 2 == 0 => (dial_timeout, DialOutcome::Fail(DialFailure::TimedOut)),
-            _ => (2 * latency, DialOutcome::Fail(DialFailure::Refused)),
+        let refused = (2 * latency, DialOutcome::Fail(DialFailure::Refused));
+        let (delay, outcome) = match peer {
+            Peer::Nsqd(n) => match &self.nsqds[n] {
+                node if node.up && node.refuse_until <= self.now => (2 * latency, DialOutcome::Accept),
+                node if node.up && node.blackhole => (timeout, DialOutcome::Fail(DialFailure::TimedOut)),
+                _ => refused,
+            },
+            Peer::Lookupd(i) if self.lookupds[i].mode == LookupdMode::Down => refused,
+            Peer::Lookupd(_) => (2 * latency, DialOutcome::Accept),
+            // An address nobody listens on (a ghost) times out or is refused.
+            Peer::Nobody if link % 2 == 0 => (timeout, DialOutcome::Fail(DialFailure::TimedOut)),
+            Peer::Nobody => refused,
         };
         self.after(delay, Ev::DialDone { link, outcome });
         Ok(())
     }
 
     pub(super) fn dial_done(&mut self, link: usize, outcome: DialOutcome) -> Result<(), Violation> {
-        let (party, conn, nsqd) = (self.links[link].party, self.links[link].conn, self.links[link].nsqd);
+        let (party, conn, peer) = (self.links[link].party, self.links[link].conn, self.links[link].peer);
         let now = self.instant();
         if !self.links[link].client_open {
             // The client gave up on the dial (closed it, or stopped) before it resolved.
             self.links[link].server_open = false;
             return Ok(());
         }
-        // The nsqd may have gone down meanwhile.
-        let outcome = match outcome {
-            DialOutcome::Accept if !self.nsqds.get(nsqd).is_some_and(|n| n.up) => {
+        // The server may have gone down meanwhile.
+        let outcome = match (outcome, peer) {
+            (DialOutcome::Accept, Peer::Nsqd(n)) if !self.nsqds[n].up => DialOutcome::Fail(DialFailure::Refused),
+            (DialOutcome::Accept, Peer::Lookupd(i)) if self.lookupds[i].mode == LookupdMode::Down => {
                 DialOutcome::Fail(DialFailure::Refused)
             }
-            other => other,
+            (other, _) => other,
         };
         match outcome {
             DialOutcome::Fail(why) => {
@@ -65,16 +163,16 @@ impl World {
                 let l = &mut self.links[link];
                 l.faulted = true;
                 l.server_open = false;
-                let addr = l.addr.clone();
+                let timeout = l.dial_timeout;
                 match party {
                     Party::Producer(i) => {
                         if let Some(c) = self.producers[i].client.as_mut() {
-                            c.connect_failed(conn, &addr, why, now);
+                            c.connect_failed(conn, why, timeout, now);
                         }
                     }
                     Party::Consumer(i) => {
                         if let Some(c) = self.consumers[i].client.as_mut() {
-                            c.connect_failed(conn, &addr, why, now);
+                            c.connect_failed(conn, why, timeout, now);
                         }
                     }
                 }
@@ -84,14 +182,17 @@ impl World {
             }
             DialOutcome::Accept => {
                 self.note("accepted", Who::Party(party), conn.0, 0);
-                let node = &mut self.nsqds[nsqd];
-                let fault = node.handshake.as_ref().filter(|(_, until)| *until > self.now).map(|(f, _)| f.clone());
-                let faulted = fault.is_some() || node.stall_until > self.now;
-                let server = node.model.accept_with(fault, now);
-                let incarnation = node.incarnation;
-                self.links[link].server = Some((server, incarnation));
-                self.links[link].faulted |= faulted;
-                self.by_server.insert((nsqd, server), link);
+                self.links[link].accepted = true;
+                if let Peer::Nsqd(nsqd) = peer {
+                    let node = &mut self.nsqds[nsqd];
+                    let fault = node.handshake.as_ref().filter(|(_, until)| *until > self.now).map(|(f, _)| f.clone());
+                    let faulted = fault.is_some() || node.stall_until > self.now;
+                    let server = node.model.accept_with(fault, now);
+                    let incarnation = node.incarnation;
+                    self.links[link].server = Some((server, incarnation));
+                    self.links[link].faulted |= faulted;
+                    self.by_server.insert((nsqd, server), link);
+                }
                 match party {
                     Party::Producer(i) => {
                         if let Some(c) = self.producers[i].client.as_mut() {
@@ -104,7 +205,9 @@ impl World {
                         }
                     }
                 }
-                self.drain_nsqd(nsqd)?;
+                if let Peer::Nsqd(nsqd) = peer {
+                    self.drain_nsqd(nsqd)?;
+                }
             }
         }
         self.drain(party)
@@ -127,7 +230,9 @@ impl World {
         }
         self.note("client write", Who::Party(party), conn.0, bytes.len() as u64);
         let mut scanned = Vec::new();
-        self.links[l].scanner.feed(bytes, &mut scanned);
+        if !self.links[l].is_lookupd() {
+            self.links[l].scanner.feed(bytes, &mut scanned);
+        }
         for s in scanned {
             match s {
                 Scanned::Rdy(n) => {
@@ -135,6 +240,15 @@ impl World {
                     self.note("RDY", Who::Party(party), conn.0, n);
                 }
                 Scanned::Cls => self.note("CLS", Who::Party(party), conn.0, 0),
+                Scanned::Publish(body) => {
+                    // A pool's attempt of a publish goes out on this connection.
+                    if let Party::Producer(i) = party {
+                        let p = &mut self.producers[i];
+                        if let Some(tx) = p.by_body.get(body.as_slice()).and_then(|tx| p.txs.get_mut(tx)) {
+                            tx.attempts.push((l, self.now));
+                        }
+                    }
+                }
             }
         }
         let link = &mut self.links[l];
@@ -168,8 +282,9 @@ impl World {
         self.live.entry(party).or_default().remove(&l);
         let link = &mut self.links[l];
         link.client_open = false;
+        link.closed_at = Some(self.now);
         let latency = link.latency;
-        if link.server.is_some() {
+        if link.accepted {
             if let Some((seq, at)) = link.to_server.shutdown(self.now, latency, &mut self.rng, &mut self.chunk_seq) {
                 self.at(at, Ev::Arrive { link: l, dir: Dir::ToServer, seq });
             }
@@ -184,6 +299,9 @@ impl World {
         let (party, conn, nsqd) = (link.party, link.conn, link.nsqd);
         match dir {
             Dir::ToServer => {
+                if let Peer::Lookupd(i) = link.peer {
+                    return self.lookupd_recv(l, i, &chunk.bytes);
+                }
                 let Some((server, incarnation)) = link.server else { return Ok(()) };
                 if !link.server_open || incarnation != self.nsqds[nsqd].incarnation || !self.nsqds[nsqd].up {
                     return Ok(());
@@ -205,9 +323,12 @@ impl World {
                 }
                 if chunk.eof {
                     self.note("client sees close", Who::Party(party), conn.0, 0);
+                    self.links[l].closed_at.get_or_insert(self.now);
                 } else {
                     self.note("client reads", Who::Party(party), conn.0, chunk.bytes.len() as u64);
                 }
+                // What the client dials while it reads a lookupd answer is that answer's doing.
+                self.answering = self.links[l].is_lookupd().then_some(l);
                 match party {
                     Party::Producer(i) => {
                         if let Some(c) = self.producers[i].client.as_mut() {
@@ -228,7 +349,9 @@ impl World {
                         }
                     }
                 }
-                self.drain(party)
+                let drained = self.drain(party);
+                self.answering = None;
+                drained
             }
         }
     }
@@ -361,21 +484,55 @@ impl World {
         Ok(())
     }
 
-    pub(super) fn query_lookupd(&mut self, consumer: usize, query: QueryId, addr: String, request: &[u8]) {
-        self.note("lookupd query", Who::Party(Party::Consumer(consumer)), query.0, 0);
-        let rtt = self.scenario.latency.mul_f64(1.0 + self.rng.unit()) * 2;
-        let index =
-            addr.strip_prefix("lookupd-").and_then(|a| a.strip_suffix(":4161")).and_then(|i| i.parse::<usize>().ok());
+    /// Request bytes reach a lookupd: once the request's head is complete, lookupd answers as
+    /// its mode says (at once, late, or never) and closes (`Connection: close`).
+    pub(super) fn lookupd_recv(&mut self, l: usize, i: usize, bytes: &[u8]) -> Result<(), Violation> {
+        let link = &mut self.links[l];
+        if link.answered || !link.server_open {
+            return Ok(());
+        }
+        link.request.extend_from_slice(bytes);
+        let complete = link.request.windows(4).any(|w| w == b"\r\n\r\n");
+        if !complete && link.request.len() < LOOKUPD_MAX_REQUEST {
+            return Ok(());
+        }
+        link.answered = true;
+        let request = std::mem::take(&mut link.request);
+        let conn = link.conn.0;
         let now = self.instant();
-        let (delay, answer) = match index.and_then(|i| self.lookupds.get_mut(i)) {
-            None => (rtt, Err(DialFailure::Refused)),
-            Some(l) => match l.mode {
-                LookupdMode::Down => (rtt, Err(DialFailure::Refused)),
-                LookupdMode::Hang => (LOOKUPD_QUERY_TIMEOUT, Err(DialFailure::TimedOut)),
-                LookupdMode::Slow(d) => (rtt + d, Ok(l.model.handle(request, now))),
-                LookupdMode::Up => (rtt, Ok(l.model.handle(request, now))),
-            },
+        let node = &mut self.lookupds[i];
+        let (mode, bytes) = match node.mode {
+            LookupdMode::Hang | LookupdMode::Down => (node.mode, Vec::new()),
+            mode => (mode, node.model.handle(&request, now)),
         };
-        self.after(delay, Ev::LookupdAnswer { consumer, query, addr, answer });
+        self.note("lookupd reads query", Who::Lookupd(i), conn, request.len() as u64);
+        match mode {
+            LookupdMode::Up => self.lookupd_respond(l, bytes),
+            LookupdMode::Slow(delay) => {
+                self.after(delay, Ev::LookupdRespond { link: l, bytes });
+                Ok(())
+            }
+            // Accepted and never answered: the client's query deadline ends it.
+            LookupdMode::Hang | LookupdMode::Down => Ok(()),
+        }
+    }
+
+    /// A lookupd sends its answer and closes the connection.
+    pub(super) fn lookupd_respond(&mut self, l: usize, bytes: Vec<u8>) -> Result<(), Violation> {
+        let link = &mut self.links[l];
+        if !link.server_open {
+            return Ok(());
+        }
+        link.server_open = false;
+        let latency = link.latency;
+        let (party, conn) = (link.party, link.conn);
+        let scheduled = link.to_client.send(&bytes, self.now, latency, &mut self.rng, &mut self.chunk_seq);
+        let eof = link.to_client.shutdown(self.now, latency, &mut self.rng, &mut self.chunk_seq);
+        link.response = bytes;
+        for (seq, at) in scheduled.into_iter().chain(eof) {
+            self.at(at, Ev::Arrive { link: l, dir: Dir::ToClient, seq });
+        }
+        self.note("lookupd answers", Who::Party(party), conn.0, self.links[l].response.len() as u64);
+        Ok(())
     }
 }
