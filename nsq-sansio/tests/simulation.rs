@@ -7,7 +7,8 @@
 //!   every core (`SIM_THREADS` to choose);
 //! - `SIM_SEED=S` runs one seed and prints its report, `SIM_TRACE=1` every event too;
 //! - `SIM_ALLOW=name,name` reports those invariants as warnings instead of failures (`all`
-//!   for every one), to explore past a known failure.
+//!   for every one), to explore past a known failure;
+//! - `SIM_MAX_FAILURES=N` stops after N failing seeds (default [`MAX_FAILURES`]).
 //!
 //! A failing seed prints the command that replays it.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, unreachable_pub)]
@@ -26,7 +27,7 @@ use sim::world::{self, Allow, Failure};
 const DEFAULT_SEEDS: u64 = 300;
 /// How many of the slowest seeds the summary names.
 const SLOWEST_SHOWN: usize = 5;
-/// A run stops after this many failing seeds.
+/// A run stops after this many failing seeds (`SIM_MAX_FAILURES` to change).
 const MAX_FAILURES: usize = 10;
 
 fn env<T: std::str::FromStr>(key: &str) -> Option<T> {
@@ -97,6 +98,7 @@ fn simulation() {
     let threads = env::<usize>("SIM_THREADS")
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
+    let max_failures = env::<usize>("SIM_MAX_FAILURES").unwrap_or(MAX_FAILURES);
     let next = AtomicU64::new(first);
     let failed = AtomicUsize::new(0);
     let failures: Mutex<Vec<(u64, Box<Failure>)>> = Mutex::new(Vec::new());
@@ -107,7 +109,7 @@ fn simulation() {
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
-                if failed.load(Ordering::Relaxed) >= MAX_FAILURES {
+                if failed.load(Ordering::Relaxed) >= max_failures {
                     return;
                 }
                 let seed = next.fetch_add(1, Ordering::Relaxed);

@@ -249,6 +249,11 @@ impl Scenario {
                 wait: *more.pick(&[Duration::from_millis(500), Duration::from_secs(2), Duration::from_secs(10)]),
             };
             let lookupds = if lookupds > 0 && more.chance(0.5) { (0..lookupds).collect() } else { Vec::new() };
+            if !lookupds.is_empty() {
+                let plan = &mut producers[0].settings;
+                plan.lookupd_poll_interval = Duration::from_secs(*more.pick(&[1, 2, 5, 10, 15, 30, 60]));
+                plan.lookupd_poll_jitter = *more.pick(&[0.0, 0.3, 1.0]);
+            }
             producers[0].target = Target::Pool { nsqds: members, lookupds, settings };
             producers[0].settings.auto_batch = 0;
         }

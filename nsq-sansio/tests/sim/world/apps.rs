@@ -78,6 +78,22 @@ impl World {
         self.drain(Party::Consumer(i))
     }
 
+    /// The application's own retry of a direct nsqd whose `connect_to_nsqd` failed.
+    pub(super) fn reconnect(&mut self, i: usize, addr: String) -> Result<(), Violation> {
+        let now = self.instant();
+        self.note("app reconnects", Who::Party(Party::Consumer(i)), 0, 0);
+        let c = &mut self.consumers[i];
+        let Some(client) = c.client.as_mut() else { return Ok(()) };
+        if c.stopping_since.is_some() || c.direct_live.contains(&addr) {
+            return Ok(());
+        }
+        // Refused when a lookupd-found connection to it exists: it is reached anyway.
+        if client.connect_to_nsqd(&addr, now).is_ok() {
+            c.direct_live.insert(addr);
+        }
+        self.drain(Party::Consumer(i))
+    }
+
     pub(super) fn stop_consumer(&mut self, i: usize) -> Result<(), Violation> {
         let now = self.instant();
         let c = &mut self.consumers[i];
@@ -682,9 +698,14 @@ impl World {
                     c.redials.retry_at(&addr, now + retry_in);
                     self.check(inv::retry_in_schedule(format_args!("consumer-{i}"), &addr, retry_in, d))?;
                 } else {
-                    // Not retried (a direct address whose first attempt failed): forgotten.
+                    // Not retried (a direct address whose first attempt failed): forgotten by
+                    // the client; the application tries again later.
                     c.direct_live.remove(&addr);
                     c.redials.forget(&addr);
+                    if c.stopping_since.is_none() {
+                        let delay = self.rng.millis(APP_RECONNECT.0, APP_RECONNECT.1);
+                        self.after(delay, Ev::Reconnect { consumer: i, addr });
+                    }
                 }
             }
             ConsumerNote::Closed { conn, addr, cause } => {

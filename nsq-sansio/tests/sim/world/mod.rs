@@ -41,6 +41,9 @@ use super::wire::Scanned;
 const LONGEST_DPUB: Duration = Duration::from_secs(3);
 /// After every consumer stopped, the run goes on this long to see that they stay quiet.
 const QUIET_PERIOD: Duration = Duration::from_secs(120);
+/// An application whose `connect_to_nsqd` failed tries again after a delay in this range (the
+/// client leaves that retry to it).
+const APP_RECONNECT: (u64, u64) = (500, 5_000);
 /// The mean handler time in the healing phase.
 const HEALING_HANDLER_DELAY: Duration = Duration::from_millis(1);
 /// How many events the failure report shows.
@@ -148,6 +151,11 @@ enum Ev {
     StopProducer(usize),
     StartConsumer(usize),
     AddSources(usize),
+    /// The application connects to a direct nsqd again, after `connect_to_nsqd` failed.
+    Reconnect {
+        consumer: usize,
+        addr: String,
+    },
     StopConsumer(usize),
     Publish(usize),
     Respond {
@@ -691,6 +699,7 @@ impl World {
             Ev::StopProducer(i) => self.stop_producer(i)?,
             Ev::StartConsumer(i) => self.start_consumer(i)?,
             Ev::AddSources(i) => self.add_sources(i)?,
+            Ev::Reconnect { consumer, addr } => self.reconnect(consumer, addr)?,
             Ev::StopConsumer(i) => self.stop_consumer(i)?,
             Ev::Publish(i) => self.publish(i)?,
             Ev::Respond { consumer, msg, answer } => self.respond(consumer, msg, answer)?,

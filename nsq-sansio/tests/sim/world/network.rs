@@ -44,6 +44,7 @@ impl World {
         timeout: Duration,
     ) -> Result<(), Violation> {
         self.note("dial", Who::Party(party), conn.0, 0);
+        self.detail(|| addr.clone());
         let peer = self.peer_of(&addr);
         let now = self.now;
         let mut round = None;
