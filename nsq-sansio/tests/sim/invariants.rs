@@ -15,14 +15,16 @@ pub mod name {
     /// Every publish the application issued resolves exactly once; nothing else resolves.
     pub const PUBLISH_RESOLVES_ONCE: &str = "publish_resolves_once";
     /// A publish resolves (acknowledged, refused or lost) within a bound: a dial, then a read
-    /// timeout at worst.
+    /// timeout at worst; for a pool, its wait per attempt plus the time its attempts took.
     pub const PUBLISH_RESOLVES_IN_TIME: &str = "publish_resolves_in_time";
-    /// An acknowledged publish is held by its nsqd, or was delivered, or a crash lost it.
+    /// An acknowledged publish is held by some nsqd it went to, or was delivered, or a crash
+    /// lost it.
     pub const ACKED_PUBLISH_HELD: &str = "acked_publish_held";
     /// Once faults heal, every acknowledged publish is handled within a bound: delivered to a
     /// handler that finished it (or given up after `max_attempts`). Duplicates are allowed.
     pub const ACKED_PUBLISH_DELIVERED: &str = "acked_publish_delivered";
-    /// A publish fails with "connection lost" only when something hit its connection.
+    /// A publish fails only with a cause: never with none, and never because the client closed
+    /// a connection that nothing hit (a pool's stop fails what still waits for an nsqd).
     pub const PUBLISH_FAILS_ONLY_WITH_CAUSE: &str = "publish_fails_only_with_cause";
     /// The RDY a consumer granted over its live connections stays within `max_in_flight`.
     pub const RDY_WITHIN_MAX_IN_FLIGHT: &str = "rdy_within_max_in_flight";
@@ -607,7 +609,7 @@ pub fn acked_publish_held(body: &[u8], held: bool, delivered: bool, lost: bool) 
         return violated(
             name::ACKED_PUBLISH_HELD,
             format!(
-                "{} acknowledged but its nsqd does not hold it and no consumer got it",
+                "{} acknowledged but no nsqd it went to holds it and no consumer got it",
                 String::from_utf8_lossy(&body[..body.len().min(24)])
             ),
         );

@@ -519,8 +519,16 @@ impl World {
                 }
                 match outcome {
                     PublishOutcome::Acked => {
+                        // The nsqds it went to: a pool's attempts as seen on the wire.
+                        let went_to: Vec<usize> = match &self.producers[i].target {
+                            Target::One(n) => vec![*n],
+                            Target::Pool { .. } => t.attempts.iter().map(|&(l, _)| self.links[l].nsqd).collect(),
+                        };
                         for body in t.bodies {
-                            let holder = self.nsqds.iter().position(|n| n.model.holds(&body));
+                            let holder = went_to
+                                .iter()
+                                .copied()
+                                .find(|&n| self.nsqds.get(n).is_some_and(|n| n.model.holds(&body)));
                             let delivered = self.ledger.delivered.contains(&body);
                             let lost = self.ledger.lost.contains(&body);
                             let c = inv::acked_publish_held(&body, holder.is_some(), delivered, lost);
