@@ -423,6 +423,16 @@ impl Redials {
         d
     }
 
+    /// Counts the last close of `addr` as the first failure of a fresh history (the client
+    /// forgot the address and met it again). Returns the nominal delay.
+    pub fn restart(&mut self, addr: &str, now: Duration, interval: Duration) -> Duration {
+        let d = self.backoff.nominal(1, interval);
+        let a = self.addrs.entry(addr.to_owned()).or_default();
+        a.failures = 1;
+        a.earliest = now + d / 2;
+        d
+    }
+
     /// The client said when it tries `addr` again: no dial before that either.
     pub fn retry_at(&mut self, addr: &str, at: Duration) {
         if let Some(a) = self.addrs.get_mut(addr) {

@@ -552,10 +552,15 @@ impl World {
             }
             ProducerNote::ConnectFailed { conn, addr, cause, retry_at } => {
                 self.note("producer connect failed", Who::Party(party), conn.0, u64::from(cause.local));
-                let d = self.producers[i].redials.closed(&addr, now, Duration::ZERO, false);
-                let retry_in = self.since_base(retry_at).saturating_sub(now);
+                let p = &mut self.producers[i];
+                let mut d = p.redials.closed(&addr, now, Duration::ZERO, false);
+                let retry_in = retry_at.saturating_duration_since(self.base).saturating_sub(now);
+                if !p.addrs.contains(&addr) && inv::retry_in_schedule(format_args!(""), &addr, retry_in, d).is_err() {
+                    // An nsqd lookupd listed may have left the pool and come back with no history.
+                    d = p.redials.restart(&addr, now, Duration::ZERO);
+                }
+                p.redials.retry_at(&addr, now + retry_in);
                 self.detail(|| format!("{addr}: {}; retry in {retry_in:?} (nominal {d:?})", cause.text));
-                self.producers[i].redials.retry_at(&addr, now + retry_in);
                 self.check(inv::retry_in_schedule(format_args!("producer-{i}"), &addr, retry_in, d))?;
                 self.lost_on(i, conn, cause.local)?;
             }
