@@ -135,7 +135,7 @@ pub enum Io {
 
 fn io(action: Action) -> Io {
     match action {
-        Action::Connect { conn, addr, local_addr: _, timeout } => Io::Connect { conn, addr, timeout },
+        Action::Connect { conn, addr, timeout, .. } => Io::Connect { conn, addr, timeout },
         Action::Close { conn } => Io::Close { conn },
         other => panic!("an action the simulation does not know: {other:?}"),
     }
