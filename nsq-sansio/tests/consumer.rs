@@ -238,15 +238,23 @@ fn more_connections_than_max_in_flight_rotate_rdy() {
     assert_eq!(sim.consumer.total_rdy(), 1, "never more RDY than max_in_flight");
     let holder = *conns.iter().find(|&&c| sim.last_rdy(c) == 1).unwrap();
     // The holder goes idle: after low_rdy_idle_timeout a redistribution moves RDY around.
-    let mut holders = HashSet::from([holder]);
-    for _ in 0..20 {
+    let mut turns = vec![holder];
+    for _ in 0..30 {
         sim.advance(Duration::from_secs(11));
         assert!(sim.consumer.total_rdy() <= 1);
         if let Some(&c) = conns.iter().find(|&&c| sim.last_rdy(c) == 1) {
-            holders.insert(c);
+            if turns.last() != Some(&c) {
+                turns.push(c);
+            }
         }
     }
-    assert!(holders.len() >= 2, "RDY rotated among connections: {holders:?}");
+    // In turn: the one that waited longest goes next, so no connection (and the messages
+    // waiting on its nsqd) is passed over.
+    assert!(turns.len() >= 9, "RDY rotated: {turns:?}");
+    for window in turns.windows(3) {
+        let distinct: HashSet<&ConnId> = window.iter().collect();
+        assert_eq!(distinct.len(), 3, "every connection within three turns: {turns:?}");
+    }
 }
 
 #[test]

@@ -55,6 +55,9 @@ struct Conn {
     /// A raise waiting for lowers on other connections to be written first.
     rdy_pending: Option<u32>,
     last_rdy_at: Instant,
+    /// When it last got RDY above 0 (`None`: never): redistribution serves the longest
+    /// waiting first.
+    rdy_granted_at: Option<Instant>,
 }
 
 /// An address given to `connect_to_nsqd`.
@@ -169,6 +172,7 @@ impl Consumer {
                 rdy_out: 0,
                 rdy_pending: None,
                 last_rdy_at: self.now,
+                rdy_granted_at: None,
             },
         );
         self.actions.push_back(Action::Connect {
@@ -626,6 +630,9 @@ impl Consumer {
         self.total_rdy = total - u64::from(conn.rdy) + u64::from(count);
         conn.rdy = count;
         conn.last_rdy_at = self.now;
+        if count > 0 {
+            conn.rdy_granted_at = Some(self.now);
+        }
         // nsqd acts on each RDY as it arrives, connection by connection: a raise goes out only
         // once what the others may still hold leaves room for it, so a lower queued behind a
         // busy write on one connection is written before the raise it makes room for.
@@ -691,10 +698,18 @@ impl Consumer {
         }
         let limit = if self.in_backoff() { 1 } else { u64::from(self.max_in_flight) };
         let mut available = limit.saturating_sub(self.total_rdy);
-        while available > 0 && !possible.is_empty() {
+        // The connections that waited longest for RDY go first (go-nsq picks at random, which
+        // can pass one over for minutes while messages wait on its nsqd); a random order
+        // first breaks ties, so connections that never had RDY take turns in no fixed order.
+        for i in (1..possible.len()).rev() {
+            possible.swap(i, self.rng.below(i + 1));
+        }
+        possible.sort_by_key(|id| self.conns.get(id).and_then(|c| c.rdy_granted_at));
+        for id in possible {
+            if available == 0 {
+                break;
+            }
             available -= 1;
-            let i = self.rng.below(possible.len());
-            let id = possible.swap_remove(i);
             self.update_rdy(id, 1);
         }
     }
