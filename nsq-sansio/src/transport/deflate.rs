@@ -12,6 +12,9 @@ const STEP: usize = 32 * 1024;
 /// Inflates nsqd's stream continuously from its first byte.
 pub(crate) struct Decoder {
     inflate: Decompress,
+    /// The last step filled all the room it had: the inflater may hold more output, even with
+    /// no input left (a long run of matches takes few input bytes).
+    full: bool,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -22,20 +25,23 @@ impl std::fmt::Debug for Decoder {
 
 impl Default for Decoder {
     fn default() -> Self {
-        Self { inflate: Decompress::new(false) }
+        Self { inflate: Decompress::new(false), full: false }
     }
 }
 
 impl Decoder {
     /// Inflates from `input` into `plain` while `plain` is below `limit`. Returns whether it
-    /// stopped for the limit with input left.
+    /// stopped for the limit with input left, or output the inflater may still hold.
     pub(crate) fn decode(
         &mut self,
         input: &mut BytesMut,
         plain: &mut BytesMut,
         limit: usize,
     ) -> Result<bool, TransportError> {
-        while !input.is_empty() {
+        loop {
+            if input.is_empty() && !self.full {
+                return Ok(false);
+            }
             if plain.len() >= limit {
                 return Ok(true);
             }
@@ -55,12 +61,12 @@ impl Decoder {
                 Ok(_) => {}
                 Err(e) => return Err(TransportError::Deflate(e.to_string())),
             }
+            self.full = produced == room;
             if consumed == 0 && produced == 0 {
                 // Needs more input (a partial block).
                 return Ok(false);
             }
         }
-        Ok(false)
     }
 }
 
@@ -140,6 +146,40 @@ mod tests {
             assert!(input.is_empty());
         }
         assert_eq!(&plain[..], &data[..]);
+    }
+
+    #[test]
+    fn output_held_inside_the_inflater_comes_out_without_more_input() {
+        // nsqd's stream: a 6-byte frame, then a 65 KB one that deflates to about 100 bytes,
+        // each sync-flushed. The inflater takes the second burst whole while filling the first
+        // step and keeps the rest of its output inside; nothing more arrives to push it out.
+        let mut theirs = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        theirs.write_all(b"\0\0\0\x06\0\0\0\0OK").unwrap();
+        theirs.flush().unwrap();
+        let first = theirs.get_ref().len();
+        let mut frame = vec![0u8; 8 + 65026];
+        frame[..8].copy_from_slice(b"\0\x00\xfe\x06\0\0\0\x02");
+        theirs.write_all(&frame).unwrap();
+        theirs.flush().unwrap();
+        let stream = theirs.get_ref().clone();
+        let mut dec = Decoder::default();
+        let mut plain = BytesMut::new();
+        assert!(!dec.decode(&mut BytesMut::from(&stream[..first]), &mut plain, usize::MAX).unwrap());
+        assert_eq!(plain.len(), 10);
+        let mut plain = BytesMut::new();
+        let pending = dec.decode(&mut BytesMut::from(&stream[first..]), &mut plain, usize::MAX).unwrap();
+        assert!(!pending);
+        assert_eq!(plain.len(), frame.len(), "the end of the burst is stuck inside the inflater");
+        // Under a limit, the decoder says output is pending until it has all come out.
+        let mut dec = Decoder::default();
+        let mut input = BytesMut::from(&stream[..]);
+        let mut total = 0;
+        let mut plain = BytesMut::new();
+        while dec.decode(&mut input, &mut plain, 10_000).unwrap() {
+            total += plain.len();
+            plain.clear();
+        }
+        assert_eq!(total + plain.len(), 10 + frame.len());
     }
 
     #[test]

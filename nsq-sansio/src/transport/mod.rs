@@ -52,7 +52,7 @@ pub(crate) struct Transport {
     scratch: BytesMut,
     /// Bytes to write to the socket.
     out: BytesMut,
-    /// The decompressor stopped at the limit with input left.
+    /// The decompressor stopped at the limit with input left, or output it may still hold.
     pending: bool,
 }
 
@@ -86,8 +86,8 @@ impl Transport {
         self.decompress(plain, limit)
     }
 
-    /// Whether input is buffered that `recv(BytesMut::new(), plain, limit)` could still turn
-    /// into plaintext once `plain` has room.
+    /// Whether input or decompressor output is buffered that `recv(BytesMut::new(), plain,
+    /// limit)` could still turn into plaintext once `plain` has room.
     pub(crate) fn has_pending(&self) -> bool {
         self.pending
     }
