@@ -78,6 +78,9 @@ impl LookupdAddress {
         if host.is_empty() || port.parse::<u16>().is_err() {
             return Err(bad("expected host:port"));
         }
+        if host.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err(bad("the host holds white space"));
+        }
         let path = match path.trim_end_matches('/') {
             "" => "/lookup".to_owned(),
             p => p.to_owned(),
@@ -321,7 +324,9 @@ mod tests {
         assert!(std::str::from_utf8(&req).unwrap().contains("Accept: application/vnd.nsq; version=1.0\r\n"));
         let b = LookupdAddress::parse("http://lookupd:4161/prefix/lookup/").unwrap();
         assert_eq!(b.to_string(), "http://lookupd:4161/prefix/lookup");
-        for bad in ["https://x:1", "x", "x:port", ":1", "ftp://x:1", "http://x:1/a b"] {
+        // A host that would break the request head (its Host header) is refused too.
+        for bad in ["https://x:1", "x", "x:port", ":1", "ftp://x:1", "http://x:1/a b", "x\r\nX-Evil: 1\r\n:1", "a b:1"]
+        {
             assert!(LookupdAddress::parse(bad).is_err(), "{bad}");
         }
     }
