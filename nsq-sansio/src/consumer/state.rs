@@ -318,16 +318,7 @@ impl Consumer {
         self.timers.set(Timer::Stop, deadline(now, STOP_TIMEOUT));
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
-            if let Some(conn) = self.conns.get_mut(&id) {
-                if conn.subscribed && conn.rdy > 0 {
-                    // RDY 0 first so nothing new arrives while CLS travels.
-                    let _ = conn.state.ready(0);
-                    self.total_rdy -= u64::from(conn.rdy);
-                    conn.rdy = 0;
-                }
-                conn.state.close(now);
-                self.process(id);
-            }
+            self.close_conn(id);
         }
         self.maybe_stopped();
     }
@@ -487,8 +478,16 @@ impl Consumer {
         }
     }
 
+    /// Closes a connection gracefully. RDY 0 goes before CLS so nothing new arrives while CLS
+    /// travels, and the count is given back at once: nsqd delivers nothing more on it while
+    /// it drains, and the others may need the room.
     fn close_conn(&mut self, id: ConnId) {
         if let Some(conn) = self.conns.get_mut(&id) {
+            if conn.subscribed && conn.rdy > 0 {
+                let _ = conn.state.ready(0);
+                self.total_rdy -= u64::from(conn.rdy);
+                conn.rdy = 0;
+            }
             conn.state.close(self.now);
             self.process(id);
         }
