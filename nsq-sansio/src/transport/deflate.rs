@@ -6,8 +6,10 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 
 use super::TransportError;
 
-/// Output produced per inflate step.
+/// The most output one inflate step produces.
 const STEP: usize = 32 * 1024;
+/// The least room a step gets.
+const MIN_STEP: usize = 512;
 
 /// Inflates nsqd's stream continuously from its first byte.
 pub(crate) struct Decoder {
@@ -38,6 +40,10 @@ impl Decoder {
         plain: &mut BytesMut,
         limit: usize,
     ) -> Result<bool, TransportError> {
+        // The room of each step is zeroed before the inflater writes into it: start near what
+        // the input is likely to give and double while steps fill up, so a small read does not
+        // pay for a whole STEP.
+        let mut step = input.len().saturating_mul(4).clamp(MIN_STEP, STEP);
         loop {
             if input.is_empty() && !self.full {
                 return Ok(false);
@@ -46,7 +52,7 @@ impl Decoder {
                 return Ok(true);
             }
             let start = plain.len();
-            let room = STEP.min(limit - start).max(1);
+            let room = step.min(limit - start).max(1);
             plain.resize(start + room, 0);
             let (in_before, out_before) = (self.inflate.total_in(), self.inflate.total_out());
             let status = self.inflate.decompress(input, &mut plain[start..], FlushDecompress::None);
@@ -62,6 +68,9 @@ impl Decoder {
                 Err(e) => return Err(TransportError::Deflate(e.to_string())),
             }
             self.full = produced == room;
+            if self.full {
+                step = (step * 2).min(STEP);
+            }
             if consumed == 0 && produced == 0 {
                 // Needs more input (a partial block).
                 return Ok(false);
