@@ -179,6 +179,22 @@ impl Transport {
         self.decompress(plain, limit)
     }
 
+    /// Compressed bytes waiting for the decompressor, and whether it stopped at the limit.
+    #[cfg(feature = "__fuzzing")]
+    pub(crate) fn buffered(&self) -> (usize, bool) {
+        (self.mid.len(), self.pending)
+    }
+
+    /// Which decompressor is on: 0 none, 1 snappy, 2 deflate.
+    #[cfg(feature = "__fuzzing")]
+    pub(crate) fn codec(&self) -> u8 {
+        match self.codec {
+            Codec::None => 0,
+            Codec::Snappy(_) => 1,
+            Codec::Deflate(_) => 2,
+        }
+    }
+
     /// Queues TLS close_notify, if TLS is on.
     pub(crate) fn close(&mut self) {
         if let Some(tls) = &mut self.tls {
