@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use super::input::{seed_variant, Blob, Seed, ServerFrame};
 use crate::{
     Action, BackoffStrategy, Channel, Config, ConnId, ConsumerEvent, ConsumerState, Frame, Message, MessageId, QueryId,
-    Response, Topic,
+    Response, Topic, DEFAULT_MAX_RDY_COUNT,
 };
 
 /// A consumer's configuration, then what happens to it.
@@ -195,6 +195,14 @@ struct Conn {
     wire_rdy: u32,
     /// The `max_rdy_count` negotiated.
     max_rdy: Option<u32>,
+    /// Bytes were handed to it.
+    fed: bool,
+}
+
+fn fed(conns: &mut BTreeMap<ConnId, Conn>, conn: ConnId) {
+    if let Some(k) = conns.get_mut(&conn) {
+        k.fed = true;
+    }
 }
 
 /// Runs `ops`; checks after each step that RDY, as the consumer counts it and as written to
@@ -240,9 +248,12 @@ pub fn consumer(input: Input) {
                     c.handle_connected(conn, now);
                     if let Some(k) = conns.get_mut(&conn) {
                         k.connected = k.open;
-                        if k.open && max_rdy_count > 0 {
-                            k.max_rdy = Some(u32::from(max_rdy_count));
+                        if k.open && !k.fed {
+                            // This answer completes the handshake (a later one would not).
+                            let m = if max_rdy_count > 0 { u32::from(max_rdy_count) } else { DEFAULT_MAX_RDY_COUNT };
+                            k.max_rdy = Some(m);
                         }
+                        k.fed = true;
                     }
                     frame.clear();
                     let identify = if max_rdy_count > 0 {
@@ -261,6 +272,7 @@ pub fn consumer(input: Input) {
                     let mut id = [b'0'; 16];
                     id[..8].copy_from_slice(format!("{next_id:08x}").as_bytes());
                     let msg = Message { id: MessageId(id), timestamp: 0, attempts, body: Bytes::from_static(b"m") };
+                    fed(&mut conns, conn);
                     frame.clear();
                     Frame::Message(msg).encode(&mut frame);
                     c.handle_input(conn, now, frame.split());
@@ -268,6 +280,7 @@ pub fn consumer(input: Input) {
             }
             Op::Frames { conn: i, frames } => {
                 if let Some(conn) = pick(&dialled, i) {
+                    fed(&mut conns, conn);
                     frame.clear();
                     for f in &frames {
                         f.encode(&mut frame);
@@ -277,6 +290,7 @@ pub fn consumer(input: Input) {
             }
             Op::Input(i, bytes) => {
                 if let Some(conn) = pick(&dialled, i) {
+                    fed(&mut conns, conn);
                     c.handle_input(conn, now, BytesMut::from(&bytes.0[..]));
                 }
             }
