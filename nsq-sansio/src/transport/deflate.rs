@@ -14,9 +14,10 @@ const MIN_STEP: usize = 512;
 /// Inflates nsqd's stream continuously from its first byte.
 pub(crate) struct Decoder {
     inflate: Decompress,
-    /// The last step filled all the room it had: the inflater may hold more output, even with
-    /// no input left (a long run of matches takes few input bytes).
-    full: bool,
+    /// The last step made progress, so the inflater may hold more output even with no input
+    /// left: a long run of matches takes few input bytes, and the inflater stops at the edge of
+    /// its 32 KiB window or of the room it was given, with all its input read.
+    progress: bool,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -27,13 +28,14 @@ impl std::fmt::Debug for Decoder {
 
 impl Default for Decoder {
     fn default() -> Self {
-        Self { inflate: Decompress::new(false), full: false }
+        Self { inflate: Decompress::new(false), progress: false }
     }
 }
 
 impl Decoder {
-    /// Inflates from `input` into `plain` while `plain` is below `limit`. Returns whether it
-    /// stopped for the limit with input left, or output the inflater may still hold.
+    /// Inflates from `input` into `plain` while `plain` is below `limit`, until the inflater
+    /// needs more input. Returns whether it stopped for the limit instead, with input left or
+    /// output the inflater may still hold.
     pub(crate) fn decode(
         &mut self,
         input: &mut BytesMut,
@@ -45,7 +47,7 @@ impl Decoder {
         // pay for a whole STEP.
         let mut step = input.len().saturating_mul(4).clamp(MIN_STEP, STEP);
         loop {
-            if input.is_empty() && !self.full {
+            if input.is_empty() && !self.progress {
                 return Ok(false);
             }
             if plain.len() >= limit {
@@ -67,12 +69,12 @@ impl Decoder {
                 Ok(_) => {}
                 Err(e) => return Err(TransportError::Deflate(e.to_string())),
             }
-            self.full = produced == room;
-            if self.full {
+            if produced == room {
                 step = (step * 2).min(STEP);
             }
-            if consumed == 0 && produced == 0 {
-                // Needs more input (a partial block).
+            // Only a step that neither reads nor writes says the inflater needs more input.
+            self.progress = consumed > 0 || produced > 0;
+            if !self.progress {
                 return Ok(false);
             }
         }
@@ -189,6 +191,28 @@ mod tests {
             plain.clear();
         }
         assert_eq!(total + plain.len(), 10 + frame.len());
+    }
+
+    #[test]
+    fn output_held_at_the_window_edge_comes_out_without_more_input() {
+        // 65545 bytes that deflate to about 80, cut before the sync flush's last 4 bytes, as a
+        // read may end: the bytes at hand hold all of the plaintext. Under a limit, the
+        // inflater stops at the edge of its 32 KiB window, short of the room it was given and
+        // with all its input read, yet 9 bytes are still to come out.
+        let data = vec![b'a'; 65_545];
+        let mut theirs = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        theirs.write_all(&data).unwrap();
+        theirs.flush().unwrap();
+        let stream = theirs.get_ref();
+        let mut input = BytesMut::from(&stream[..stream.len() - 4]);
+        let mut dec = Decoder::default();
+        let mut plain = BytesMut::new();
+        let mut total = 0;
+        while dec.decode(&mut input, &mut plain, 40_000).unwrap() {
+            total += plain.len();
+            plain.clear();
+        }
+        assert_eq!(total + plain.len(), data.len());
     }
 
     #[test]
