@@ -98,10 +98,26 @@ impl Encoder {
     }
 
     /// Appends `data` deflated and sync-flushed, so nsqd can inflate all of it at once.
-    pub(crate) fn encode(&mut self, mut data: &[u8], out: &mut BytesMut) -> Result<(), TransportError> {
+    pub(crate) fn encode(&mut self, data: &[u8], out: &mut BytesMut) -> Result<(), TransportError> {
+        self.encode_with_room(data, out, bound)
+    }
+
+    /// [`encode`](Self::encode), giving each call `room(input left)` bytes of output room.
+    fn encode_with_room(
+        &mut self,
+        mut data: &[u8],
+        out: &mut BytesMut,
+        room: impl Fn(usize) -> usize,
+    ) -> Result<(), TransportError> {
+        // With room for all of it (deflate grows data by at most a few bytes per block), one
+        // call compresses and flushes everything. Short of room, the compressor keeps the rest
+        // and hands it out over later calls, one of which may stop short of its room before
+        // the flush is done, so "room left over" proves nothing then: the calls go on until one
+        // gives nothing but another empty sync block.
+        let mut overflowed = false;
         loop {
             let start = out.len();
-            let room = data.len() / 2 + 64;
+            let room = room(data.len());
             out.resize(start + room, 0);
             let (in_before, out_before) = (self.deflate.total_in(), self.deflate.total_out());
             let status = self.deflate.compress(data, &mut out[start..], FlushCompress::Sync);
@@ -110,12 +126,22 @@ impl Encoder {
             out.truncate(start + produced);
             data = &data[consumed..];
             status.map_err(|e| TransportError::Deflate(e.to_string()))?;
-            // Done once all input is in and the flush did not fill the space it was given.
-            if data.is_empty() && produced < room {
+            if produced == room {
+                overflowed = true;
+            } else if data.is_empty() && (!overflowed || out[start..] == EMPTY_SYNC_BLOCK) {
                 return Ok(());
             }
         }
     }
+}
+
+/// What a sync flush adds when there is nothing to flush: an empty stored block.
+const EMPTY_SYNC_BLOCK: [u8; 5] = [0, 0, 0, 0xff, 0xff];
+
+/// Room for `len` bytes deflated and sync-flushed: stored blocks add 5 bytes per 64 KiB,
+/// fixed-code blocks at most 1 bit in 8, and the flush an empty block.
+fn bound(len: usize) -> usize {
+    len + len / 8 + 64
 }
 
 #[cfg(test)]
@@ -213,6 +239,41 @@ mod tests {
             plain.clear();
         }
         assert_eq!(total + plain.len(), data.len());
+    }
+
+    #[test]
+    fn every_write_comes_out_whole_whatever_its_size() {
+        // Incompressible writes: with too little room, the compressor hands its output out
+        // over several calls, and one of them stops short of its room before the flush is
+        // done; the end of the write stayed inside until the next one (e.g. the last 255 of
+        // 32000 bytes at level 6).
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let noise: Vec<u8> = (0..127_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        // Short of room on purpose too: the calls after an overflow.
+        let rooms: [fn(usize) -> usize; 2] = [bound, |len| len / 2 + 64];
+        for room in rooms {
+            for level in [1, 6, 9] {
+                for len in [1, 1000, 32_000, 59_000, 127_000] {
+                    let data = &noise[..len];
+                    let mut enc = Encoder::new(level);
+                    let mut out = BytesMut::new();
+                    enc.encode_with_room(data, &mut out, room).unwrap();
+                    enc.encode_with_room(b"NOP\n", &mut out, room).unwrap();
+                    let mut inflater = Decompress::new(false);
+                    let mut back = Vec::with_capacity(len + 1024);
+                    inflater.decompress_vec(&out, &mut back, FlushDecompress::Sync).unwrap();
+                    assert_eq!(back.len(), len + 4, "level {level}");
+                    assert!(back[..len] == data[..] && back.ends_with(b"NOP\n"));
+                }
+            }
+        }
     }
 
     #[test]
