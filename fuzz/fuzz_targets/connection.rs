@@ -1,4 +1,4 @@
 #![no_main]
-use nsq_sansio::fuzzing::connection::{connection, Negotiated, Op};
+use nsq_sansio::fuzzing::connection::{connection, Input};
 
-libfuzzer_sys::fuzz_target!(|input: (Negotiated, Vec<Op>)| connection(input.0, input.1));
+libfuzzer_sys::fuzz_target!(|input: Input| connection(input));

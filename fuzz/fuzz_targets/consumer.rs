@@ -1,4 +1,4 @@
 #![no_main]
-use nsq_sansio::fuzzing::consumer::{consumer, Op};
+use nsq_sansio::fuzzing::consumer::{consumer, Input};
 
-libfuzzer_sys::fuzz_target!(|input: (u8, Vec<Op>)| consumer(input.0, input.1));
+libfuzzer_sys::fuzz_target!(|input: Input| consumer(input));

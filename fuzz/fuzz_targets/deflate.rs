@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| nsq_sansio::fuzzing::transport::deflate(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nsq_sansio::fuzzing::deflate::raw(data));

@@ -1,5 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let mut buf = bytes::BytesMut::from(data);
-    while let Ok(Some(_)) = nsq_sansio::decode(&mut buf, 1 << 20) {}
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nsq_sansio::fuzzing::frame::frame(data));

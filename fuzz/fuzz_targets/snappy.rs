@@ -1,2 +1,4 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| nsq_sansio::fuzzing::transport::snappy(data));
+use nsq_sansio::fuzzing::snappy::{snappy, Input};
+
+libfuzzer_sys::fuzz_target!(|input: Input| snappy(input));

@@ -875,6 +875,28 @@ fn max_in_flight_changes_at_runtime() {
     assert!(sim.consumer.total_rdy() <= 2);
 }
 
+#[test]
+fn a_disconnected_nsqd_gives_its_rdy_back_while_it_drains() {
+    let mut sim = Sim::new(|c| {
+        c.set("max_in_flight", "10").unwrap();
+    });
+    let a = sim.connect("127.0.0.1:4150");
+    let b = sim.connect("127.0.0.2:4150");
+    // A message in flight keeps the connection draining after CLS.
+    let msg = sim.deliver(a, 1);
+    sim.consumer.disconnect_from_nsqd("127.0.0.1:4150", sim.now).unwrap();
+    sim.drain();
+    // nsqd delivers nothing after CLS: RDY 0 goes first, and the count is released.
+    assert!(sim.wrote(a, "RDY 0\nCLS\n"));
+    assert_eq!(sim.consumer.total_rdy(), 5);
+    sim.consumer.change_max_in_flight(4, sim.now);
+    sim.drain();
+    assert_eq!(sim.last_rdy(b), 2);
+    assert_eq!(sim.consumer.total_rdy(), 2, "a draining connection holds no RDY");
+    sim.respond(a, &msg, Response::Finish);
+    assert!(sim.wrote(a, "FIN "));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 

@@ -2,12 +2,14 @@
 //! TLS end to end against an in-memory rustls server.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
-use nsq_sansio::{Channel, Config, ConnectionError, ConnectionState, Event, Topic, TransportError};
+use bytes::{Bytes, BytesMut};
+use nsq_sansio::{
+    Channel, Config, ConnectionError, ConnectionState, Event, Frame, Message, MessageId, Topic, TransportError,
+};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -91,6 +93,37 @@ fn deflate_capture_decodes_and_our_stream_is_valid_deflate() {
     inflater.decompress(&out, &mut plain, flate2::FlushDecompress::Sync).unwrap();
     plain.truncate(inflater.total_out() as usize);
     assert_eq!(plain, b"SUB t c\nNOP\n");
+}
+
+/// A message that deflates to a few dozen bytes comes out of the read that carries it: the
+/// inflater takes that read whole and holds most of the output, which must not wait for the next
+/// read.
+#[test]
+fn a_highly_compressible_deflate_message_is_delivered_from_its_own_read() {
+    let now = Instant::now();
+    let mut config = Config::new();
+    config.set("deflate", "true").unwrap();
+    let mut conn = ConnectionState::new(Arc::new(config), "127.0.0.1", now);
+    conn.subscribe(&Topic::new("t").unwrap(), &Channel::new("c").unwrap()).unwrap();
+    drain(&mut conn);
+    let mut identify = BytesMut::new();
+    Frame::Response(Bytes::from_static(br#"{"deflate":true,"deflate_level":6}"#)).encode(&mut identify);
+    conn.handle_input(now, identify);
+    let mut nsqd = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+    let mut send = |conn: &mut ConnectionState, frame: Frame| {
+        let mut plain = BytesMut::new();
+        frame.encode(&mut plain);
+        nsqd.write_all(&plain).unwrap();
+        nsqd.flush().unwrap();
+        conn.handle_input(now, BytesMut::from(&std::mem::take(nsqd.get_mut())[..]));
+        drain(conn).1
+    };
+    send(&mut conn, Frame::Response(Bytes::from_static(b"OK")));
+    send(&mut conn, Frame::Response(Bytes::from_static(b"OK")));
+    let body = Bytes::from(vec![0u8; 65_000]);
+    let message = Message { id: MessageId(*b"0123456789abcdef"), timestamp: 1, attempts: 1, body: body.clone() };
+    let events = send(&mut conn, Frame::Message(message));
+    assert!(matches!(&events[..], [Event::Message(m)] if m.body == body), "{events:?}");
 }
 
 proptest! {

@@ -555,6 +555,22 @@ impl ConnectionState {
         &self.host
     }
 
+    /// The internal buffers' sizes, for the fuzz targets' bound checks.
+    #[cfg(feature = "__fuzzing")]
+    pub(crate) fn buffered(&self) -> Buffered {
+        let (compressed, pending) = self.transport.buffered();
+        Buffered {
+            rx: self.rx.len(),
+            tx: self.tx.len(),
+            held: self.held.len(),
+            compressed,
+            pending,
+            codec: self.transport.codec(),
+            max_frame_size: self.config.frame_limit(),
+            rx_head: self.rx.get(..4).map(|h| u32::from_be_bytes([h[0], h[1], h[2], h[3]])),
+        }
+    }
+
     // ---- internals ---------------------------------------------------------------------------
 
     fn advance_clock(&mut self, now: Instant) {
@@ -869,4 +885,26 @@ impl ConnectionState {
         self.transport.close();
         self.events.push_back(Event::Closed(reason));
     }
+}
+
+/// See [`ConnectionState::buffered`].
+#[cfg(feature = "__fuzzing")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Buffered {
+    /// Plaintext received and not decoded into frames.
+    pub(crate) rx: usize,
+    /// Plaintext commands not yet handed to the transport.
+    pub(crate) tx: usize,
+    /// Commands held until the handshake is done.
+    pub(crate) held: usize,
+    /// Compressed bytes the decompressor has not taken.
+    pub(crate) compressed: usize,
+    /// The decompressor stopped at the plaintext limit with input left.
+    pub(crate) pending: bool,
+    /// 0 plain, 1 snappy, 2 deflate.
+    pub(crate) codec: u8,
+    /// The frame size limit in force.
+    pub(crate) max_frame_size: u32,
+    /// The size field of the partial frame in `rx`, if 4 bytes of it arrived.
+    pub(crate) rx_head: Option<u32>,
 }

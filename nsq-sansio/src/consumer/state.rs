@@ -347,17 +347,7 @@ impl Consumer {
         self.close_queries();
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
-            if let Some(conn) = self.conns.get_mut(&id) {
-                conn.rdy_pending = None;
-                if conn.subscribed && (conn.rdy > 0 || conn.rdy_out > 0) {
-                    // RDY 0 first so nothing new arrives while CLS travels.
-                    let _ = conn.state.ready(0);
-                    self.total_rdy -= u64::from(conn.rdy);
-                    conn.rdy = 0;
-                }
-                conn.state.close(now);
-                self.process(id);
-            }
+            self.close_conn(id);
         }
         self.maybe_stopped();
     }
@@ -536,8 +526,18 @@ impl Consumer {
         }
     }
 
+    /// Closes a connection gracefully. RDY 0 goes before CLS so nothing new arrives while CLS
+    /// travels, and the count is given back at once: nsqd delivers nothing more on it while
+    /// it drains, and the others may need the room.
     fn close_conn(&mut self, id: ConnId) {
         if let Some(conn) = self.conns.get_mut(&id) {
+            conn.rdy_pending = None;
+            if conn.subscribed && (conn.rdy > 0 || conn.rdy_out > 0) {
+                // RDY 0 first so nothing new arrives while CLS travels.
+                let _ = conn.state.ready(0);
+                self.total_rdy -= u64::from(conn.rdy);
+                conn.rdy = 0;
+            }
             conn.state.close(self.now);
             self.process(id);
         }

@@ -391,8 +391,18 @@ mod tests {
         let req = c.request(&topic, "a", Some("s3cret")).unwrap();
         assert!(std::str::from_utf8(&req).unwrap().contains("\r\nAuthorization: Bearer s3cret\r\n"));
         assert_eq!(c.request(&topic, "a", Some("bad\r\nX-Injected: 1")), Err(LookupdError::Secret));
-        for bad in ["x", "x:port", ":1", "ftp://x:1", "http://x:1/a b", "https://x", "https://x/lookup", "http://u@x:1"]
-        {
+        for bad in [
+            "x",
+            "x:port",
+            ":1",
+            "ftp://x:1",
+            "http://x:1/a b",
+            "https://x",
+            "https://x/lookup",
+            "http://u@x:1",
+            "x\r\nX-Evil: 1\r\n:1",
+            "a b:1",
+        ] {
             assert!(LookupdAddress::parse(bad).is_err(), "{bad}");
         }
     }

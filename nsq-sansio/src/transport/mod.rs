@@ -52,7 +52,7 @@ pub(crate) struct Transport {
     scratch: BytesMut,
     /// Bytes to write to the socket.
     out: BytesMut,
-    /// The decompressor stopped at the limit with input left.
+    /// The decompressor stopped at the limit with input left, or output it may still hold.
     pending: bool,
 }
 
@@ -86,8 +86,8 @@ impl Transport {
         self.decompress(plain, limit)
     }
 
-    /// Whether input is buffered that `recv(BytesMut::new(), plain, limit)` could still turn
-    /// into plaintext once `plain` has room.
+    /// Whether input or decompressor output is buffered that `recv(BytesMut::new(), plain,
+    /// limit)` could still turn into plaintext once `plain` has room.
     pub(crate) fn has_pending(&self) -> bool {
         self.pending
     }
@@ -177,6 +177,22 @@ impl Transport {
         self.codec = Codec::Deflate(Box::new((deflate::Decoder::default(), deflate::Encoder::new(level))));
         self.mid.unsplit(leftover);
         self.decompress(plain, limit)
+    }
+
+    /// Compressed bytes waiting for the decompressor, and whether it stopped at the limit.
+    #[cfg(feature = "__fuzzing")]
+    pub(crate) fn buffered(&self) -> (usize, bool) {
+        (self.mid.len(), self.pending)
+    }
+
+    /// Which decompressor is on: 0 none, 1 snappy, 2 deflate.
+    #[cfg(feature = "__fuzzing")]
+    pub(crate) fn codec(&self) -> u8 {
+        match self.codec {
+            Codec::None => 0,
+            Codec::Snappy(_) => 1,
+            Codec::Deflate(_) => 2,
+        }
     }
 
     /// Queues TLS close_notify, if TLS is on.
