@@ -78,12 +78,12 @@ pub struct NsqTailArgs {
 
 /// Measures publish or consume throughput, and latency, against nsqd.
 ///
-/// The `RESULT` line gives `msgs_per_sec`; with `--rate`, and always in sub mode, it gives
-/// latency percentiles too (`lat_p50_us`, `lat_p99_us`, `lat_p999_us`, `lat_max_us`). A pub
-/// latency runs from the time the publish was due on the schedule, not from when it was
-/// issued, so a stalled client is charged for every publish it held up (no coordinated
-/// omission). A sub latency runs from the message's nsqd timestamp (when nsqd received the
-/// publish) to the handler: end to end.
+/// The `RESULT` line gives `msgs_per_sec`; with `--rate` it gives latency percentiles too
+/// (`lat_p50_us`, `lat_p99_us`, `lat_p999_us`, `lat_max_us`). A pub latency runs from the time
+/// the publish was due on the schedule, not from when it was issued, so a stalled client is
+/// charged for every publish it held up (no coordinated omission). A sub latency runs from the
+/// message's nsqd timestamp (when nsqd received the publish) to the handler: end to end. (Sub
+/// without `--rate` drains a backlog, whose age is no latency: it reads no clock per message.)
 #[derive(Debug, Parser)]
 #[command(name = "bench", about = "Measure NSQ publish or consume throughput and latency")]
 pub struct BenchArgs {
@@ -128,7 +128,8 @@ pub struct BenchArgs {
     pub auto_batch: usize,
     /// Publish open-loop at this many messages per second and report latencies (0: as fast as
     /// acknowledged). pub: each publish's latency from its scheduled send time to its
-    /// acknowledgement. sub: the bench publishes at this rate itself while it consumes.
+    /// acknowledgement. sub: the bench publishes at this rate itself while it consumes, and
+    /// reports each message's latency from its nsqd timestamp to the handler.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
 }
@@ -505,9 +506,9 @@ async fn bench_mpub<R: Runtime>(args: &BenchArgs, body: Bytes) -> Result<Measure
     Ok(Measured { secs, startup, latencies: None })
 }
 
-/// Consumes `--n` messages with `--concurrency` handlers, each message finished at once; the
-/// latencies run from each message's nsqd timestamp. With `--rate`, publishes them at that
-/// rate meanwhile (to the first nsqd), so they are consumed as they arrive.
+/// Consumes `--n` messages with `--concurrency` handlers, each message finished at once. With
+/// `--rate`, publishes them at that rate meanwhile (to the first nsqd), so they are consumed
+/// as they arrive, and records each one's latency from its nsqd timestamp.
 async fn bench_sub<R: Runtime>(args: &BenchArgs, body: Bytes) -> Result<Measured, String> {
     use std::sync::{Arc, Mutex};
     let started = Instant::now();
@@ -519,11 +520,13 @@ async fn bench_sub<R: Runtime>(args: &BenchArgs, body: Bytes) -> Result<Measured
     let first = Arc::new(Mutex::new(None::<Instant>));
     let latencies = Arc::new(Mutex::new(Latencies::new()?));
     let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (f, l, h) = (first.clone(), latencies.clone(), handled.clone());
+    let (f, l, h, timed) = (first.clone(), latencies.clone(), handled.clone(), args.rate > 0);
     consumer.add_concurrent_handlers(
         move |m: Message| {
-            if let Ok(mut latencies) = l.lock() {
-                latencies.record(since_unix_nanos(m.timestamp()));
+            if timed {
+                if let Ok(mut latencies) = l.lock() {
+                    latencies.record(since_unix_nanos(m.timestamp()));
+                }
             }
             if let Ok(mut first) = f.lock() {
                 first.get_or_insert_with(Instant::now);
@@ -555,7 +558,7 @@ async fn bench_sub<R: Runtime>(args: &BenchArgs, body: Bytes) -> Result<Measured
     Ok(Measured {
         secs: end.saturating_duration_since(start),
         startup: start.saturating_duration_since(started),
-        latencies: Some(latencies),
+        latencies: (args.rate > 0).then_some(latencies),
     })
 }
 
