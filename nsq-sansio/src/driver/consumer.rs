@@ -333,6 +333,17 @@ impl Stream for Messages {
     }
 }
 
+impl Drop for Messages {
+    fn drop(&mut self) {
+        // The messages queued for the stream go back to nsqd now (a message dropped unanswered
+        // is requeued), not when the consumer ends; later ones are refused at the send.
+        if let Some(rx) = &self.rx {
+            rx.close();
+            while rx.try_recv().is_ok() {}
+        }
+    }
+}
+
 enum Input {
     Command(Command),
     Io(IoEvent),
