@@ -34,6 +34,11 @@ impl InFlight {
 
     pub(crate) fn remove(&mut self, id: &MessageId) -> bool {
         let removed = self.deadlines.remove(id).is_some();
+        // Answers mostly come in delivery order: the stale entries at the front go at once,
+        // each for one lookup.
+        if removed {
+            self.skip_stale();
+        }
         // Keep the queue's stale entries bounded by the live ones.
         if removed && self.queue.len() > 2 * self.deadlines.len() + 64 {
             let live = &self.deadlines;

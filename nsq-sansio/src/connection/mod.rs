@@ -475,6 +475,11 @@ impl ConnectionState {
         self.transport.poll_transmit()
     }
 
+    /// Whether [`poll_event`](Self::poll_event) has an event.
+    pub(crate) fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// The next event for the application.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {

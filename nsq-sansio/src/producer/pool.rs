@@ -833,9 +833,9 @@ impl ProducerPoolState {
         let Some(first_ready) = (0..n).find(|&i| ready(&self.members, i)) else {
             return;
         };
-        let mut waiting = VecDeque::new();
-        let mut sent = Vec::new();
-        while let Some(tx) = self.queue.pop_front() {
+        // Taken out while it is worked through; what still waits goes back into `self.queue`.
+        let mut queue = std::mem::take(&mut self.queue);
+        while let Some(tx) = queue.pop_front() {
             let Some(p) = self.publishes.get_mut(&tx) else { continue };
             p.queued = false;
             let avoid = p.avoid;
@@ -866,14 +866,14 @@ impl ProducerPoolState {
             };
             if still_waiting {
                 p.queued = true;
-                waiting.push_back(tx);
+                self.queue.push_back(tx);
             } else {
-                sent.push(tx);
+                self.settle(tx);
             }
         }
-        self.queue = waiting;
-        for tx in sent {
-            self.settle(tx);
+        // Nothing waits (the usual case): keep the emptied queue's allocation for the next one.
+        if self.queue.is_empty() {
+            self.queue = queue;
         }
     }
 
