@@ -227,3 +227,78 @@ fn the_blocking_example_fails_clearly_without_nsqd() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to nsqd"));
 }
+
+/// The `key=value` fields of the `RESULT` line a bench tool printed.
+fn result_fields(out: &Output) -> std::collections::HashMap<String, String> {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("RESULT ")).expect("a RESULT line");
+    line.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+}
+
+const LATENCIES: [&str; 4] = ["lat_p50_us", "lat_p99_us", "lat_p999_us", "lat_max_us"];
+
+/// Latency percentiles that are numbers, in order.
+fn assert_latencies(fields: &std::collections::HashMap<String, String>) {
+    let values: Vec<f64> = LATENCIES.iter().map(|k| fields[*k].parse().unwrap()).collect();
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "{values:?}");
+    assert!(values[0] > 0.0, "{values:?}");
+}
+
+#[test]
+fn bench_at_a_rate_publishes_every_message_and_reports_latencies() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let addr = nsqd.addr();
+    let args = ["--mode", "pub", "--topic", "lat", "--nsqd-tcp-address", &addr, "--n", "300", "--rate", "3000"];
+    let fields = result_fields(&run("bench", &args, b""));
+    assert_eq!(fields["client"], "nsq-tokio");
+    assert_eq!(fields["rate"], "3000");
+    assert_latencies(&fields);
+    assert_eq!(nsqd.stats().published["lat"], 300);
+
+    // Without a rate, pub reports no latency: its publishes are not scheduled.
+    let args = ["--mode", "pub", "--topic", "fast", "--nsqd-tcp-address", &addr, "--n", "300"];
+    let fields = result_fields(&run("bench", &args, b""));
+    assert!(LATENCIES.iter().all(|k| !fields.contains_key(*k)), "{fields:?}");
+    assert_eq!(nsqd.stats().published["fast"], 300);
+}
+
+#[test]
+fn bench_sub_at_a_rate_publishes_what_it_consumes_and_reports_end_to_end_latencies() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let addr = nsqd.addr();
+    let args = ["--mode", "sub", "--topic", "e2e", "--nsqd-tcp-address", &addr, "--n", "300", "--rate", "3000"];
+    let fields = result_fields(&run("bench", &args, b""));
+    assert_eq!(fields["msgs"], "300");
+    assert_latencies(&fields);
+    let stats = nsqd.stats();
+    assert_eq!(stats.published["e2e"], 300);
+    assert_eq!(stats.finished, 300);
+}
+
+#[test]
+fn bench_refuses_a_rate_for_mpub() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let out = run("bench", &["--mode", "mpub", "--nsqd-tcp-address", &nsqd.addr(), "--rate", "10"], b"");
+    assert!(!out.status.success());
+    assert!(error_line(&out).contains("--rate applies to pub and sub"), "{}", error_line(&out));
+}
+
+#[test]
+fn raw_bench_publishes_and_consumes_every_message() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let addr = nsqd.addr();
+    let base = ["--nsqd-tcp-address", addr.as_str(), "--topic", "raw"];
+    let pub_args = [&base[..], &["--mode", "pub", "--n", "500", "--outstanding", "7"]].concat();
+    let fields = result_fields(&run("raw_bench", &pub_args, b""));
+    assert_eq!((fields["client"].as_str(), fields["mode"].as_str()), ("raw", "pub"));
+    let mpub_args =
+        [&base[..], &["--mode", "mpub", "--n", "500", "--batch", "50", "--outstanding-batches", "3"]].concat();
+    result_fields(&run("raw_bench", &mpub_args, b""));
+    assert_eq!(nsqd.stats().published["raw"], 1000);
+
+    let sub_args = [&base[..], &["--mode", "sub", "--channel", "c", "--n", "1000", "--max-in-flight", "64"]].concat();
+    let fields = result_fields(&run("raw_bench", &sub_args, b""));
+    assert_eq!(fields["msgs"], "1000");
+    assert_eq!(nsqd.stats().finished, 1000);
+}

@@ -34,6 +34,11 @@ impl InFlight {
 
     pub(crate) fn remove(&mut self, id: &MessageId) -> bool {
         let removed = self.deadlines.remove(id).is_some();
+        // Answers mostly come in delivery order: the stale entries at the front go at once,
+        // each for one lookup.
+        if removed {
+            self.skip_stale();
+        }
         // Keep the queue's stale entries bounded by the live ones.
         if removed && self.queue.len() > 2 * self.deadlines.len() + 64 {
             let live = &self.deadlines;
@@ -110,7 +115,9 @@ impl InFlight {
 /// A cheap hash for message ids instead of SipHash per message. nsqd's ids are 16 hex digits
 /// that differ mostly in a few characters (a sequence in the middle or at the end), so the
 /// folded words go through a full-avalanche finalizer (murmur3's fmix64): every input bit
-/// reaches the low bits the table indexes with.
+/// reaches the low bits the table indexes with. Also for the engines' tables keyed by the
+/// counters they make themselves (connection and publish ids): nothing from outside chooses
+/// those keys, so they need no keyed hash.
 #[derive(Default)]
 pub(crate) struct IdHasher(u64);
 
@@ -122,6 +129,10 @@ impl Hasher for IdHasher {
         h ^= h >> 33;
         h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
         h ^ (h >> 33)
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 
     fn write(&mut self, bytes: &[u8]) {

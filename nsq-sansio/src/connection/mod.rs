@@ -18,8 +18,8 @@ use crate::timer::TimerTable;
 use crate::transport::{self, Transport};
 use crate::{Channel, Config, Message, MessageId, Topic};
 
-pub(crate) use in_flight::deadline;
 use in_flight::InFlight;
+pub(crate) use in_flight::{deadline, IdHasher};
 
 /// The RDY ceiling nsqd uses when IDENTIFY has not said otherwise.
 pub const DEFAULT_MAX_RDY_COUNT: u32 = 2500;
@@ -338,8 +338,7 @@ impl ConnectionState {
 
     /// Sends `FIN`: the message was handled.
     pub fn finish(&mut self, id: &MessageId) -> Result<(), CommandError> {
-        self.check_answerable(id)?;
-        self.in_flight.remove(id);
+        self.take_answerable(id)?;
         self.stats.messages_finished += 1;
         self.queue(Command::Fin(id));
         self.maybe_finish_close();
@@ -349,8 +348,7 @@ impl ConnectionState {
     /// Sends `REQ`: nsqd redelivers the message after `delay` (nsqd caps it at its
     /// `--max-req-timeout`). Backoff is the consumer's business, not the connection's.
     pub fn requeue(&mut self, id: &MessageId, delay: Duration) -> Result<(), CommandError> {
-        self.check_answerable(id)?;
-        self.in_flight.remove(id);
+        self.take_answerable(id)?;
         self.stats.messages_requeued += 1;
         self.queue(Command::Req(id, delay));
         self.maybe_finish_close();
@@ -466,6 +464,11 @@ impl ConnectionState {
             }
         }
         self.transport.poll_transmit()
+    }
+
+    /// Whether [`poll_event`](Self::poll_event) has an event.
+    pub(crate) fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// The next event for the application.
@@ -608,6 +611,17 @@ impl ConnectionState {
             // nsqd allows it, but a consumer connection publishing would interleave its responses
             // with CLOSE_WAIT handling; keep the roles apart.
             return Err(CommandError::InvalidState { command: "PUB", reason: "on a subscribed connection" });
+        }
+        Ok(())
+    }
+
+    /// Takes `id` out of the in-flight table for its answer, in one lookup.
+    fn take_answerable(&mut self, id: &MessageId) -> Result<(), CommandError> {
+        if self.phase == Phase::Closed {
+            return Err(CommandError::Closed);
+        }
+        if !self.in_flight.remove(id) {
+            return Err(CommandError::NotInFlight(*id));
         }
         Ok(())
     }

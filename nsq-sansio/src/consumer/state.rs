@@ -290,11 +290,11 @@ impl Consumer {
         self.advance(now);
         // Its connection is gone: nsqd requeued the message already.
         let conn = self.conns.get_mut(&id).ok_or(CommandError::Closed)?;
-        match response {
+        let signal = match response {
             Response::Finish => {
                 conn.state.finish(msg)?;
                 self.stats.messages_finished += 1;
-                self.backoff_signal(Signal::Success);
+                Some(Signal::Success)
             }
             Response::Requeue { delay, backoff } => {
                 let delay = delay.unwrap_or_else(|| {
@@ -305,11 +305,20 @@ impl Consumer {
                 });
                 conn.state.requeue(msg, delay)?;
                 self.stats.messages_requeued += 1;
-                self.backoff_signal(if backoff { Signal::Failure } else { Signal::Continue });
+                Some(if backoff { Signal::Failure } else { Signal::Continue })
             }
-            Response::Touch => conn.state.touch(msg, now)?,
+            Response::Touch => {
+                conn.state.touch(msg, now)?;
+                None
+            }
+        };
+        // An answer seldom makes an event (the last one of a closing connection does): the
+        // connection is looked up again only then, or when backoff moved RDY.
+        let events = conn.state.has_events();
+        let moved = signal.is_some_and(|signal| self.backoff_signal(signal));
+        if events || moved {
+            self.process(id);
         }
-        self.process(id);
         Ok(())
     }
 
@@ -481,8 +490,26 @@ impl Consumer {
             let Some(conn) = self.conns.get_mut(&id) else {
                 return;
             };
-            let Some(event) = conn.state.poll_event() else {
-                return;
+            // Messages, the bulk of the events, are taken with one lookup of the connection
+            // for all of them: a lookup per message would cost more with more connections.
+            let event = loop {
+                match conn.state.poll_event() {
+                    None => return,
+                    Some(Event::Message(message)) => {
+                        self.stats.messages_received += 1;
+                        let max = self.config.max_attempts;
+                        if max > 0 && message.attempts > max {
+                            warn!(conn = %id, id = %message.id, attempts = message.attempts, "giving up on message");
+                            if conn.state.finish(&message.id).is_ok() {
+                                self.stats.messages_finished += 1;
+                            }
+                            self.events.push_back(ConsumerEvent::GaveUp { conn: id, message });
+                        } else {
+                            self.events.push_back(ConsumerEvent::Message { conn: id, message });
+                        }
+                    }
+                    Some(event) => break event,
+                }
             };
             match event {
                 Event::Subscribed => {
@@ -499,19 +526,6 @@ impl Consumer {
                     }
                     self.maybe_update_rdy(id);
                 }
-                Event::Message(message) => {
-                    self.stats.messages_received += 1;
-                    let max = self.config.max_attempts;
-                    if max > 0 && message.attempts > max {
-                        warn!(conn = %id, id = %message.id, attempts = message.attempts, "giving up on message");
-                        if conn.state.finish(&message.id).is_ok() {
-                            self.stats.messages_finished += 1;
-                        }
-                        self.events.push_back(ConsumerEvent::GaveUp { conn: id, message });
-                    } else {
-                        self.events.push_back(ConsumerEvent::Message { conn: id, message });
-                    }
-                }
                 Event::Closed(error) => self.on_closed(id, error),
                 Event::MessageTimedOut(msg) => {
                     debug!(conn = %id, %msg, "message timed out in flight")
@@ -521,7 +535,8 @@ impl Consumer {
                     let addr = conn.addr.clone();
                     self.events.push_back(ConsumerEvent::Authenticated { conn: id, addr, auth });
                 }
-                Event::Ready(_) | Event::CloseWait | Event::Published { .. } => {}
+                // Messages were taken above.
+                Event::Message(_) | Event::Ready(_) | Event::CloseWait | Event::Published { .. } => {}
             }
         }
     }
@@ -716,10 +731,11 @@ impl Consumer {
 
     // ---- backoff -----------------------------------------------------------------------------
 
-    fn backoff_signal(&mut self, signal: Signal) {
+    /// Moves the backoff level by an answer's outcome; returns whether RDY was updated.
+    fn backoff_signal(&mut self, signal: Signal) -> bool {
         // Responses arriving while a backoff period runs do not move the level.
         if self.backoff_until.is_some() || self.stopping {
-            return;
+            return false;
         }
         let mut updated = false;
         match signal {
@@ -748,7 +764,9 @@ impl Consumer {
                 self.update_rdy(id, 0);
             }
             self.start_backoff_timer(duration);
+            return true;
         }
+        updated
     }
 
     fn start_backoff_timer(&mut self, duration: Duration) {

@@ -2,22 +2,23 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures_channel::{mpsc, oneshot};
 use futures_util::future::{select, Either};
-use futures_util::lock::Mutex as AsyncMutex;
 use futures_util::{FutureExt, Stream, StreamExt};
 use tracing::{debug, warn, Instrument};
 
 use super::io::{IoEvent, Sockets};
-use super::message::{Answer, Answers, Handler, Message};
-use super::{Error, Runtime};
+use super::message::{Answer, Answers, Handler, Message, Origin};
+use super::{EngineTimer, Error, Runtime};
+use crate::connection::IdHasher;
 use crate::{
     AuthResponse, Channel, Config, ConnId, ConnectionError, ConsumerEvent, ConsumerState, ConsumerStats, Topic,
 };
@@ -63,8 +64,10 @@ struct Handle {
     topic: Topic,
     channel: Channel,
     commands: mpsc::UnboundedSender<Command>,
-    messages: Mutex<Option<mpsc::UnboundedReceiver<Message>>>,
-    shared_messages: Mutex<Option<Arc<AsyncMutex<mpsc::UnboundedReceiver<Message>>>>>,
+    /// The message queue, until the stream or the handlers take it.
+    messages: Mutex<Option<async_channel::Receiver<Message>>>,
+    /// The handlers' end of the queue: each handler task takes from a clone.
+    shared_messages: Mutex<Option<async_channel::Receiver<Message>>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
     auth: AuthAnswers,
 }
@@ -102,7 +105,7 @@ impl<R: Runtime> Consumer<R> {
         config.validate()?;
         let config = super::with_identity(config);
         let (commands, commands_rx) = mpsc::unbounded();
-        let (messages_tx, messages_rx) = mpsc::unbounded();
+        let (messages_tx, messages_rx) = async_channel::unbounded();
         let failed: Arc<Mutex<Option<FailedHook>>> = Arc::new(Mutex::new(None));
         let state = ConsumerState::new(topic.clone(), channel.clone(), Arc::new(config), R::now());
         let engine = Engine::<R>::new(state, commands_rx, messages_tx, failed.clone());
@@ -139,8 +142,7 @@ impl<R: Runtime> Consumer<R> {
             let handler = handler.clone();
             R::spawn(async move {
                 loop {
-                    let next = queue.lock().await.next().await;
-                    let Some(message) = next else { return };
+                    let Ok(message) = queue.recv().await else { return };
                     if message.is_stale() {
                         continue;
                     }
@@ -179,7 +181,7 @@ impl<R: Runtime> Consumer<R> {
     /// stopped. Only the first call gets the messages.
     pub fn messages(&self) -> Messages {
         let rx = self.handle.messages.lock().ok().and_then(|mut slot| slot.take());
-        Messages { rx }
+        Messages { rx: rx.map(Box::pin) }
     }
 
     /// Connects to an nsqd (`host:port`); it is redialled with backoff if it drops.
@@ -300,11 +302,10 @@ impl<R: Runtime> Consumer<R> {
         self.handle.messages.lock().map_or(true, |slot| slot.is_none())
     }
 
-    fn shared_queue(&self) -> Option<Arc<AsyncMutex<mpsc::UnboundedReceiver<Message>>>> {
+    fn shared_queue(&self) -> Option<async_channel::Receiver<Message>> {
         let mut shared = self.handle.shared_messages.lock().ok()?;
         if shared.is_none() {
-            let rx = self.handle.messages.lock().ok()?.take()?;
-            *shared = Some(Arc::new(AsyncMutex::new(rx)));
+            *shared = Some(self.handle.messages.lock().ok()?.take()?);
         }
         shared.clone()
     }
@@ -313,7 +314,8 @@ impl<R: Runtime> Consumer<R> {
 /// The stream of a consumer's messages; ends when the consumer stopped.
 #[derive(Debug)]
 pub struct Messages {
-    rx: Option<mpsc::UnboundedReceiver<Message>>,
+    // Boxed: the receiver is not `Unpin`, the stream is.
+    rx: Option<Pin<Box<async_channel::Receiver<Message>>>>,
 }
 
 impl Stream for Messages {
@@ -331,6 +333,17 @@ impl Stream for Messages {
     }
 }
 
+impl Drop for Messages {
+    fn drop(&mut self) {
+        // The messages queued for the stream go back to nsqd now (a message dropped unanswered
+        // is requeued), not when the consumer ends; later ones are refused at the send.
+        if let Some(rx) = &self.rx {
+            rx.close();
+            while rx.try_recv().is_ok() {}
+        }
+    }
+}
+
 enum Input {
     Command(Command),
     Io(IoEvent),
@@ -344,17 +357,18 @@ struct Engine<R: Runtime> {
     state: ConsumerState,
     commands: mpsc::UnboundedReceiver<Command>,
     answers: Arc<Answers>,
-    /// Per connection with messages out, whether it is still up.
-    alive: HashMap<ConnId, Arc<AtomicBool>>,
+    /// What the messages of each connection with messages out share (whether it is up).
+    origins: HashMap<ConnId, Arc<Origin>, BuildHasherDefault<IdHasher>>,
     answer_batch: Vec<Answer>,
     sockets: Sockets<R>,
-    messages: Option<mpsc::UnboundedSender<Message>>,
+    messages: Option<async_channel::Sender<Message>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
     auth: AuthAnswers,
     stop_waiters: Vec<oneshot::Sender<()>>,
     /// `connect_to_nsqd` calls waiting for their address's first connection.
     connect_waiters: Vec<(String, oneshot::Sender<Result<(), Error>>)>,
     shutdown: bool,
+    timer: EngineTimer,
 }
 
 impl<R: Runtime> Drop for Engine<R> {
@@ -368,14 +382,14 @@ impl<R: Runtime> Engine<R> {
     fn new(
         state: ConsumerState,
         commands: mpsc::UnboundedReceiver<Command>,
-        messages: mpsc::UnboundedSender<Message>,
+        messages: async_channel::Sender<Message>,
         failed: Arc<Mutex<Option<FailedHook>>>,
     ) -> Self {
         Self {
             state,
             commands,
             answers: Arc::default(),
-            alive: HashMap::new(),
+            origins: HashMap::default(),
             answer_batch: Vec::new(),
             sockets: Sockets::new(),
             messages: Some(messages),
@@ -384,6 +398,7 @@ impl<R: Runtime> Engine<R> {
             stop_waiters: Vec::new(),
             connect_waiters: Vec::new(),
             shutdown: false,
+            timer: EngineTimer::new(),
         }
     }
 
@@ -400,7 +415,7 @@ impl<R: Runtime> Engine<R> {
                     return;
                 }
             }
-            let timer = self.state.poll_timeout();
+            self.timer.arm::<R>(self.state.poll_timeout());
             let input = {
                 let shutdown = self.shutdown;
                 let commands = &mut self.commands;
@@ -414,12 +429,7 @@ impl<R: Runtime> Engine<R> {
                 let (queue, batch) = (&self.answers, &mut self.answer_batch);
                 let answers = futures_util::future::poll_fn(|cx| queue.poll_take(cx, batch)).map(|()| Input::Answers);
                 let io = self.sockets.next().map(|io| io.map_or(Input::Closed, Input::Io));
-                let sleep = async move {
-                    match timer {
-                        Some(at) => R::sleep_until(at).await,
-                        None => futures_util::future::pending().await,
-                    }
-                };
+                let sleep = self.timer.fired();
                 let (commands, io) = (std::pin::pin!(commands), std::pin::pin!(io));
                 let first = select(commands, select(answers, io));
                 match select(first, std::pin::pin!(sleep)).await {
@@ -537,12 +547,12 @@ impl<R: Runtime> Engine<R> {
     fn on_event(&mut self, event: ConsumerEvent) {
         match event {
             ConsumerEvent::Message { conn, message } => {
-                let nsqd = self.sockets.addr(conn);
-                let alive = self.alive.entry(conn).or_insert_with(|| Arc::new(AtomicBool::new(true))).clone();
-                let message = Message::new(message, conn, nsqd, self.answers.clone(), alive);
+                let (sockets, answers) = (&self.sockets, &self.answers);
+                let origin = self.origins.entry(conn).or_insert_with(|| Origin::new(conn, sockets.addr(conn), answers));
+                let message = Message::new(message, origin.clone());
                 if let Some(tx) = &self.messages {
                     // Nobody consumes: the message is requeued when dropped here.
-                    let _ = tx.unbounded_send(message);
+                    let _ = tx.try_send(message);
                 }
             }
             ConsumerEvent::GaveUp { message, .. } => {
@@ -570,8 +580,8 @@ impl<R: Runtime> Engine<R> {
             ConsumerEvent::Disconnected { conn, addr, error } => {
                 debug!(%conn, %addr, %error, "disconnected");
                 // Its undelivered messages are nsqd's again: the handlers skip them.
-                if let Some(alive) = self.alive.remove(&conn) {
-                    alive.store(false, Ordering::Release);
+                if let Some(origin) = self.origins.remove(&conn) {
+                    origin.alive.store(false, Ordering::Release);
                 }
             }
             ConsumerEvent::Stopped => {

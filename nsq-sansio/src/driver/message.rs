@@ -28,16 +28,29 @@ pub struct Message {
 }
 
 struct Shared {
-    conn: ConnId,
+    origin: Arc<Origin>,
     id: MessageId,
     attempts: u16,
-    nsqd: Arc<str>,
-    responses: Arc<Answers>,
     answered: AtomicBool,
     auto_response: AtomicBool,
-    /// Its connection is still up: once it is gone, nsqd has requeued the message and no
-    /// answer can reach it.
-    alive: Arc<AtomicBool>,
+}
+
+/// What the messages of one connection share: one reference per message instead of one per
+/// field.
+#[derive(Debug)]
+pub(crate) struct Origin {
+    conn: ConnId,
+    nsqd: Arc<str>,
+    answers: Arc<Answers>,
+    /// The connection is still up: once it is gone, nsqd has requeued its messages and no
+    /// answer can reach them.
+    pub(crate) alive: AtomicBool,
+}
+
+impl Origin {
+    pub(crate) fn new(conn: ConnId, nsqd: Arc<str>, answers: &Arc<Answers>) -> Arc<Self> {
+        Arc::new(Self { conn, nsqd, answers: answers.clone(), alive: AtomicBool::new(true) })
+    }
 }
 
 /// A response travelling from a message handle to the consumer engine.
@@ -50,22 +63,13 @@ pub(crate) struct Answer {
 }
 
 impl Message {
-    pub(crate) fn new(
-        inner: crate::Message,
-        conn: ConnId,
-        nsqd: Arc<str>,
-        responses: Arc<Answers>,
-        alive: Arc<AtomicBool>,
-    ) -> Self {
+    pub(crate) fn new(inner: crate::Message, origin: Arc<Origin>) -> Self {
         let shared = Arc::new(Shared {
-            conn,
+            origin,
             id: inner.id,
             attempts: inner.attempts,
-            nsqd,
-            responses,
             answered: AtomicBool::new(false),
             auto_response: AtomicBool::new(true),
-            alive,
         });
         Self { inner, shared }
     }
@@ -92,7 +96,7 @@ impl Message {
 
     /// The nsqd it came from (`host:port`).
     pub fn nsqd_address(&self) -> &str {
-        &self.shared.nsqd
+        &self.shared.origin.nsqd
     }
 
     /// Whether it was answered already.
@@ -141,7 +145,7 @@ impl Message {
     /// Whether the connection it came on is gone (nsqd has requeued it, and will deliver it
     /// again): handing it to the application would only make a duplicate.
     pub(crate) fn is_stale(&self) -> bool {
-        !self.shared.alive.load(Ordering::Acquire)
+        !self.shared.origin.alive.load(Ordering::Acquire)
     }
 
     fn answer(&self, response: Response) -> bool {
@@ -155,13 +159,14 @@ impl Message {
 
 impl Shared {
     fn send(&self, response: Response) {
-        let answer = Answer { conn: self.conn, id: self.id, attempts: self.attempts, response };
-        self.responses.push(answer);
+        let answer = Answer { conn: self.origin.conn, id: self.id, attempts: self.attempts, response };
+        self.origin.answers.push(answer);
     }
 }
 
 /// Answers on their way from message handles to the consumer engine: a vector behind a mutex
-/// and one waker. A burst of FINs costs a lock each, no allocation, and wakes the engine once;
+/// and one waker. A burst of FINs costs a lock each, no allocation, and one wake: only the
+/// answer that finds the vector empty wakes the engine (the ones after it are taken with it);
 /// the engine takes them all in one swap.
 #[derive(Debug, Default)]
 pub(crate) struct Answers {
@@ -176,10 +181,16 @@ impl Answers {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
-        if let Ok(mut queue) = self.queue.lock() {
-            queue.push(answer);
+        let first = match self.queue.lock() {
+            Ok(mut queue) => {
+                queue.push(answer);
+                queue.len() == 1
+            }
+            Err(_) => return,
+        };
+        if first {
+            self.waker.wake();
         }
-        self.waker.wake();
     }
 
     /// Moves every queued answer into `batch` (which must be empty); false if there were none.
@@ -214,7 +225,7 @@ impl Answers {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        if !self.answered.load(Ordering::Acquire) && self.alive.load(Ordering::Acquire) {
+        if !self.answered.load(Ordering::Acquire) && self.origin.alive.load(Ordering::Acquire) {
             self.send(Response::Requeue { delay: None, backoff: false });
         }
     }
@@ -226,7 +237,7 @@ impl fmt::Debug for Message {
             .field("id", &self.inner.id)
             .field("attempts", &self.inner.attempts)
             .field("body_len", &self.inner.body.len())
-            .field("nsqd", &self.shared.nsqd)
+            .field("nsqd", &self.shared.origin.nsqd)
             .finish()
     }
 }

@@ -323,19 +323,62 @@ pub(crate) fn with_identity(mut config: crate::Config) -> crate::Config {
     config
 }
 
-/// Runs `future` unless `timeout` passes first.
+/// Runs `future` unless `timeout` passes first. A future that is ready at once (most writes
+/// are) arms no timer.
 async fn with_timeout<R: Runtime, T>(
     timeout: Duration,
     future: impl Future<Output = stdio::Result<T>>,
 ) -> stdio::Result<T> {
     use futures_util::future::{select, Either};
+    let mut future = std::pin::pin!(future);
+    if let std::task::Poll::Ready(result) = futures_util::poll!(future.as_mut()) {
+        return result;
+    }
     let deadline = crate::connection::deadline(R::now(), timeout);
-    let future = std::pin::pin!(future);
     let sleep = std::pin::pin!(R::sleep_until(deadline));
     match select(future, sleep).await {
         Either::Left((result, _)) => result,
         Either::Right(((), _)) => {
             Err(stdio::Error::new(stdio::ErrorKind::TimedOut, format!("timed out after {timeout:?}")))
         }
+    }
+}
+
+/// An engine's timer: one sleep kept across the turns of its loop, instead of a new one each
+/// turn (registering a timer costs a lock, and on async-io a wake of the reactor). The state
+/// machine's deadline mostly moves later (every read pushes the read timeout back): the armed
+/// sleep is kept then, fires early, and the early `handle_timeout` is a no-op for the state
+/// machines; only a deadline earlier than the armed one replaces it.
+struct EngineTimer {
+    armed: Option<(Instant, Sleep)>,
+}
+
+/// A runtime's sleep, boxed once per deadline.
+type Sleep = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl EngineTimer {
+    fn new() -> Self {
+        Self { armed: None }
+    }
+
+    /// Makes sure the timer fires at `deadline` or before.
+    fn arm<R: Runtime>(&mut self, deadline: Option<Instant>) {
+        match (deadline, &self.armed) {
+            (None, _) => self.armed = None,
+            (Some(deadline), Some((at, _))) if *at <= deadline => {}
+            (Some(deadline), _) => self.armed = Some((deadline, Box::pin(R::sleep_until(deadline)))),
+        }
+    }
+
+    /// Completes when the armed sleep does (never if none is), and disarms it.
+    fn fired(&mut self) -> impl Future<Output = ()> + '_ {
+        futures_util::future::poll_fn(move |cx| match &mut self.armed {
+            Some((_, sleep)) => {
+                std::task::ready!(sleep.as_mut().poll(cx));
+                self.armed = None;
+                std::task::Poll::Ready(())
+            }
+            None => std::task::Poll::Pending,
+        })
     }
 }

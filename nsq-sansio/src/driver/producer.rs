@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +15,8 @@ use futures_util::StreamExt;
 use tracing::{debug, Instrument};
 
 use super::io::{IoEvent, Sockets};
-use super::{Error, Runtime};
+use super::{EngineTimer, Error, Runtime};
+use crate::connection::IdHasher;
 use crate::{
     Action, AuthResponse, CommandError, Config, ConnId, ConnectionError, Machine, NsqdStats, PoolEvent, PoolOptions,
     ProducerEvent, ProducerPoolState, ProducerState, SocketError, Topic, TxId,
@@ -358,7 +360,7 @@ struct Engine<R: Runtime> {
     state: Publisher,
     commands: mpsc::UnboundedReceiver<Command>,
     sockets: Sockets<R>,
-    pending: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
+    pending: HashMap<TxId, oneshot::Sender<Result<(), Error>>, BuildHasherDefault<IdHasher>>,
     connect_waiters: Vec<oneshot::Sender<Result<(), Error>>>,
     pings: HashMap<TxId, oneshot::Sender<Result<(), Error>>>,
     /// Pings whose NOP was handed to the connection's writer: resolved when that write ends.
@@ -366,6 +368,7 @@ struct Engine<R: Runtime> {
     auth: Arc<Mutex<Option<AuthResponse>>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     shutdown: bool,
+    timer: EngineTimer,
 }
 
 impl<R: Runtime> Engine<R> {
@@ -374,13 +377,14 @@ impl<R: Runtime> Engine<R> {
             state,
             commands,
             sockets: Sockets::new(),
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             connect_waiters: Vec::new(),
             pings: HashMap::new(),
             ping_writes: Vec::new(),
             auth: Arc::default(),
             stop_waiters: Vec::new(),
             shutdown: false,
+            timer: EngineTimer::new(),
         }
     }
 
@@ -395,7 +399,7 @@ impl<R: Runtime> Engine<R> {
                     return;
                 }
             }
-            let timer = self.state.poll_timeout();
+            self.timer.arm::<R>(self.state.poll_timeout());
             let input = {
                 let shutdown = self.shutdown;
                 let commands = &mut self.commands;
@@ -407,12 +411,7 @@ impl<R: Runtime> Engine<R> {
                     }
                 };
                 let io = self.sockets.next();
-                let sleep = async move {
-                    match timer {
-                        Some(at) => R::sleep_until(at).await,
-                        None => futures_util::future::pending().await,
-                    }
-                };
+                let sleep = self.timer.fired();
                 let (commands, io) = (std::pin::pin!(commands), std::pin::pin!(io));
                 let inputs = select(commands, io);
                 match select(inputs, std::pin::pin!(sleep)).await {

@@ -76,9 +76,16 @@ pub struct NsqTailArgs {
     pub consumer_opt: Vec<String>,
 }
 
-/// Measures publish or consume throughput against nsqd.
+/// Measures publish or consume throughput, and latency, against nsqd.
+///
+/// The `RESULT` line gives `msgs_per_sec`; with `--rate` it gives latency percentiles too
+/// (`lat_p50_us`, `lat_p99_us`, `lat_p999_us`, `lat_max_us`). A pub latency runs from the time
+/// the publish was due on the schedule, not from when it was issued, so a stalled client is
+/// charged for every publish it held up (no coordinated omission). A sub latency runs from the
+/// message's nsqd timestamp (when nsqd received the publish) to the handler: end to end. (Sub
+/// without `--rate` drains a backlog, whose age is no latency: it reads no clock per message.)
 #[derive(Debug, Parser)]
-#[command(name = "bench", about = "Measure NSQ publish or consume throughput")]
+#[command(name = "bench", about = "Measure NSQ publish or consume throughput and latency")]
 pub struct BenchArgs {
     /// pub, mpub or sub.
     #[arg(long, default_value = "pub")]
@@ -119,6 +126,12 @@ pub struct BenchArgs {
     /// Merge queued PUBs into MPUBs of at most this many (pub; 0: off).
     #[arg(long = "auto-batch", default_value_t = 0)]
     pub auto_batch: usize,
+    /// Publish open-loop at this many messages per second and report latencies (0: as fast as
+    /// acknowledged). pub: each publish's latency from its scheduled send time to its
+    /// acknowledgement. sub: the bench publishes at this rate itself while it consumes, and
+    /// reports each message's latency from its nsqd timestamp to the handler.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
 }
 
 /// Runs `to_nsq` with the process arguments; exits 0 only once every line is acknowledged.
@@ -371,109 +384,263 @@ async fn run_nsq_tail<R: Runtime>(args: NsqTailArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// What one bench run measured.
+struct Measured {
+    /// From the first publish (or message) to the last acknowledgement (or message).
+    secs: Duration,
+    /// From start to the first publish (or message).
+    startup: Duration,
+    latencies: Option<Latencies>,
+}
+
 async fn run_bench<R: Runtime>(args: BenchArgs) -> Result<String, String> {
     let started = Instant::now();
     let body = Bytes::from(vec![b'a'; args.size.max(1)]);
-    let n = args.n;
-    let config = Config::new();
-    let (secs, startup) = match args.mode.as_str() {
-        "pub" => {
-            let producer = match &args.nsqd_tcp_address[..] {
-                [one] => {
-                    Producer::<R>::with_auto_batch(one.clone(), config, args.auto_batch).map_err(|e| e.to_string())?
-                }
-                many => producer::<R>(many, args.strategy, config)?,
-            };
-            producer.connect().await.map_err(|e| e.to_string())?;
-            let startup = started.elapsed();
-            let clock = Instant::now();
-            // W tasks, each publishing its share one at a time: W un-acknowledged PUBs.
-            let tasks = (args.outstanding.max(1) as u64).min(n.max(1));
-            let (done_tx, mut done_rx) = mpsc::unbounded::<Result<(), Error>>();
-            for task in 0..tasks {
-                let share = n / tasks + u64::from(task < n % tasks);
-                let (p, b, t, done) = (producer.clone(), body.clone(), args.topic.clone(), done_tx.clone());
-                R::spawn(async move {
-                    let mut result = Ok(());
-                    for _ in 0..share {
-                        result = p.publish(&t, b.clone()).await;
-                        if result.is_err() {
-                            break;
-                        }
-                    }
-                    let _ = done.unbounded_send(result);
-                });
-            }
-            drop(done_tx);
-            while let Some(r) = done_rx.next().await {
-                r.map_err(|e| e.to_string())?;
-            }
-            let secs = clock.elapsed();
-            producer.stop().await;
-            (secs, startup)
-        }
-        "mpub" => {
-            let producer = producer::<R>(&args.nsqd_tcp_address, args.strategy, config)?;
-            producer.connect().await.map_err(|e| e.to_string())?;
-            let startup = started.elapsed();
-            let batch: Vec<Bytes> = vec![body.clone(); args.batch.max(1)];
-            let batches = n.div_ceil(args.batch.max(1) as u64);
-            let clock = Instant::now();
-            let mut pending = futures_util::stream::FuturesUnordered::new();
-            for _ in 0..batches {
-                if pending.len() >= args.outstanding_batches.max(1) {
-                    if let Some(r) = pending.next().await {
-                        let r: Result<(), Error> = r;
-                        r.map_err(|e| e.to_string())?;
-                    }
-                }
-                let (p, b, t) = (producer.clone(), batch.clone(), args.topic.clone());
-                pending.push(async move { p.multi_publish(t, b).await });
-            }
-            while let Some(r) = pending.next().await {
-                r.map_err(|e| e.to_string())?;
-            }
-            let secs = clock.elapsed();
-            producer.stop().await;
-            (secs, startup)
-        }
-        "sub" => {
-            let mut config = config;
-            config.max_in_flight(args.max_in_flight);
-            let consumer = Consumer::<R>::new(&args.topic, &args.channel, config).map_err(|e| e.to_string())?;
-            let (done_tx, mut done_rx) = mpsc::unbounded::<Instant>();
-            let first = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
-            let handled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let (f, h) = (first.clone(), handled.clone());
-            consumer.add_concurrent_handlers(
-                move |_m: Message| {
-                    if let Ok(mut first) = f.lock() {
-                        first.get_or_insert_with(Instant::now);
-                    }
-                    if h.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == n {
-                        let _ = done_tx.unbounded_send(Instant::now());
-                    }
-                    std::future::ready(Ok::<(), std::io::Error>(()))
-                },
-                args.concurrency.max(1),
-            );
-            consumer.connect_to_nsqds(args.nsqd_tcp_address.iter().cloned()).await.map_err(|e| e.to_string())?;
-            let end = done_rx.next().await.ok_or("consumer ended early")?;
-            let start = first.lock().ok().and_then(|f| *f).unwrap_or(end);
-            consumer.stop().await;
-            let startup = start.saturating_duration_since(started);
-            (end.saturating_duration_since(start), startup)
-        }
-        other => return Err(format!("unknown --mode {other:?} (pub, mpub or sub)")),
+    let measured = match (args.mode.as_str(), args.rate) {
+        ("pub", 0) => bench_pub::<R>(&args, body).await?,
+        ("pub", rate) => bench_pub_at_rate::<R>(&args, body, rate).await?,
+        ("mpub", 0) => bench_mpub::<R>(&args, body).await?,
+        ("mpub", _) => return Err("--rate applies to pub and sub".into()),
+        ("sub", _) => bench_sub::<R>(&args, body).await?,
+        (other, _) => return Err(format!("unknown --mode {other:?} (pub, mpub or sub)")),
     };
-    let secs_f = secs.as_secs_f64().max(1e-9);
-    Ok(format!(
-        "mode={} msgs={n} bytes={} secs={:.3} msgs_per_sec={:.0} startup_secs={:.3} total_secs={:.3}",
+    let secs = measured.secs.as_secs_f64().max(1e-9);
+    let mut line = format!(
+        "mode={} msgs={} bytes={} secs={secs:.3} msgs_per_sec={:.0} startup_secs={:.3} total_secs={:.3}",
         args.mode,
+        args.n,
         args.size,
-        secs_f,
-        n as f64 / secs_f,
-        startup.as_secs_f64(),
+        args.n as f64 / secs,
+        measured.startup.as_secs_f64(),
         started.elapsed().as_secs_f64()
-    ))
+    );
+    if args.rate > 0 {
+        line += &format!(" rate={}", args.rate);
+    }
+    if let Some(latencies) = measured.latencies {
+        line += &format!(" {latencies}");
+    }
+    Ok(line)
+}
+
+/// `--outstanding` tasks, each publishing its share one message at a time: that many
+/// un-acknowledged PUBs.
+async fn bench_pub<R: Runtime>(args: &BenchArgs, body: Bytes) -> Result<Measured, String> {
+    let started = Instant::now();
+    let config = Config::new();
+    let producer = match &args.nsqd_tcp_address[..] {
+        [one] => Producer::<R>::with_auto_batch(one.clone(), config, args.auto_batch).map_err(|e| e.to_string())?,
+        many => producer::<R>(many, args.strategy, config)?,
+    };
+    producer.connect().await.map_err(|e| e.to_string())?;
+    let startup = started.elapsed();
+    let clock = Instant::now();
+    let n = args.n;
+    let tasks = (args.outstanding.max(1) as u64).min(n.max(1));
+    let (done_tx, mut done_rx) = mpsc::unbounded::<Result<(), Error>>();
+    for task in 0..tasks {
+        let share = n / tasks + u64::from(task < n % tasks);
+        let (p, b, t, done) = (producer.clone(), body.clone(), args.topic.clone(), done_tx.clone());
+        R::spawn(async move {
+            let mut result = Ok(());
+            for _ in 0..share {
+                result = p.publish(&t, b.clone()).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            let _ = done.unbounded_send(result);
+        });
+    }
+    drop(done_tx);
+    while let Some(r) = done_rx.next().await {
+        r.map_err(|e| e.to_string())?;
+    }
+    let secs = clock.elapsed();
+    producer.stop().await;
+    Ok(Measured { secs, startup, latencies: None })
+}
+
+/// Publishes open-loop at `rate`; the latencies run from each publish's scheduled time.
+async fn bench_pub_at_rate<R: Runtime>(args: &BenchArgs, body: Bytes, rate: u64) -> Result<Measured, String> {
+    let started = Instant::now();
+    let producer = match &args.nsqd_tcp_address[..] {
+        [one] => Producer::<R>::with_auto_batch(one.clone(), Config::new(), args.auto_batch),
+        many => Producer::pool(many.iter().cloned(), PoolOptions::new(args.strategy), Config::new()),
+    }
+    .map_err(|e| e.to_string())?;
+    producer.connect().await.map_err(|e| e.to_string())?;
+    let startup = started.elapsed();
+    let clock = Instant::now();
+    let latencies = publish_at_rate(&producer, &args.topic, &body, args.n, rate).await?;
+    let secs = clock.elapsed();
+    producer.stop().await;
+    Ok(Measured { secs, startup, latencies: Some(latencies) })
+}
+
+/// MPUBs of `--batch` messages, `--outstanding-batches` of them un-acknowledged.
+async fn bench_mpub<R: Runtime>(args: &BenchArgs, body: Bytes) -> Result<Measured, String> {
+    let started = Instant::now();
+    let producer = producer::<R>(&args.nsqd_tcp_address, args.strategy, Config::new())?;
+    producer.connect().await.map_err(|e| e.to_string())?;
+    let startup = started.elapsed();
+    let batch: Vec<Bytes> = vec![body; args.batch.max(1)];
+    let batches = args.n.div_ceil(args.batch.max(1) as u64);
+    let clock = Instant::now();
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for _ in 0..batches {
+        if pending.len() >= args.outstanding_batches.max(1) {
+            if let Some(r) = pending.next().await {
+                let r: Result<(), Error> = r;
+                r.map_err(|e| e.to_string())?;
+            }
+        }
+        let (p, b, t) = (producer.clone(), batch.clone(), args.topic.clone());
+        pending.push(async move { p.multi_publish(t, b).await });
+    }
+    while let Some(r) = pending.next().await {
+        r.map_err(|e| e.to_string())?;
+    }
+    let secs = clock.elapsed();
+    producer.stop().await;
+    Ok(Measured { secs, startup, latencies: None })
+}
+
+/// Consumes `--n` messages with `--concurrency` handlers, each message finished at once. With
+/// `--rate`, publishes them at that rate meanwhile (to the first nsqd), so they are consumed
+/// as they arrive, and records each one's latency from its nsqd timestamp.
+async fn bench_sub<R: Runtime>(args: &BenchArgs, body: Bytes) -> Result<Measured, String> {
+    use std::sync::{Arc, Mutex};
+    let started = Instant::now();
+    let n = args.n;
+    let mut config = Config::new();
+    config.max_in_flight(args.max_in_flight);
+    let consumer = Consumer::<R>::new(&args.topic, &args.channel, config).map_err(|e| e.to_string())?;
+    let (done_tx, mut done_rx) = mpsc::unbounded::<Instant>();
+    let first = Arc::new(Mutex::new(None::<Instant>));
+    let latencies = Arc::new(Mutex::new(Latencies::new()?));
+    let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (f, l, h, timed) = (first.clone(), latencies.clone(), handled.clone(), args.rate > 0);
+    consumer.add_concurrent_handlers(
+        move |m: Message| {
+            if timed {
+                if let Ok(mut latencies) = l.lock() {
+                    latencies.record(since_unix_nanos(m.timestamp()));
+                }
+            }
+            if let Ok(mut first) = f.lock() {
+                first.get_or_insert_with(Instant::now);
+            }
+            if h.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == n {
+                let _ = done_tx.unbounded_send(Instant::now());
+            }
+            std::future::ready(Ok::<(), std::io::Error>(()))
+        },
+        args.concurrency.max(1),
+    );
+    consumer.connect_to_nsqds(args.nsqd_tcp_address.iter().cloned()).await.map_err(|e| e.to_string())?;
+    let end = if args.rate > 0 {
+        let nsqd = args.nsqd_tcp_address.first().ok_or("--nsqd-tcp-address required")?;
+        let producer = Producer::<R>::new(nsqd.clone(), Config::new()).map_err(|e| e.to_string())?;
+        producer.connect().await.map_err(|e| e.to_string())?;
+        let publishing = publish_at_rate(&producer, &args.topic, &body, n, args.rate);
+        let (published, end) = futures_util::future::join(publishing, done_rx.next()).await;
+        published?;
+        producer.stop().await;
+        end
+    } else {
+        done_rx.next().await
+    };
+    let end = end.ok_or("consumer ended early")?;
+    let start = first.lock().ok().and_then(|f| *f).unwrap_or(end);
+    consumer.stop().await;
+    let latencies = latencies.lock().map_err(|_| "a handler panicked")?.clone();
+    Ok(Measured {
+        secs: end.saturating_duration_since(start),
+        startup: start.saturating_duration_since(started),
+        latencies: (args.rate > 0).then_some(latencies),
+    })
+}
+
+/// Publishes `n` messages open-loop, the i-th due at i / `rate` seconds from now, whatever
+/// the acknowledgements do: every publish that is due leaves, however many are unanswered.
+/// Returns each one's latency from the time it was due to its acknowledgement.
+async fn publish_at_rate<R: Runtime>(
+    producer: &Producer<R>,
+    topic: &str,
+    body: &Bytes,
+    n: u64,
+    rate: u64,
+) -> Result<Latencies, String> {
+    let mut schedule = schedule(n, rate).fuse();
+    let mut latencies = Latencies::new()?;
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    loop {
+        futures_util::select! {
+            due = schedule.select_next_some() => {
+                let (p, b, t) = (producer.clone(), body.clone(), topic.to_owned());
+                pending.push(async move { p.publish(t, b).await.map(|()| due) });
+            }
+            acked = pending.select_next_some() => {
+                let due: Instant = acked.map_err(|e| e.to_string())?;
+                latencies.record(due.elapsed());
+            }
+            complete => return Ok(latencies),
+        }
+    }
+}
+
+/// The schedule of an open-loop run: a thread that hands over the due time of each of `n`
+/// publishes, the i-th at i / `rate` seconds from now, as it falls due. A plain thread sleeps
+/// to within tens of microseconds; a runtime's timer may round up to the next millisecond
+/// (tokio's does), which would show as latency of the client.
+fn schedule(n: u64, rate: u64) -> mpsc::UnboundedReceiver<Instant> {
+    let (tx, rx) = mpsc::unbounded();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        for i in 0..n {
+            let due = start + Duration::from_nanos((u128::from(i) * 1_000_000_000 / u128::from(rate.max(1))) as u64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if tx.unbounded_send(due).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The time since `nanos` after the Unix epoch by the system clock (zero if that is ahead).
+fn since_unix_nanos(nanos: u64) -> Duration {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    now.saturating_sub(Duration::from_nanos(nanos))
+}
+
+/// A latency distribution: an HDR histogram of nanoseconds, 3 significant digits, from 1 ns to
+/// an hour, in constant memory however many values it takes.
+#[derive(Clone)]
+struct Latencies(hdrhistogram::Histogram<u64>);
+
+impl Latencies {
+    fn new() -> Result<Self, String> {
+        hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map(Self).map_err(|e| e.to_string())
+    }
+
+    fn record(&mut self, latency: Duration) {
+        self.0.saturating_record(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
+    }
+}
+
+impl std::fmt::Display for Latencies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let us = |nanos: u64| nanos as f64 / 1000.0;
+        let h = &self.0;
+        write!(
+            f,
+            "lat_p50_us={:.1} lat_p99_us={:.1} lat_p999_us={:.1} lat_max_us={:.1}",
+            us(h.value_at_quantile(0.5)),
+            us(h.value_at_quantile(0.99)),
+            us(h.value_at_quantile(0.999)),
+            us(h.max())
+        )
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::link::{Link, LinkEvent};
 use super::TxId;
 use crate::action::{Action, ConnId};
-use crate::connection::deadline;
+use crate::connection::{deadline, IdHasher};
 use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::lookupd::{Answer, Endpoint, LookupdAddress, LookupdError, Owner, Poller};
 use crate::rng::Rng;
@@ -297,9 +298,9 @@ pub struct ProducerPoolState {
     next_tx: u64,
     /// The next member in turn (round robin).
     turn: usize,
-    publishes: HashMap<TxId, Publish>,
+    publishes: HashMap<TxId, Publish, BuildHasherDefault<IdHasher>>,
     /// Attempt ids (as the links know them) → the publish and the member.
-    attempts: HashMap<TxId, (TxId, usize)>,
+    attempts: HashMap<TxId, (TxId, usize), BuildHasherDefault<IdHasher>>,
     /// Publishes waiting for a connected nsqd, in order.
     queue: VecDeque<TxId>,
     link_events: VecDeque<LinkEvent>,
@@ -332,8 +333,8 @@ impl ProducerPoolState {
             next_conn: 0,
             next_tx: 0,
             turn: 0,
-            publishes: HashMap::new(),
-            attempts: HashMap::new(),
+            publishes: HashMap::default(),
+            attempts: HashMap::default(),
             queue: VecDeque::new(),
             link_events: VecDeque::new(),
             events: VecDeque::new(),
@@ -824,9 +825,9 @@ impl ProducerPoolState {
         let Some(first_ready) = (0..n).find(|&i| ready(&self.members, i)) else {
             return;
         };
-        let mut waiting = VecDeque::new();
-        let mut sent = Vec::new();
-        while let Some(tx) = self.queue.pop_front() {
+        // Taken out while it is worked through; what still waits goes back into `self.queue`.
+        let mut queue = std::mem::take(&mut self.queue);
+        while let Some(tx) = queue.pop_front() {
             let Some(p) = self.publishes.get_mut(&tx) else { continue };
             p.queued = false;
             let avoid = p.avoid;
@@ -857,14 +858,14 @@ impl ProducerPoolState {
             };
             if still_waiting {
                 p.queued = true;
-                waiting.push_back(tx);
+                self.queue.push_back(tx);
             } else {
-                sent.push(tx);
+                self.settle(tx);
             }
         }
-        self.queue = waiting;
-        for tx in sent {
-            self.settle(tx);
+        // Nothing waits (the usual case): keep the emptied queue's allocation for the next one.
+        if self.queue.is_empty() {
+            self.queue = queue;
         }
     }
 
