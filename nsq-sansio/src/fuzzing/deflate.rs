@@ -192,13 +192,17 @@ impl Seed for Input {
     }
 }
 
-/// Compresses `plain` into `out` with `flush`; false if the compressor refused.
+/// Compresses `plain` into `out` with `flush`; false if the compressor refused. `held` is the
+/// plaintext given since the last flush, this call's included.
 ///
 /// One call, with room for everything the compressor may hold: short of room it hands its
 /// output out over several calls, one of which may stop short of its room before a flush is
-/// done (the encoder under test copes with that; this reference need not).
-pub(crate) fn compress(z: &mut Compress, plain: &[u8], flush: FlushCompress, out: &mut Vec<u8>) -> bool {
-    let room = 2 * plain.len() + 256 * 1024;
+/// done (the encoder under test copes with that; this reference need not). The room is sized
+/// from `held`, not fixed: flate2 zeroes all of it on every call.
+pub(crate) fn compress(z: &mut Compress, plain: &[u8], held: usize, flush: FlushCompress, out: &mut Vec<u8>) -> bool {
+    // Deflate expands incompressible input by a few bytes per block; headers and the flush
+    // marker take at most a few hundred.
+    let room = 2 * held + 4096;
     out.reserve(room);
     let before = z.total_in();
     if z.compress_vec(plain, out, flush).is_err() {
@@ -238,7 +242,7 @@ pub fn frames(input: Input) {
             Flush::Finish => FlushCompress::Finish,
         };
         buf.clear();
-        if !compress(&mut z, &plain[sent..], flush, &mut buf) {
+        if !compress(&mut z, &plain[sent..], plain.len() - flushed, flush, &mut buf) {
             plain.truncate(sent);
             break;
         }
