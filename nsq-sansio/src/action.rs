@@ -54,6 +54,19 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The dial of an nsqd connection, with the timeouts and local address of `config`.
+    pub(crate) fn dial_nsqd(conn: ConnId, addr: &str, config: &crate::Config) -> Self {
+        Self::Connect {
+            conn,
+            addr: addr.to_owned(),
+            local_addr: config.local_addr,
+            timeout: config.dial_timeout,
+            write_timeout: config.write_timeout,
+        }
+    }
+}
+
 /// The I/O side every producer and consumer state machine ([`ConsumerState`],
 /// [`ProducerState`], [`ProducerPoolState`]) shares, so one event loop can drive any of them,
 /// several side by side: carry out [`poll_action`](Self::poll_action), write what

@@ -175,13 +175,7 @@ impl Consumer {
                 rdy_granted_at: None,
             },
         );
-        self.actions.push_back(Action::Connect {
-            conn: id,
-            addr: addr.to_owned(),
-            local_addr: self.config.local_addr,
-            timeout: self.config.dial_timeout,
-            write_timeout: self.config.write_timeout,
-        });
+        self.actions.push_back(Action::dial_nsqd(id, addr, &self.config));
     }
 
     // ---- inputs ------------------------------------------------------------------------------

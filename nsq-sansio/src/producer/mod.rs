@@ -396,13 +396,7 @@ impl ProducerState {
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
         self.link.open(id, &self.config, self.now);
-        self.actions.push_back(Action::Connect {
-            conn: id,
-            addr: self.link.addr().to_owned(),
-            local_addr: self.config.local_addr,
-            timeout: self.config.dial_timeout,
-            write_timeout: self.config.write_timeout,
-        });
+        self.actions.push_back(Action::dial_nsqd(id, self.link.addr(), &self.config));
     }
 
     /// Queues a publish on the current connection for `txs`.

@@ -780,13 +780,7 @@ impl ProducerPoolState {
             let id = ConnId(self.next_conn);
             self.next_conn += 1;
             m.link.open(id, &self.config, self.now);
-            self.actions.push_back(Action::Connect {
-                conn: id,
-                addr: m.link.addr().to_owned(),
-                local_addr: self.config.local_addr,
-                timeout: self.config.dial_timeout,
-                write_timeout: self.config.write_timeout,
-            });
+            self.actions.push_back(Action::dial_nsqd(id, m.link.addr(), &self.config));
         }
     }
 
