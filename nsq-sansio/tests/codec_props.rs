@@ -62,31 +62,9 @@ fn command() -> impl Strategy<Value = Owned> {
     ]
 }
 
-const KNOWN_CODES: &[&str] = &[
-    "E_INVALID",
-    "E_BAD_PROTOCOL",
-    "E_BAD_TOPIC",
-    "E_BAD_CHANNEL",
-    "E_BAD_MESSAGE",
-    "E_BAD_BODY",
-    "E_PUB_FAILED",
-    "E_MPUB_FAILED",
-    "E_DPUB_FAILED",
-    "E_FIN_FAILED",
-    "E_REQ_FAILED",
-    "E_TOUCH_FAILED",
-    "E_IDENTIFY_FAILED",
-    "E_AUTH_FAILED",
-    "E_AUTH_DISABLED",
-    "E_AUTH_FIRST",
-    "E_UNAUTHORIZED",
-    "E_TOPIC_NOT_FOUND",
-    "E_CHANNEL_NOT_FOUND",
-];
-
 fn frame() -> impl Strategy<Value = Frame> {
     let code = prop_oneof![
-        prop::sample::select(KNOWN_CODES).prop_map(ErrorCode::parse),
+        prop::sample::select(ErrorCode::KNOWN).prop_map(ErrorCode::parse),
         "E_[A-Z_]{1,20}".prop_map(|c| ErrorCode::parse(&c)),
     ];
     prop_oneof![

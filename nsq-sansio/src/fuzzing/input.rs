@@ -89,30 +89,12 @@ impl Seed for Blob {
     }
 }
 
-/// The error codes an [`ServerFrame::Error`] picks from (by index, modulo the length); the last
-/// is one this library does not know.
-pub const ERROR_CODES: &[&str] = &[
-    "E_INVALID",
-    "E_BAD_PROTOCOL",
-    "E_BAD_TOPIC",
-    "E_BAD_CHANNEL",
-    "E_BAD_MESSAGE",
-    "E_BAD_BODY",
-    "E_PUB_FAILED",
-    "E_MPUB_FAILED",
-    "E_DPUB_FAILED",
-    "E_FIN_FAILED",
-    "E_REQ_FAILED",
-    "E_TOUCH_FAILED",
-    "E_IDENTIFY_FAILED",
-    "E_AUTH_FAILED",
-    "E_AUTH_DISABLED",
-    "E_AUTH_FIRST",
-    "E_UNAUTHORIZED",
-    "E_TOPIC_NOT_FOUND",
-    "E_CHANNEL_NOT_FOUND",
-    "E_SOMETHING_NEW",
-];
+/// The code an [`ServerFrame::Error`] with this index carries: [`ErrorCode::KNOWN`], then one
+/// this library does not know, modulo their number.
+pub fn error_code(index: u8) -> &'static str {
+    let i = usize::from(index) % (ErrorCode::KNOWN.len() + 1);
+    ErrorCode::KNOWN.get(i).copied().unwrap_or("E_SOMETHING_NEW")
+}
 
 /// One thing nsqd may send on the plaintext stream.
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
@@ -144,9 +126,9 @@ pub enum ServerFrame {
         /// A quarter of the body's length.
         len: u16,
     },
-    /// An error frame: [`ERROR_CODES`]`[code % len]`, then a space and the text if not empty.
+    /// An error frame: [`error_code`]`(code)`, then a space and the text if not empty.
     Error {
-        /// Index into [`ERROR_CODES`].
+        /// See [`error_code`].
         code: u8,
         /// The description.
         text: Blob,
@@ -187,7 +169,7 @@ impl ServerFrame {
                 body: Bytes::from(vec![*byte; 4 * usize::from(*len)]),
             })),
             Self::Error { code, text } => Some(Frame::Error(ServerError {
-                code: ErrorCode::parse(ERROR_CODES[usize::from(*code) % ERROR_CODES.len()]),
+                code: ErrorCode::parse(error_code(*code)),
                 message: String::from_utf8_lossy(&text.0).into_owned(),
             })),
             Self::Response(data) => Some(Frame::Response(Bytes::copy_from_slice(&data.0))),
@@ -214,7 +196,8 @@ impl ServerFrame {
             Frame::Response(data) if data.as_ref() == b"CLOSE_WAIT" => Self::CloseWait,
             Frame::Response(data) => Self::Response(Blob(data.to_vec())),
             Frame::Error(err) => {
-                let code = ERROR_CODES.iter().position(|c| *c == err.code.as_str()).unwrap_or(ERROR_CODES.len() - 1);
+                let code =
+                    ErrorCode::KNOWN.iter().position(|c| *c == err.code.as_str()).unwrap_or(ErrorCode::KNOWN.len());
                 Self::Error { code: u8::try_from(code).ok()?, text: Blob(err.message.clone().into_bytes()) }
             }
             Frame::Message(m) => {

@@ -18,7 +18,7 @@ pub mod snappy;
 
 use arbitrary::{Arbitrary, Unstructured};
 
-pub use input::{Blob, Seed, ServerFrame, ERROR_CODES};
+pub use input::{error_code, Blob, Seed, ServerFrame};
 
 /// Every target, by the name of its `fuzz/fuzz_targets/<name>.rs`.
 pub const TARGETS: &[&str] =

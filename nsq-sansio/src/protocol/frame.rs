@@ -181,6 +181,9 @@ macro_rules! error_codes {
         }
 
         impl ErrorCode {
+            /// Every code this library knows, as nsqd writes it.
+            pub const KNOWN: &'static [&'static str] = &[$($text,)*];
+
             /// Parses a code such as `E_INVALID`.
             pub fn parse(code: &str) -> Self {
                 match code {
