@@ -603,3 +603,52 @@ proptest! {
         prop_assert_eq!(sim.results.len(), issued.len());
     }
 }
+
+#[test]
+fn all_owes_nothing_to_an_nsqd_removed_before_the_publish_was_sent() {
+    let mut sim = Sim::new(&[A, B], Strategy::All);
+    sim.pool.connect(sim.now).unwrap();
+    sim.drain();
+    sim.accept(A);
+    // B is still dialling: the publish waits on its connection.
+    let tx = sim.publish("x");
+    assert_eq!(sim.got(A), ["x"]);
+    assert!(sim.pool.remove_nsqd(B, sim.now));
+    sim.drain();
+    assert!(!sim.results.contains_key(&tx), "resolved before A answered: {:?}", sim.results.get(&tx));
+    sim.ack(A);
+    assert_eq!(sim.results[&tx], Ok(()), "B left the pool: A's OK is the whole answer");
+}
+
+#[test]
+fn an_nsqd_the_pool_closed_itself_is_not_blamed_for_a_publish_that_waited_for_it() {
+    let mut sim = Sim::new(&[A, B], Strategy::All);
+    sim.pool.connect(sim.now).unwrap();
+    sim.drain();
+    sim.accept(A);
+    sim.accept(B);
+    let w = sim.publish("w");
+    sim.ack(A);
+    // B leaves the pool while it still owes an answer, and comes back before its connection
+    // closed: the pool closed that connection itself. B answers, its connection ends, and the
+    // redial is never answered.
+    assert!(sim.pool.remove_nsqd(B, sim.now));
+    sim.drain();
+    assert!(sim.pool.add_nsqd(B, sim.now).unwrap());
+    sim.drain();
+    sim.ack(B);
+    assert_eq!(sim.results[&w], Ok(()));
+    assert!(sim.pending_dial(B).is_some(), "B is redialled");
+    let tx = sim.publish("x");
+    sim.ack(A);
+    assert!(!sim.results.contains_key(&tx), "waits for B");
+    sim.advance(Duration::from_secs(11));
+    let err = sim.results[&tx].clone().unwrap_err();
+    assert_eq!(err.attempts.len(), 1, "{err}");
+    assert_eq!(err.attempts[0].0, B);
+    assert!(
+        matches!(&err.attempts[0].1, PublishError::NotConnected(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not connected within 10s"), "{err}");
+}

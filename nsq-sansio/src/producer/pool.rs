@@ -897,23 +897,26 @@ impl ProducerPoolState {
             Strategy::All => std::mem::take(&mut p.todo),
             _ => (0..self.members.len()).filter(|&i| !self.members[i].removed).collect(),
         };
+        let wait = self.options.wait;
+        let timeout = |what: &str| {
+            ConnectionError::Io(SocketError::new(std::io::ErrorKind::TimedOut, format!("{what} within {wait:?}")))
+        };
         let mut blamed = false;
         for i in members {
             let m = &self.members[i];
-            if let Some(error) = m.link.last_error() {
-                p.errors.push((m.link.addr().to_owned(), PublishError::NotConnected(error.clone())));
-                blamed = true;
-            }
+            // A close of the pool's own (the nsqd was removed, or lookupd stopped listing it for
+            // a while) says nothing about why it is not connected now.
+            let error = match m.link.last_error().filter(|e| !e.is_local_close()) {
+                Some(error) => error.clone(),
+                // All: every nsqd it still waits for is named.
+                None if self.options.strategy == Strategy::All && !self.stopping => timeout("not connected"),
+                None => continue,
+            };
+            p.errors.push((m.link.addr().to_owned(), PublishError::NotConnected(error)));
+            blamed = true;
         }
         if !blamed && p.errors.is_empty() {
-            let error = if self.stopping {
-                ConnectionError::LocallyClosed
-            } else {
-                let wait = self.options.wait;
-                let timeout =
-                    SocketError::new(std::io::ErrorKind::TimedOut, format!("no nsqd connected within {wait:?}"));
-                ConnectionError::Io(timeout)
-            };
+            let error = if self.stopping { ConnectionError::LocallyClosed } else { timeout("no nsqd connected") };
             p.errors.push((String::new(), PublishError::NotConnected(error)));
         }
         self.settle(tx);
