@@ -258,6 +258,34 @@ fn more_connections_than_max_in_flight_rotate_rdy() {
 }
 
 #[test]
+fn a_freed_slot_goes_to_a_connection_without_rdy() {
+    // More connections than max_in_flight: one keeps receiving messages and so keeps its RDY;
+    // the others go idle in turn and pass the second slot around. A slot that frees up must go
+    // to a connection holding none: RDY 1 to the one that holds it changes nothing, and would
+    // leave the slot unused while messages wait on another nsqd.
+    let mut sim = Sim::new(|c| {
+        c.set("max_in_flight", "2").unwrap();
+        c.set("low_rdy_timeout", "5m").unwrap();
+    });
+    let conns: Vec<ConnId> = (1..=3).map(|i| sim.connect(&format!("127.0.0.{i}:4150"))).collect();
+    assert_eq!(sim.consumer.total_rdy(), 2);
+    let busy = *conns.iter().find(|&&c| sim.last_rdy(c) == 1).unwrap();
+    let mut holders: HashSet<ConnId> = HashSet::new();
+    for second in 0..120 {
+        if second % 2 == 0 {
+            let m = sim.deliver(busy, 1);
+            sim.respond(busy, &m, Response::Finish);
+        }
+        sim.advance(Duration::from_secs(1));
+        let rdy: Vec<u32> = conns.iter().map(|&c| sim.last_rdy(c)).collect();
+        assert_eq!(sim.consumer.total_rdy(), 2, "both slots in use at {second} s: {rdy:?}");
+        assert_eq!(sim.last_rdy(busy), 1, "the busy connection keeps its RDY");
+        holders.extend(conns.iter().copied().filter(|&c| c != busy && sim.last_rdy(c) == 1));
+    }
+    assert_eq!(holders.len(), 2, "the second slot went round both idle connections");
+}
+
+#[test]
 fn backoff_sequence_is_exponential_and_recovers() {
     let mut sim = Sim::new(|c| {
         c.set("max_in_flight", "4").unwrap();
