@@ -51,7 +51,7 @@ fn budget(n: usize, plaintext: usize) -> usize {
     (1 + 16 * n).max(plaintext / 256)
 }
 
-/// `data[0]`: read size (0: one read); `data[1]`: the budget per call (see [`budget`]); the
+/// `data[0]`: read size (0: one read); `data[1]`: the budget per call (see `budget`); the
 /// rest: the stream.
 ///
 /// Decoding read by read under the budget gives what decoding the whole stream at once does.
@@ -82,7 +82,7 @@ pub struct Input {
     pub level: u8,
     /// Bytes per read (`0`: one read).
     pub read: u16,
-    /// The plaintext budget of each decode call (see [`budget`]).
+    /// The plaintext budget of each decode call (see `budget`).
     pub limit: u16,
     /// What the server writes, one write after the other.
     pub writes: Vec<Write>,
