@@ -267,8 +267,33 @@ impl Nsqd {
             }
         }
         let last = Instant::now();
-        let _ = self.write(b"RDY 0\nCLS\n");
+        self.close();
         Ok((first.unwrap_or(last), last))
+    }
+
+    /// Ends the subscription as a client must: RDY 0 and CLS, then reads on until nsqd's
+    /// `CLOSE_WAIT`. nsqd takes a connection's commands in order, so by then it has taken every
+    /// FIN sent before; exiting at once could leave the last ones unread in its socket.
+    fn close(&mut self) {
+        if self.write(b"RDY 0\nCLS\n").is_err() {
+            return;
+        }
+        // An nsqd that never answers does not hold the exit up for long.
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(5)));
+        loop {
+            loop {
+                match self.frame() {
+                    Ok(Some((RESPONSE, data))) if &self.rx[data.clone()] == b"CLOSE_WAIT" => return,
+                    // A heartbeat, or a message sent before RDY 0 arrived: nsqd requeues it.
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            if self.fill().is_err() {
+                return;
+            }
+        }
     }
 }
 
