@@ -238,6 +238,10 @@ impl SimConsumer {
         self.state.connect_to_nsqlookupd(addr, now).map_err(|e| e.to_string())
     }
 
+    pub fn change_max_in_flight(&mut self, max_in_flight: u32, now: Instant) {
+        self.state.change_max_in_flight(max_in_flight, now)
+    }
+
     pub fn connected(&mut self, conn: ConnId, now: Instant) {
         self.state.handle_connected(conn, now);
     }

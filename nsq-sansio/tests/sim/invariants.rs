@@ -26,7 +26,8 @@ pub mod name {
     /// A publish fails only with a cause: never with none, and never because the client closed
     /// a connection that nothing hit (a pool's stop fails what still waits for an nsqd).
     pub const PUBLISH_FAILS_ONLY_WITH_CAUSE: &str = "publish_fails_only_with_cause";
-    /// The RDY a consumer granted over its live connections stays within `max_in_flight`.
+    /// The RDY a consumer granted over its live connections stays within `max_in_flight`; after
+    /// the application lowers it, within the old value until the total first fits the new one.
     pub const RDY_WITHIN_MAX_IN_FLIGHT: &str = "rdy_within_max_in_flight";
     /// Lookupd poll rounds per client per simulated minute stay within their bound, and a
     /// round tries at most three lookupds.

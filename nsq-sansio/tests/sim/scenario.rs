@@ -23,6 +23,10 @@ const FAULT_PHASE_SECS: (u64, u64) = (60, 240);
 const POOL_DRAWS: u64 = 0x9001_5eed;
 /// The share of seeds whose first producer is a pool.
 const POOL_SHARE: f64 = 0.4;
+/// The draws of the consumers' `max_in_flight` changes come from their own generator too.
+const MAX_IN_FLIGHT_DRAWS: u64 = 0x3a5f_17e1;
+/// The share of consumers whose application changes `max_in_flight` while they run.
+const MAX_IN_FLIGHT_SHARE: f64 = 0.3;
 
 #[derive(Debug)]
 pub struct Scenario {
@@ -69,6 +73,8 @@ pub struct ConsumerPlan {
     pub sources_after: Duration,
     pub stop: Option<Duration>,
     pub handler: Handler,
+    /// When the application calls `change_max_in_flight`, and with what.
+    pub max_in_flight_changes: Vec<(Duration, u32)>,
 }
 
 /// How a consumer's application answers messages.
@@ -222,6 +228,7 @@ impl Scenario {
                     touch: *rng.pick(&[0.0, 0.05]),
                     ignore: *rng.pick(&[0.0, 0.0, 0.01]),
                 },
+                max_in_flight_changes: Vec::new(),
             });
         }
 
@@ -256,6 +263,20 @@ impl Scenario {
             }
             producers[0].target = Target::Pool { nsqds: members, lookupds, settings };
             producers[0].settings.auto_batch = 0;
+        }
+
+        let mut more = SimRng::new(seed ^ MAX_IN_FLIGHT_DRAWS);
+        for c in &mut consumers {
+            if more.chance(MAX_IN_FLIGHT_SHARE) {
+                let changes = more.range(1, 3);
+                c.max_in_flight_changes = (0..changes)
+                    .map(|_| {
+                        let at = c.start + more.duration(Duration::ZERO, fault_phase);
+                        let to = if more.chance(0.3) { more.range(1, 3) } else { more.range(1, 50) };
+                        (at, to as u32)
+                    })
+                    .collect();
+            }
         }
 
         Self { nsqds, lookupds, producers, consumers, faults, fault_phase, latency }

@@ -114,6 +114,23 @@ impl World {
         self.drain(Party::Consumer(i))
     }
 
+    pub(super) fn change_max_in_flight(&mut self, i: usize, to: u32) -> Result<(), Violation> {
+        let now = self.instant();
+        let c = &mut self.consumers[i];
+        let Some(client) = c.client.as_mut() else { return Ok(()) };
+        if c.stopping_since.is_some() {
+            return Ok(());
+        }
+        let from = c.settings.max_in_flight;
+        if to < from {
+            c.lowering_from = Some(c.lowering_from.unwrap_or(0).max(from));
+        }
+        c.settings.max_in_flight = to;
+        client.change_max_in_flight(to, now);
+        self.note("max_in_flight", Who::Party(Party::Consumer(i)), 0, u64::from(to));
+        self.drain(Party::Consumer(i))
+    }
+
     pub(super) fn stop_deadline(&mut self, party: Party, due: Duration, jumped: Duration) -> Result<(), Violation> {
         // Time the clock leaped over does not count against the client.
         let due = due + (self.jumped - jumped);
@@ -454,7 +471,15 @@ impl World {
                         writing: link.writing,
                     })
                     .collect();
-                let max = self.consumers[i].settings.max_in_flight;
+                // After a lowering, the nsqds may hold what the old value let them have until
+                // the lowers are written; from the moment the total fits the new value, it must
+                // stay within it.
+                let node = &mut self.consumers[i];
+                let granted: u64 = conns.iter().map(|c| c.written).sum();
+                if granted <= u64::from(node.settings.max_in_flight) {
+                    node.lowering_from = None;
+                }
+                let max = node.lowering_from.unwrap_or(node.settings.max_in_flight);
                 let c = inv::rdy_within_max_in_flight(format_args!("consumer-{i}"), &conns, max);
                 self.check(c)?;
             }

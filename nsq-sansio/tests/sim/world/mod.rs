@@ -157,6 +157,11 @@ enum Ev {
         addr: String,
     },
     StopConsumer(usize),
+    /// The application calls `change_max_in_flight`.
+    ChangeMaxInFlight {
+        consumer: usize,
+        to: u32,
+    },
     Publish(usize),
     Respond {
         consumer: usize,
@@ -298,7 +303,11 @@ struct Tx {
 }
 
 struct ConsumerNode {
+    /// Its settings; `max_in_flight` is the latest the application set.
     settings: Settings,
+    /// The `max_in_flight` before a lowering, which bounds the RDY nsqds were given until the
+    /// lowers are written and the total is within the new value.
+    lowering_from: Option<u32>,
     direct: Vec<String>,
     lookupds: Vec<String>,
     handler: Handler,
@@ -456,6 +465,7 @@ impl World {
             .iter()
             .map(|c| ConsumerNode {
                 settings: c.settings.clone(),
+                lowering_from: None,
                 direct: c.direct.iter().map(|&i| format!("nsqd-{i}:4150")).collect(),
                 lookupds: c.lookupds.iter().map(|&i| format!("lookupd-{i}:4161")).collect(),
                 handler: c.handler,
@@ -526,6 +536,9 @@ impl World {
             self.at(start, Ev::StartConsumer(i));
             if let Some(stop) = stop {
                 self.at(stop, Ev::StopConsumer(i));
+            }
+            for &(at, to) in &self.scenario.consumers[i].max_in_flight_changes.clone() {
+                self.at(at, Ev::ChangeMaxInFlight { consumer: i, to });
             }
         }
         for fault in self.scenario.faults.clone() {
@@ -701,6 +714,7 @@ impl World {
             Ev::AddSources(i) => self.add_sources(i)?,
             Ev::Reconnect { consumer, addr } => self.reconnect(consumer, addr)?,
             Ev::StopConsumer(i) => self.stop_consumer(i)?,
+            Ev::ChangeMaxInFlight { consumer, to } => self.change_max_in_flight(consumer, to)?,
             Ev::Publish(i) => self.publish(i)?,
             Ev::Respond { consumer, msg, answer } => self.respond(consumer, msg, answer)?,
             Ev::Fault(kind) => self.fault(kind)?,
