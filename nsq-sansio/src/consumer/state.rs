@@ -542,7 +542,6 @@ impl Consumer {
         if let Some(conn) = self.conns.get_mut(&id) {
             conn.rdy_pending = None;
             if conn.subscribed && (conn.rdy > 0 || conn.rdy_out > 0) {
-                // RDY 0 first so nothing new arrives while CLS travels.
                 let _ = conn.state.ready(0);
                 self.total_rdy -= u64::from(conn.rdy);
                 conn.rdy = 0;
