@@ -16,7 +16,8 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tracing::{debug, warn, Instrument};
 
 use super::io::{IoEvent, Sockets};
-use super::message::{Answer, Answers, Handler, Message, Origin};
+use super::message::{Answer, Answers, Handler, Message, Origin, Recycler};
+use super::queue::{self, Receiver, Sender};
 use super::{EngineTimer, Error, Runtime};
 use crate::connection::IdHasher;
 use crate::{
@@ -65,9 +66,9 @@ struct Handle {
     channel: Channel,
     commands: mpsc::UnboundedSender<Command>,
     /// The message queue, until the stream or the handlers take it.
-    messages: Mutex<Option<async_channel::Receiver<Message>>>,
+    messages: Mutex<Option<Receiver>>,
     /// The handlers' end of the queue: each handler task takes from a clone.
-    shared_messages: Mutex<Option<async_channel::Receiver<Message>>>,
+    shared_messages: Mutex<Option<Receiver>>,
     failed: Arc<Mutex<Option<FailedHook>>>,
     auth: AuthAnswers,
 }
@@ -105,7 +106,7 @@ impl<R: Runtime> Consumer<R> {
         config.validate()?;
         let config = super::with_identity(config);
         let (commands, commands_rx) = mpsc::unbounded();
-        let (messages_tx, messages_rx) = async_channel::unbounded();
+        let (messages_tx, messages_rx) = queue::queue();
         let failed: Arc<Mutex<Option<FailedHook>>> = Arc::new(Mutex::new(None));
         let state = ConsumerState::new(topic.clone(), channel.clone(), Arc::new(config), R::now());
         let engine = Engine::<R>::new(state, commands_rx, messages_tx, failed.clone());
@@ -142,7 +143,7 @@ impl<R: Runtime> Consumer<R> {
             let handler = handler.clone();
             R::spawn(async move {
                 loop {
-                    let Ok(message) = queue.recv().await else { return };
+                    let Some(message) = queue.recv().await else { return };
                     if message.is_stale() {
                         continue;
                     }
@@ -181,7 +182,7 @@ impl<R: Runtime> Consumer<R> {
     /// stopped. Only the first call gets the messages.
     pub fn messages(&self) -> Messages {
         let rx = self.handle.messages.lock().ok().and_then(|mut slot| slot.take());
-        Messages { rx: rx.map(Box::pin) }
+        Messages { rx }
     }
 
     /// Connects to an nsqd (`host:port`); it is redialled with backoff if it drops.
@@ -302,7 +303,7 @@ impl<R: Runtime> Consumer<R> {
         self.handle.messages.lock().map_or(true, |slot| slot.is_none())
     }
 
-    fn shared_queue(&self) -> Option<async_channel::Receiver<Message>> {
+    fn shared_queue(&self) -> Option<Receiver> {
         let mut shared = self.handle.shared_messages.lock().ok()?;
         if shared.is_none() {
             *shared = Some(self.handle.messages.lock().ok()?.take()?);
@@ -314,17 +315,16 @@ impl<R: Runtime> Consumer<R> {
 /// The stream of a consumer's messages; ends when the consumer stopped.
 #[derive(Debug)]
 pub struct Messages {
-    // Boxed: the receiver is not `Unpin`, the stream is.
-    rx: Option<Pin<Box<async_channel::Receiver<Message>>>>,
+    rx: Option<Receiver>,
 }
 
 impl Stream for Messages {
     type Item = Message;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        let Some(rx) = &mut self.rx else { return Poll::Ready(None) };
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let Some(rx) = &self.rx else { return Poll::Ready(None) };
         loop {
-            match rx.poll_next_unpin(cx) {
+            match rx.poll_recv(cx) {
                 // Its connection is gone: nsqd delivers it again; this copy would be a duplicate.
                 Poll::Ready(Some(message)) if message.is_stale() => continue,
                 other => return other,
@@ -339,7 +339,6 @@ impl Drop for Messages {
         // is requeued), not when the consumer ends; later ones are refused at the send.
         if let Some(rx) = &self.rx {
             rx.close();
-            while rx.try_recv().is_ok() {}
         }
     }
 }
@@ -361,7 +360,10 @@ struct Engine<R: Runtime> {
     origins: HashMap<ConnId, Arc<Origin>, BuildHasherDefault<IdHasher>>,
     answer_batch: Vec<Answer>,
     sockets: Sockets<R>,
-    messages: Option<async_channel::Sender<Message>>,
+    messages: Option<Sender>,
+    /// Messages of this turn, handed over together at its end.
+    burst: Vec<Message>,
+    recycler: Recycler,
     failed: Arc<Mutex<Option<FailedHook>>>,
     auth: AuthAnswers,
     stop_waiters: Vec<oneshot::Sender<()>>,
@@ -382,7 +384,7 @@ impl<R: Runtime> Engine<R> {
     fn new(
         state: ConsumerState,
         commands: mpsc::UnboundedReceiver<Command>,
-        messages: async_channel::Sender<Message>,
+        messages: Sender,
         failed: Arc<Mutex<Option<FailedHook>>>,
     ) -> Self {
         Self {
@@ -393,6 +395,8 @@ impl<R: Runtime> Engine<R> {
             answer_batch: Vec::new(),
             sockets: Sockets::new(),
             messages: Some(messages),
+            burst: Vec::new(),
+            recycler: Recycler::default(),
             failed,
             auth: AuthAnswers::default(),
             stop_waiters: Vec::new(),
@@ -480,6 +484,9 @@ impl<R: Runtime> Engine<R> {
                     if let Err(e) = self.state.respond(a.conn, &a.id, a.attempts, a.response, now) {
                         debug!(id = %a.id, %e, "answer refused");
                     }
+                    if let Some(handle) = a.handle {
+                        self.recycler.put(handle);
+                    }
                 }
                 self.answer_batch = batch;
             }
@@ -526,8 +533,13 @@ impl<R: Runtime> Engine<R> {
                 self.on_event(event);
             }
             if !progress {
-                return;
+                break;
             }
+        }
+        match &mut self.messages {
+            Some(tx) if !self.burst.is_empty() => tx.push(&mut self.burst),
+            // Nobody consumes: the messages are requeued as they drop here.
+            _ => self.burst.clear(),
         }
     }
 
@@ -549,11 +561,7 @@ impl<R: Runtime> Engine<R> {
             ConsumerEvent::Message { conn, message } => {
                 let (sockets, answers) = (&self.sockets, &self.answers);
                 let origin = self.origins.entry(conn).or_insert_with(|| Origin::new(conn, sockets.addr(conn), answers));
-                let message = Message::new(message, origin.clone());
-                if let Some(tx) = &self.messages {
-                    // Nobody consumes: the message is requeued when dropped here.
-                    let _ = tx.try_send(message);
-                }
+                self.burst.push(self.recycler.make(message, origin));
             }
             ConsumerEvent::GaveUp { message, .. } => {
                 let hook = self.failed.lock().ok().and_then(|h| h.clone());

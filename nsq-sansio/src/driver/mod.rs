@@ -15,6 +15,7 @@ mod consumer;
 mod io;
 mod message;
 mod producer;
+mod queue;
 #[cfg(feature = "tools")]
 pub mod tools;
 
