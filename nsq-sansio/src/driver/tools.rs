@@ -517,7 +517,7 @@ async fn bench_sub<R: Runtime>(args: &BenchArgs, body: Bytes) -> Result<Measured
     config.max_in_flight(args.max_in_flight);
     let consumer = Consumer::<R>::new(&args.topic, &args.channel, config).map_err(|e| e.to_string())?;
     let (done_tx, mut done_rx) = mpsc::unbounded::<Instant>();
-    let first = Arc::new(Mutex::new(None::<Instant>));
+    let first = Arc::new(std::sync::OnceLock::<Instant>::new());
     let latencies = Arc::new(Mutex::new(Latencies::new()?));
     let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (f, l, h, timed) = (first.clone(), latencies.clone(), handled.clone(), args.rate > 0);
@@ -528,9 +528,7 @@ async fn bench_sub<R: Runtime>(args: &BenchArgs, body: Bytes) -> Result<Measured
                     latencies.record(since_unix_nanos(m.timestamp()));
                 }
             }
-            if let Ok(mut first) = f.lock() {
-                first.get_or_insert_with(Instant::now);
-            }
+            f.get_or_init(Instant::now);
             if h.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == n {
                 let _ = done_tx.unbounded_send(Instant::now());
             }
@@ -552,7 +550,7 @@ async fn bench_sub<R: Runtime>(args: &BenchArgs, body: Bytes) -> Result<Measured
         done_rx.next().await
     };
     let end = end.ok_or("consumer ended early")?;
-    let start = first.lock().ok().and_then(|f| *f).unwrap_or(end);
+    let start = first.get().copied().unwrap_or(end);
     consumer.stop().await;
     let latencies = latencies.lock().map_err(|_| "a handler panicked")?.clone();
     Ok(Measured {
