@@ -21,7 +21,8 @@ use super::queue::{self, Receiver, Sender};
 use super::{EngineTimer, Error, Runtime};
 use crate::connection::IdHasher;
 use crate::{
-    AuthResponse, Channel, Config, ConnId, ConnectionError, ConsumerEvent, ConsumerState, ConsumerStats, Topic,
+    AuthResponse, Channel, Config, ConnId, ConnectionError, ConsumerEvent, ConsumerState, ConsumerStats, Response,
+    Topic,
 };
 
 type FailedHook = Arc<dyn Fn(&crate::Message) + Send + Sync>;
@@ -147,24 +148,23 @@ impl<R: Runtime> Consumer<R> {
                     if message.is_stale() {
                         continue;
                     }
-                    let keep = message.clone();
+                    let keep = message.responder();
                     let outcome = AssertUnwindSafe(handler.handle(message)).catch_unwind().await;
                     if !keep.is_auto_response_enabled() {
                         continue;
                     }
+                    let requeue = Response::Requeue { delay: None, backoff: true };
                     match outcome {
-                        Ok(Ok(())) => {
-                            keep.finish();
-                        }
+                        Ok(Ok(())) => keep.answer(Response::Finish),
                         Ok(Err(e)) => {
                             debug!(id = %keep.id(), %e, "handler failed; requeueing");
-                            keep.requeue(None);
+                            keep.answer(requeue)
                         }
                         Err(_) => {
                             warn!(id = %keep.id(), "handler panicked; requeueing");
-                            keep.requeue(None);
+                            keep.answer(requeue)
                         }
-                    }
+                    };
                 }
             });
         }

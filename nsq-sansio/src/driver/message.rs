@@ -160,15 +160,44 @@ impl Message {
     }
 
     fn answer(&self, response: Response) -> bool {
-        if self.shared.answered.swap(true, Ordering::AcqRel) {
-            return false;
-        }
-        self.shared.send(response, Some(Recyclable(self.shared.clone())));
-        true
+        Shared::answer(&self.shared, response)
+    }
+
+    /// What a handler task keeps to answer the message after the handler returns: its shared
+    /// part only, not a clone of the message and its body.
+    pub(crate) fn responder(&self) -> Responder {
+        Responder(self.shared.clone())
+    }
+}
+
+/// Answers a message on a handler's behalf.
+pub(crate) struct Responder(Arc<Shared>);
+
+impl Responder {
+    pub(crate) fn id(&self) -> MessageId {
+        self.0.id
+    }
+
+    pub(crate) fn is_auto_response_enabled(&self) -> bool {
+        self.0.auto_response.load(Ordering::Acquire)
+    }
+
+    /// Answers unless answered already; hands the shared part back for reuse.
+    pub(crate) fn answer(self, response: Response) -> bool {
+        Shared::answer(&self.0, response)
     }
 }
 
 impl Shared {
+    /// Answers unless answered already; the shared part goes back with the answer for reuse.
+    fn answer(this: &Arc<Self>, response: Response) -> bool {
+        if this.answered.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        this.send(response, Some(Recyclable(this.clone())));
+        true
+    }
+
     fn send(&self, response: Response, handle: Option<Recyclable>) {
         let answer = Answer { conn: self.origin.conn, id: self.id, attempts: self.attempts, response, handle };
         self.origin.answers.push(answer);
@@ -178,15 +207,16 @@ impl Shared {
 /// Answered handles kept for reuse: a message handle's shared part is an allocation per
 /// message otherwise (a tenth of a consumer's CPU, with the system allocator). A handle is
 /// reused only once every clone of it is gone.
+///
+/// Bounded without a cap: every spare handle was made for a message, and is spare only while
+/// it is not in use, so there are never more than the most messages ever out at once
+/// (`max_in_flight`, plus those of closed connections the application still held).
 #[derive(Debug, Default)]
 pub(crate) struct Recycler {
     spare: Vec<Recyclable>,
 }
 
 impl Recycler {
-    /// At most this many handles wait for reuse.
-    const CAPACITY: usize = 1024;
-
     /// A handle for `inner`, reusing an answered one when no clone of it is left.
     pub(crate) fn make(&mut self, inner: crate::Message, origin: &Arc<Origin>) -> Message {
         while let Some(Recyclable(mut shared)) = self.spare.pop() {
@@ -205,9 +235,7 @@ impl Recycler {
 
     /// Keeps an answered handle for reuse.
     pub(crate) fn put(&mut self, handle: Recyclable) {
-        if self.spare.len() < Self::CAPACITY {
-            self.spare.push(handle);
-        }
+        self.spare.push(handle);
     }
 }
 
