@@ -17,8 +17,8 @@
 //! - [`ConsumerState`]: one topic/channel across many nsqds: RDY distribution, backoff,
 //!   redials, lookupd polling (HTTP, and TLS for `https://`, in the core), max attempts,
 //!   graceful stop.
-//! - The codec: [`Command`] encoding, frame [`decode`], [`Topic`]/[`Channel`] validation,
-//!   [`Config`] with every go-nsq option.
+//! - The codec: [`Command`] encoding, frame [`decode`] and [`decode_joined`],
+//!   [`Topic`]/[`Channel`] validation, [`Config`] with every go-nsq option.
 //!
 //! # The run loop
 //!
@@ -184,7 +184,7 @@ pub use producer::{
 };
 pub use protocol::command::Command;
 pub use protocol::frame::{
-    decode, ErrorCode, Frame, FrameError, ServerError, CLOSE_WAIT, FRAME_HEADER_LEN, FRAME_TYPE_ERROR,
+    decode, decode_joined, ErrorCode, Frame, FrameError, ServerError, CLOSE_WAIT, FRAME_HEADER_LEN, FRAME_TYPE_ERROR,
     FRAME_TYPE_MESSAGE, FRAME_TYPE_RESPONSE, HEARTBEAT, OK,
 };
 pub use protocol::identify::IdentifyResponse;

@@ -1,5 +1,6 @@
 //! The frame decoder, and a `ConnectionState` consuming message frames and answering with FIN,
-//! allocate nothing per message in the steady state. Counted with a global allocator, not by eye;
+//! allocate nothing per message in the steady state, and a frame split across two reads costs
+//! allocations and bytes bounded by the frame, not by the reads. Counted with a global allocator, not by eye;
 //! the count is per thread so tests running in parallel do not see each other.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, unsafe_code)]
 
@@ -17,27 +18,34 @@ struct Counting;
 
 thread_local! {
     static ALLOCS: Cell<usize> = const { Cell::new(0) };
+    static BYTES: Cell<usize> = const { Cell::new(0) };
 }
 
 fn allocs() -> usize {
     ALLOCS.with(Cell::get)
 }
 
-fn count() {
+/// Bytes asked for by allocations and reallocations (a reallocation counts its new size).
+fn bytes() -> usize {
+    BYTES.with(Cell::get)
+}
+
+fn count(size: usize) {
     // `try_with`: the allocator also runs while thread-locals are being torn down.
     let _ = ALLOCS.try_with(|n| n.set(n.get() + 1));
+    let _ = BYTES.try_with(|n| n.set(n.get() + size));
 }
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count();
+        count(layout.size());
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count();
+        count(new_size);
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -103,4 +111,33 @@ fn the_decoder_allocates_nothing_per_frame() {
     // frames themselves cost nothing.
     assert!(large <= 1, "{large} allocations for 5000 frames");
     assert_eq!(small, large, "allocations grow with the frame count");
+}
+
+#[test]
+fn a_frame_split_across_reads_costs_what_the_frame_does() {
+    let now = Instant::now();
+    let mut conn = subscribed(now, 2500);
+    for r in 0..3 {
+        round(&mut conn, now, frames(2000, r, 200));
+    }
+    // Two reads in separate allocations, the first ending inside a frame's body.
+    let mut split = |n: usize, r: usize| {
+        let buf = frames(n, r, 200);
+        let cut = buf.len() / 2 + 100;
+        let (first, second) = (BytesMut::from(&buf[..cut]), BytesMut::from(&buf[cut..]));
+        let before = bytes();
+        let made = round(&mut conn, now, first) + round(&mut conn, now, second);
+        (made, bytes() - before)
+    };
+    let (small, small_bytes) = split(600, 10);
+    let (large, large_bytes) = split(2000, 11);
+    assert_eq!(conn.in_flight(), 0);
+    assert_eq!(conn.stats().messages_finished, 3 * 2000 + 600 + 2000);
+    // A shared header per read buffer, and the split frame's buffer (bytes sizes it like the
+    // first read's, at most 64 KiB) with its shared header. Copying the second read after the
+    // partial frame would grow with that read.
+    assert!(large <= 4, "{large} allocations");
+    assert_eq!(small, large, "allocations grow with the read size");
+    assert!(large_bytes <= 80 * 1024, "{large_bytes} bytes allocated for a 234-byte frame");
+    assert_eq!(small_bytes, large_bytes, "bytes allocated grow with the read size");
 }

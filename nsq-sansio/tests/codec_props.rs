@@ -1,5 +1,7 @@
 //! Property tests of the codec: every command encodes to bytes that parse back to it, every
-//! frame type round-trips through `decode`, and chunking a stream never changes what it decodes to.
+//! frame type round-trips through `decode`, and chunking a stream never changes what it decodes to,
+//! whether the reads are joined by copying, by `decode_joined` from separate allocations, or
+//! from one allocation.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -8,7 +10,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use common::Owned;
-use nsq_sansio::{decode, Channel, ErrorCode, Frame, Message, MessageId, ServerError, Topic};
+use nsq_sansio::{
+    decode, decode_joined, Channel, ErrorCode, Frame, FrameError, Message, MessageId, ServerError, Topic,
+};
 use proptest::prelude::*;
 
 fn name_chars() -> impl Strategy<Value = String> {
@@ -76,6 +80,114 @@ fn frame() -> impl Strategy<Value = Frame> {
     ]
 }
 
+/// Decodes `wire` read by read through `decode_joined`, each read a fresh allocation of the
+/// bytes between two cuts (sorted, at most `wire.len()`).
+fn decode_reads(wire: &[u8], cuts: &[usize], max_size: u32) -> Result<Vec<Frame>, FrameError> {
+    let (mut rx, mut got, mut at) = (BytesMut::new(), Vec::new(), 0);
+    for &cut in cuts.iter().chain([&wire.len()]) {
+        let read = BytesMut::from(&wire[at..cut]);
+        at = cut;
+        if let Some(f) = decode_joined(&mut rx, read, max_size)? {
+            got.push(f);
+            while let Some(f) = decode(&mut rx, max_size)? {
+                got.push(f);
+            }
+        }
+    }
+    assert!(rx.is_empty(), "{} bytes left", rx.len());
+    Ok(got)
+}
+
+fn message(n: u8, body: usize) -> Frame {
+    let body: Vec<u8> = (0..body).map(|i| i as u8 ^ n).collect();
+    Frame::Message(Message { id: MessageId([b'a' + n; 16]), timestamp: 7, attempts: 2, body: body.into() })
+}
+
+fn encode_all(frames: &[Frame]) -> BytesMut {
+    let mut wire = BytesMut::new();
+    for f in frames {
+        f.encode(&mut wire);
+    }
+    wire
+}
+
+#[test]
+fn two_reads_split_at_every_offset_decode_the_same_frames() {
+    // Cuts inside the first frame's size, header and body, between frames, and in the next ones.
+    let frames = vec![message(0, 40), Frame::Response(b"_heartbeat_"[..].into()), message(1, 0), message(2, 90)];
+    let wire = encode_all(&frames);
+    for cut in 0..=wire.len() {
+        assert_eq!(decode_reads(&wire, &[cut], 1 << 20).unwrap(), frames, "cut at {cut}");
+    }
+}
+
+#[test]
+fn a_frame_spanning_many_reads_decodes() {
+    let frames = vec![message(0, 3), message(1, 1000), message(2, 5)];
+    let wire = encode_all(&frames);
+    for step in [1, 2, 3, 5, 7, 64, 333] {
+        let cuts: Vec<usize> = (step..wire.len()).step_by(step).collect();
+        assert_eq!(decode_reads(&wire, &cuts, 1 << 20).unwrap(), frames, "reads of {step} bytes");
+    }
+}
+
+#[test]
+fn joining_copies_only_the_missing_bytes() {
+    let frames = vec![message(0, 100), message(1, 100), message(2, 100)];
+    let wire = encode_all(&frames);
+    let len = wire.len() / 3;
+    for cut in [2, 4, 9, 50, len - 1] {
+        let mut rx = BytesMut::from(&wire[..cut]);
+        assert_eq!(decode(&mut rx, 1 << 20).unwrap(), None);
+        let read = BytesMut::from(&wire[cut..]);
+        let rest = read.as_ptr() as usize + (len - cut);
+        assert_eq!(decode_joined(&mut rx, read, 1 << 20).unwrap().as_ref(), Some(&frames[0]));
+        // The rest of the read is decoded where it lies, message bodies included.
+        assert_eq!(rx.as_ptr() as usize, rest, "cut at {cut}");
+        let Some(Frame::Message(msg)) = decode(&mut rx, 1 << 20).unwrap() else { panic!("not a message") };
+        assert_eq!(msg.body.as_ptr() as usize, rest + 34);
+    }
+}
+
+#[test]
+fn reads_from_one_allocation_are_joined_without_copying() {
+    let frames = vec![message(0, 100), message(1, 100)];
+    let mut buf = encode_all(&frames);
+    let start = buf.as_ptr() as usize;
+    let mut rx = BytesMut::new();
+    // Half the size: nothing is reserved for the frame yet, so the next read still continues it.
+    assert_eq!(decode_joined(&mut rx, buf.split_to(2), 1 << 20).unwrap(), None);
+    assert_eq!(rx.as_ptr() as usize, start);
+    let first = decode_joined(&mut rx, buf.split(), 1 << 20).unwrap();
+    assert_eq!(first.as_ref(), Some(&frames[0]));
+    let Some(Frame::Message(msg)) = decode(&mut rx, 1 << 20).unwrap() else { panic!("not a message") };
+    assert_eq!(msg.body.as_ptr() as usize, start + 134 + 34);
+}
+
+#[test]
+fn a_whole_frame_left_in_rx_is_decoded_first() {
+    let frames = vec![message(0, 10), message(1, 10), message(2, 10)];
+    let wire = encode_all(&frames);
+    let cut = wire.len() / 3 + 20;
+    let mut rx = BytesMut::from(&wire[..cut]);
+    let first = decode_joined(&mut rx, BytesMut::from(&wire[cut..]), 1 << 20).unwrap();
+    assert_eq!(first.as_ref(), Some(&frames[0]));
+    assert_eq!(decode(&mut rx, 1 << 20).unwrap().as_ref(), Some(&frames[1]));
+    assert_eq!(decode(&mut rx, 1 << 20).unwrap().as_ref(), Some(&frames[2]));
+    assert!(rx.is_empty());
+}
+
+#[test]
+fn a_joined_size_over_the_limit_is_refused_before_the_body_is_copied() {
+    let size = 5000u32.to_be_bytes();
+    let mut rx = BytesMut::from(&size[..1]);
+    let mut read = BytesMut::from(&size[1..]);
+    read.extend_from_slice(&[0; 6000]);
+    let err = decode_joined(&mut rx, read, 4096).unwrap_err();
+    assert_eq!(err, FrameError::TooLarge { size: 5000, max: 4096 });
+    assert!(rx.capacity() < 4096, "{} bytes reserved", rx.capacity());
+}
+
 proptest! {
     #[test]
     fn every_command_parses_back_to_itself(cmd in command()) {
@@ -130,6 +242,17 @@ proptest! {
         }
         prop_assert!(rx.is_empty());
         prop_assert_eq!(got, frames);
+    }
+
+    #[test]
+    fn reads_in_separate_allocations_never_change_the_frames(
+        frames in prop::collection::vec(frame(), 1..12),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+    ) {
+        let wire = encode_all(&frames);
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+        cuts.sort_unstable();
+        prop_assert_eq!(decode_reads(&wire, &cuts, u32::MAX).unwrap(), frames);
     }
 
     #[test]

@@ -9,79 +9,90 @@ use crate::MessageId;
 /// Ids in flight, each with the instant nsqd will time it out and requeue it.
 ///
 /// Deadlines are pushed in time order (delivery and TOUCH both use `now + msg_timeout`), so the
-/// queue is sorted; a TOUCH leaves a stale entry behind that expiry skips.
+/// queue is sorted. Each id maps to the sequence number of its live queue entry, so FIN, REQ and
+/// TOUCH mark that entry dead by index; expiry skips dead entries without looking them up.
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
-    /// Each live id's deadline and the sequence number of its current queue entry.
-    deadlines: HashMap<MessageId, (Instant, u64), BuildHasherDefault<IdHasher>>,
-    queue: VecDeque<(Instant, u64, MessageId)>,
-    seq: u64,
+    /// Each live id's queue entry, by sequence number.
+    seqs: HashMap<MessageId, u64, BuildHasherDefault<IdHasher>>,
+    queue: VecDeque<Entry>,
+    /// The sequence number of the queue's front entry.
+    head: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    deadline: Instant,
+    id: MessageId,
+    live: bool,
 }
 
 impl InFlight {
     pub(crate) fn with_capacity(n: usize) -> Self {
         Self {
-            deadlines: HashMap::with_capacity_and_hasher(n, Default::default()),
+            seqs: HashMap::with_capacity_and_hasher(n, Default::default()),
             queue: VecDeque::with_capacity(n),
-            seq: 0,
+            head: 0,
         }
     }
 
     pub(crate) fn insert(&mut self, id: MessageId, deadline: Instant) {
-        let entry = self.push(deadline, id);
-        self.deadlines.insert(id, entry);
+        let seq = self.push(deadline, id);
+        if let Some(old) = self.seqs.insert(id, seq) {
+            // nsqd does not deliver an id that is in flight; if it did, the newer entry counts.
+            self.kill(old);
+        }
     }
 
     pub(crate) fn remove(&mut self, id: &MessageId) -> bool {
-        let removed = self.deadlines.remove(id).is_some();
-        // Answers mostly come in delivery order: the stale entries at the front go at once,
-        // each for one lookup.
-        if removed {
-            self.skip_stale();
-        }
-        // Keep the queue's stale entries bounded by the live ones.
-        if removed && self.queue.len() > 2 * self.deadlines.len() + 64 {
-            let live = &self.deadlines;
-            self.queue.retain(|&(at, seq, id)| live.get(&id) == Some(&(at, seq)));
-        }
-        removed
+        let Some(seq) = self.seqs.remove(id) else {
+            return false;
+        };
+        self.kill(seq);
+        // Answers mostly come in delivery order: the dead entries at the front go at once.
+        self.skip_dead();
+        self.compact_if_sparse();
+        true
     }
 
     /// Moves `id`'s deadline to `deadline` (TOUCH). Returns false if it is not in flight.
     pub(crate) fn touch(&mut self, id: &MessageId, deadline: Instant) -> bool {
-        if !self.deadlines.contains_key(id) {
+        let Some(&old) = self.seqs.get(id) else {
             return false;
-        }
-        let entry = self.push(deadline, *id);
-        self.deadlines.insert(*id, entry);
+        };
+        self.kill(old);
+        let seq = self.push(deadline, *id);
+        self.seqs.insert(*id, seq);
+        self.compact_if_sparse();
         true
     }
 
     pub(crate) fn contains(&self, id: &MessageId) -> bool {
-        self.deadlines.contains_key(id)
+        self.seqs.contains_key(id)
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.deadlines.len()
+        self.seqs.len()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.deadlines.is_empty()
+        self.seqs.is_empty()
     }
 
     /// The earliest live deadline.
     pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
-        self.skip_stale();
-        self.queue.front().map(|&(at, _, _)| at)
+        self.skip_dead();
+        self.queue.front().map(|e| e.deadline)
     }
 
     /// Removes and returns one id whose deadline is at or before `now`.
     pub(crate) fn pop_expired(&mut self, now: Instant) -> Option<MessageId> {
-        self.skip_stale();
+        self.skip_dead();
         match self.queue.front() {
-            Some(&(at, _, id)) if at <= now => {
-                self.queue.pop_front();
-                self.deadlines.remove(&id);
+            Some(e) if e.deadline <= now => {
+                let id = e.id;
+                self.pop_front();
+                self.seqs.remove(&id);
                 Some(id)
             }
             _ => None,
@@ -89,25 +100,51 @@ impl InFlight {
     }
 
     pub(crate) fn clear(&mut self) {
-        self.deadlines.clear();
+        self.seqs.clear();
         self.queue.clear();
+        self.head = 0;
     }
 
-    /// Queues a deadline entry and returns what the id's live entry must hold to match it.
-    fn push(&mut self, deadline: Instant, id: MessageId) -> (Instant, u64) {
+    /// Queues a live deadline entry and returns its sequence number.
+    fn push(&mut self, deadline: Instant, id: MessageId) -> u64 {
         // A clamped clock can hand out a deadline earlier than the back's; keep the queue sorted.
-        let deadline = self.queue.back().map_or(deadline, |&(back, _, _)| back.max(deadline));
-        self.seq = self.seq.wrapping_add(1);
-        self.queue.push_back((deadline, self.seq, id));
-        (deadline, self.seq)
+        let deadline = self.queue.back().map_or(deadline, |back| back.deadline.max(deadline));
+        let seq = self.head.wrapping_add(self.queue.len() as u64);
+        self.queue.push_back(Entry { deadline, id, live: true });
+        seq
     }
 
-    fn skip_stale(&mut self) {
-        while let Some(&(at, seq, id)) = self.queue.front() {
-            if self.deadlines.get(&id) == Some(&(at, seq)) {
-                break;
+    /// Marks the entry with sequence number `seq` dead.
+    fn kill(&mut self, seq: u64) {
+        let index = seq.wrapping_sub(self.head);
+        if let Some(entry) = usize::try_from(index).ok().and_then(|i| self.queue.get_mut(i)) {
+            entry.live = false;
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if self.queue.pop_front().is_some() {
+            self.head = self.head.wrapping_add(1);
+        }
+    }
+
+    fn skip_dead(&mut self) {
+        while self.queue.front().is_some_and(|e| !e.live) {
+            self.pop_front();
+        }
+    }
+
+    /// Keeps the queue's dead entries bounded by the live ones: drops them and renumbers.
+    fn compact_if_sparse(&mut self) {
+        if self.queue.len() <= 2 * self.seqs.len() + 64 {
+            return;
+        }
+        self.queue.retain(|e| e.live);
+        self.head = 0;
+        for (entry, seq) in self.queue.iter().zip(0..) {
+            if let Some(s) = self.seqs.get_mut(&entry.id) {
+                *s = seq;
             }
-            self.queue.pop_front();
         }
     }
 }
@@ -187,6 +224,83 @@ mod tests {
                 })
                 .collect();
             assert!(buckets.len() > 2400, "shift {shift}: only {} of 4096 buckets used", buckets.len());
+        }
+    }
+
+    #[test]
+    fn a_clamped_clock_keeps_the_queue_sorted() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut f = InFlight::default();
+        f.insert(id(1), t0 + 2 * s);
+        // Earlier than the back: held at the back's deadline.
+        f.insert(id(2), t0 + s);
+        assert!(f.touch(&id(1), t0));
+        assert_eq!(f.next_deadline(), Some(t0 + 2 * s));
+        assert_eq!(f.pop_expired(t0 + s), None);
+        assert_eq!(f.pop_expired(t0 + 2 * s), Some(id(2)));
+        assert_eq!(f.pop_expired(t0 + 2 * s), Some(id(1)));
+        assert!(f.is_empty());
+    }
+
+    /// Random deliveries, answers, TOUCHes and expiries against a map of id to deadline and
+    /// push order, across compactions.
+    #[test]
+    fn matches_a_model_under_random_operations() {
+        use std::collections::HashMap as Model;
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let mut rng = crate::rng::Rng::new(7);
+        let mut f = InFlight::with_capacity(16);
+        let mut model: Model<MessageId, (Instant, u64)> = Model::new();
+        let (mut now, mut order, mut next_id) = (t0, 0u64, 0u32);
+        for i in 0..50_000 {
+            // Every other stretch mostly TOUCHes a few ids: dead entries pile up behind the front
+            // until compaction renumbers the queue.
+            let touchy = i / 2_000 % 2 == 1;
+            let window = if touchy { 8 } else { 40 };
+            // Mostly recent ids, some of them answered or expired already.
+            let pick = |rng: &mut crate::rng::Rng| {
+                let n = next_id.saturating_sub(rng.below(window) as u32);
+                let mut raw = [0u8; 16];
+                raw[..4].copy_from_slice(&n.to_be_bytes());
+                MessageId(raw)
+            };
+            order += 1;
+            let op = if touchy && rng.below(4) > 0 { 5 } else { rng.below(10) };
+            match op {
+                0..=2 => {
+                    next_id += 1;
+                    let mut raw = [0u8; 16];
+                    raw[..4].copy_from_slice(&next_id.to_be_bytes());
+                    f.insert(MessageId(raw), now + timeout);
+                    model.insert(MessageId(raw), (now + timeout, order));
+                }
+                3..=4 => {
+                    let id = pick(&mut rng);
+                    let live = model.remove(&id).is_some();
+                    assert_eq!(f.remove(&id), live);
+                    assert!(!live || f.queue.len() <= 2 * f.len() + 64, "{} entries", f.queue.len());
+                }
+                5..=7 => {
+                    let id = pick(&mut rng);
+                    let live = model.get_mut(&id).map(|e| *e = (now + timeout, order)).is_some();
+                    assert_eq!(f.touch(&id, now + timeout), live);
+                    assert!(!live || f.queue.len() <= 2 * f.len() + 64, "{} entries", f.queue.len());
+                }
+                8 => now += Duration::from_millis(rng.below(3000) as u64),
+                _ => loop {
+                    let first = model.iter().min_by_key(|(_, &(_, o))| o).map(|(&id, &(at, _))| (id, at));
+                    let expected = first.filter(|&(_, at)| at <= now).map(|(id, _)| id);
+                    assert_eq!(f.pop_expired(now), expected);
+                    let Some(id) = expected else {
+                        assert_eq!(f.next_deadline(), first.map(|(_, at)| at));
+                        break;
+                    };
+                    model.remove(&id);
+                },
+            }
+            assert_eq!(f.len(), model.len());
         }
     }
 

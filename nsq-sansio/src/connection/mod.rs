@@ -247,17 +247,26 @@ impl ConnectionState {
 
     /// Feeds bytes read from the socket (ciphertext once TLS is on).
     ///
-    /// Pass each read as an owned buffer, e.g. `read_buf.split()`: the core appends it to its
-    /// partial frame without copying when both come from one allocation.
+    /// Pass each read as an owned buffer, e.g. `read_buf.split()`: without TLS and compression
+    /// its frames are decoded in place, and of a frame split across reads only the bytes that
+    /// complete it are copied (none when both reads come from one allocation).
     pub fn handle_input(&mut self, now: Instant, data: BytesMut) {
         self.advance_clock(now);
         if self.phase == Phase::Closed {
             return;
         }
         self.arm_read_timer();
-        let limit = self.rx_limit();
-        if let Err(e) = self.transport.recv(data, &mut self.rx, limit) {
-            return self.fail(e.into());
+        if self.transport.is_plain() {
+            match frame::decode_joined(&mut self.rx, data, self.config.frame_limit()) {
+                Ok(Some(frame)) => self.handle_frame(frame),
+                Ok(None) => {}
+                Err(e) => return self.fail(e.into()),
+            }
+        } else {
+            let limit = self.rx_limit();
+            if let Err(e) = self.transport.recv(data, &mut self.rx, limit) {
+                return self.fail(e.into());
+            }
         }
         self.process_rx();
     }

@@ -3,13 +3,14 @@
 use bytes::BytesMut;
 
 use super::input::{check_frames, reads};
-use crate::Frame;
+use crate::{Frame, FrameError};
 
 /// `data[0]`: read size (0: one read); `data[1]`: the frame size limit (0: 1 MiB, else
 /// `4 + n²`); the rest: the stream.
 ///
 /// Every decoded frame re-encodes to its bytes, and decoding read by read yields the same frames
-/// and the same error, at the same place, as decoding the whole stream at once.
+/// and the same error, at the same place, as decoding the whole stream at once: reads appended
+/// to one buffer, and reads in their own buffers joined by `decode_joined`.
 pub fn frame(data: &[u8]) {
     let (read, max, stream) = match data {
         [read, max, stream @ ..] => {
@@ -46,4 +47,28 @@ pub fn frame(data: &[u8]) {
     }
     assert_eq!(got, frames, "read cuts changed the frames");
     assert_eq!(error, whole_error, "read cuts changed the error");
+
+    let (got, error) = joined(stream, read, max);
+    assert_eq!(got, frames, "joining reads changed the frames");
+    assert_eq!(error, whole_error, "joining reads changed the error");
+}
+
+/// Decodes `stream` read by read, each read in its own buffer, through `decode_joined`.
+fn joined(stream: &[u8], read: u16, max: u32) -> (Vec<Frame>, Option<FrameError>) {
+    let mut rx = BytesMut::new();
+    let mut got = Vec::new();
+    for piece in reads(stream, read) {
+        let mut next = crate::decode_joined(&mut rx, BytesMut::from(piece), max);
+        loop {
+            match next {
+                Ok(Some(frame)) => got.push(frame),
+                Ok(None) => break,
+                Err(e) => return (got, Some(e)),
+            }
+            next = crate::decode(&mut rx, max);
+        }
+        // Only a partial frame is left, never more than one frame's worth.
+        assert!(rx.len() < 4 || rx.len() < 4 + u32::from_be_bytes([rx[0], rx[1], rx[2], rx[3]]) as usize);
+    }
+    (got, None)
 }

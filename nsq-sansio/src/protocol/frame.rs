@@ -104,17 +104,9 @@ pub enum FrameError {
 /// A size above `max_size` is refused from the 4-byte prefix alone, before anything is buffered
 /// for it. Message bodies are [`Bytes`] views of `rx`'s allocation: nothing is copied.
 pub fn decode(rx: &mut BytesMut, max_size: u32) -> Result<Option<Frame>, FrameError> {
-    let Some(mut head) = rx.get(..4) else {
+    let Some(total) = frame_len(rx, max_size)? else {
         return Ok(None);
     };
-    let size = head.get_u32();
-    if size > max_size {
-        return Err(FrameError::TooLarge { size, max: max_size });
-    }
-    if size < 4 {
-        return Err(FrameError::TooSmall(size));
-    }
-    let total = 4 + size as usize;
     if rx.len() < total {
         rx.reserve(total - rx.len());
         return Ok(None);
@@ -137,6 +129,68 @@ pub fn decode(rx: &mut BytesMut, max_size: u32) -> Result<Option<Frame>, FrameEr
         }
         other => Err(FrameError::UnknownType(other)),
     }
+}
+
+/// Appends `read`, the next bytes of the stream, to `rx` and decodes the first complete frame:
+/// what `rx.unsplit(read)` and then [`decode`] give, without copying `read` after a partial frame.
+///
+/// `read` is taken whole without copying when `rx` is empty or `read` continues it in the same
+/// allocation. When `rx` holds part of a frame, only the bytes it lacks are copied out of `read`
+/// (its 4-byte size first, so a size above `max_size` is refused before the rest is copied);
+/// once that frame is complete and decoded, `rx` becomes the rest of `read`, which the next
+/// [`decode`] calls split in place. An `rx` still holding a whole frame is appended to as by
+/// `unsplit`.
+pub fn decode_joined(rx: &mut BytesMut, read: BytesMut, max_size: u32) -> Result<Option<Frame>, FrameError> {
+    if rx.is_empty() {
+        *rx = read;
+        return decode(rx, max_size);
+    }
+    let mut read = match rx.try_unsplit(read) {
+        Ok(()) => return decode(rx, max_size),
+        Err(read) => read,
+    };
+    if rx.len() < 4 {
+        take(rx, &mut read, 4);
+    }
+    let Some(total) = frame_len(rx, max_size)? else {
+        return Ok(None);
+    };
+    if rx.len() >= total {
+        // Not a partial frame: nothing to complete.
+        rx.unsplit(read);
+        return decode(rx, max_size);
+    }
+    rx.reserve(total - rx.len());
+    take(rx, &mut read, total);
+    if rx.len() < total {
+        return Ok(None);
+    }
+    let frame = decode(rx, max_size);
+    *rx = read;
+    frame
+}
+
+/// Copies bytes from the front of `from` to `to` until `to` holds `len` bytes or `from` is empty.
+fn take(to: &mut BytesMut, from: &mut BytesMut, len: usize) {
+    let n = len.saturating_sub(to.len()).min(from.len());
+    to.extend_from_slice(&from[..n]);
+    from.advance(n);
+}
+
+/// The length of the frame at the front of `rx`, size prefix included, once its 4-byte size has
+/// arrived; refused above `max_size`.
+fn frame_len(rx: &[u8], max_size: u32) -> Result<Option<usize>, FrameError> {
+    let Some(mut head) = rx.get(..4) else {
+        return Ok(None);
+    };
+    let size = head.get_u32();
+    if size > max_size {
+        return Err(FrameError::TooLarge { size, max: max_size });
+    }
+    if size < 4 {
+        return Err(FrameError::TooSmall(size));
+    }
+    Ok(Some(4 + size as usize))
 }
 
 /// An error frame from nsqd: `<CODE> <description>`.

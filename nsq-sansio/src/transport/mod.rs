@@ -62,18 +62,19 @@ impl Transport {
         Self::default()
     }
 
+    /// Whether bytes pass through untouched: no TLS, no compression.
+    pub(crate) fn is_plain(&self) -> bool {
+        self.tls.is_none() && matches!(self.codec, Codec::None)
+    }
+
     /// Feeds bytes read from the socket; appends the plaintext NSQ bytes they yield to `plain`,
     /// decompressing at most until `plain` holds `limit` bytes (no decompression bomb). What is
     /// left waits inside; see [`has_pending`](Self::has_pending).
     pub(crate) fn recv(&mut self, wire: BytesMut, plain: &mut BytesMut, limit: usize) -> Result<(), TransportError> {
         match (&mut self.tls, &self.codec) {
-            // The hot path: no copy.
+            // The connection decodes plain reads itself (`frame::decode_joined`), copying less.
             (None, Codec::None) => {
-                if plain.is_empty() {
-                    *plain = wire;
-                } else {
-                    plain.unsplit(wire);
-                }
+                plain.unsplit(wire);
                 return Ok(());
             }
             (Some(tls), _) => {
@@ -94,7 +95,7 @@ impl Transport {
 
     /// Takes every byte out of `plain` (leaving it empty) and queues its wire form.
     pub(crate) fn send(&mut self, plain: &mut BytesMut) -> Result<(), TransportError> {
-        if self.tls.is_none() && matches!(self.codec, Codec::None) {
+        if self.is_plain() {
             if self.out.is_empty() {
                 self.out = plain.split();
             } else {
