@@ -160,7 +160,12 @@ pub fn decode_joined(rx: &mut BytesMut, read: BytesMut, max_size: u32) -> Result
         rx.unsplit(read);
         return decode(rx, max_size);
     }
-    rx.reserve(total - rx.len());
+    if rx.capacity() < total {
+        // Exactly the frame: its message keeps this buffer alive, not a read-sized one.
+        let mut whole = BytesMut::with_capacity(total);
+        whole.extend_from_slice(rx);
+        *rx = whole;
+    }
     take(rx, &mut read, total);
     if rx.len() < total {
         return Ok(None);
