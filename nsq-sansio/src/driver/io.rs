@@ -1,15 +1,23 @@
-//! The tasks that touch sockets: one reader and one writer per connection (to an nsqd, or a
-//! consumer's lookupd query). They move bytes and report; they decide nothing.
+//! An engine's sockets. The engine polls each connection's read and write itself, so bytes go
+//! from the state machine to the socket and back without crossing tasks; a write the socket
+//! takes at once is done before `pump` returns. A dial runs in a task of its own, and so does
+//! a closed connection's last write and linger. They move bytes and report; they decide
+//! nothing.
 
 use std::collections::{HashMap, HashSet};
-use std::marker::PhantomData;
+use std::future::Future;
+use std::io as stdio;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures_channel::{mpsc, oneshot};
-use futures_util::future::{select, Either};
-use futures_util::{SinkExt, StreamExt};
+use futures_channel::mpsc;
+use futures_util::task::{ArcWake, AtomicWaker};
+use futures_util::StreamExt;
 use tracing::{debug, trace, Instrument};
 
 use super::{with_timeout, Runtime};
@@ -20,178 +28,353 @@ const READ_CHUNK: usize = 64 * 1024;
 /// How long a closed connection waits for nsqd's EOF after half-closing.
 const LINGER: Duration = Duration::from_secs(5);
 
-/// What the socket tasks report to the engine.
+/// What the sockets report to the engine.
 #[derive(Debug)]
 pub(crate) enum IoEvent {
-    Connected(ConnId, Writer),
+    Connected(ConnId),
     ConnectFailed(ConnId, SocketError),
     Read(ConnId, BytesMut),
     Eof(ConnId),
     /// Reading or writing failed.
     Failed(ConnId, SocketError),
+    /// Every write handed to the connection so far is with the kernel.
     Written(ConnId),
-    /// The writer task ended: it wrote everything it was given and shut the socket down, or a
-    /// write failed.
-    WriterDone(ConnId),
 }
 
-/// The engine's end of a connection: bytes to write go in; dropping it closes the socket
-/// after the queued writes and stops the reader.
-#[derive(Debug)]
-pub(crate) struct Writer {
-    bytes: mpsc::UnboundedSender<Bytes>,
-    _stop_reader: oneshot::Sender<()>,
-    /// A write is under way; the engine polls the core again once it is done.
-    pub(crate) busy: bool,
-    /// The writer task has ended (a write failed): nothing more will be written or flushed.
-    done: bool,
+/// What the dial and close tasks report.
+enum Report<R: Runtime> {
+    Dialled(ConnId, R::Reader, R::Writer),
+    DialFailed(ConnId, SocketError),
+    /// A closed connection's last bytes are written and its socket shut down, or a write
+    /// failed.
+    Flushed(ConnId, stdio::Result<()>),
 }
 
-impl Writer {
-    pub(crate) fn send(&mut self, bytes: Bytes) {
-        self.busy = self.bytes.unbounded_send(bytes).is_ok();
+type Reading<R> = Pin<Box<dyn Future<Output = (<R as Runtime>::Reader, BytesMut, stdio::Result<usize>)> + Send>>;
+type Writing<R> = Pin<Box<dyn Future<Output = (<R as Runtime>::Writer, stdio::Result<()>)> + Send>>;
+
+enum ReadHalf<R: Runtime> {
+    Idle(R::Reader, BytesMut),
+    Reading(Reading<R>),
+    /// EOF, or a read failed.
+    Ended,
+}
+
+enum WriteHalf<R: Runtime> {
+    Idle(R::Writer),
+    Writing(Writing<R>),
+    /// A write failed; the error until it is reported.
+    Failed(Option<SocketError>),
+}
+
+/// Marks one socket future as ready to be polled again and wakes the engine.
+struct Wake {
+    ready: AtomicBool,
+    engine: Arc<AtomicWaker>,
+}
+
+impl ArcWake for Wake {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.ready.store(true, Ordering::Release);
+        arc_self.engine.wake();
     }
 }
 
-/// Channels from the socket tasks to the engine: reads are bounded, so a flood from the
-/// network waits in the socket instead of memory.
-#[derive(Debug, Clone)]
-pub(crate) struct Reports {
-    pub(crate) control: mpsc::UnboundedSender<IoEvent>,
-    pub(crate) reads: mpsc::Sender<IoEvent>,
+/// A socket future's waker, and whether it fired since the future was last polled.
+struct Signal {
+    wake: Arc<Wake>,
+    waker: Waker,
 }
 
-/// Dials `addr` and runs the connection's reader and writer tasks.
-pub(crate) fn spawn_connection<R: Runtime>(
-    conn: ConnId,
-    addr: String,
-    local_addr: Option<SocketAddr>,
-    dial_timeout: Duration,
+impl Signal {
+    fn new(engine: &Arc<AtomicWaker>, ready: bool) -> Self {
+        let wake = Arc::new(Wake { ready: AtomicBool::new(ready), engine: engine.clone() });
+        let waker = futures_util::task::waker(wake.clone());
+        Self { wake, waker }
+    }
+
+    fn take(&self) -> bool {
+        self.wake.ready.swap(false, Ordering::AcqRel)
+    }
+
+    fn set(&self) {
+        self.wake.ready.store(true, Ordering::Release);
+    }
+}
+
+/// A connected socket, polled by the engine.
+struct Conn<R: Runtime> {
+    id: ConnId,
+    read: ReadHalf<R>,
+    write: WriteHalf<R>,
     write_timeout: Duration,
-    reports: Reports,
+    reads: Signal,
+    writes: Signal,
+    /// A write ended that the engine has not been told of.
+    written: bool,
     span: tracing::Span,
-) {
-    let task = async move {
-        let (mut reader, mut writer) =
-            match with_timeout::<R, _>(dial_timeout, R::connect(addr.clone(), local_addr)).await {
-                Ok(halves) => halves,
-                Err(e) => {
-                    debug!(%e, "connect failed");
-                    let _ = reports.control.unbounded_send(IoEvent::ConnectFailed(conn, e.into()));
-                    return;
-                }
-            };
-        debug!("connected");
-        let (bytes_tx, mut bytes_rx) = mpsc::unbounded::<Bytes>();
-        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
-        let writer_handle = Writer { bytes: bytes_tx, _stop_reader: stop_tx, busy: false, done: false };
-        if reports.control.unbounded_send(IoEvent::Connected(conn, writer_handle)).is_err() {
-            return;
-        }
-        let control = reports.control.clone();
-        R::spawn(
-            async move {
-                while let Some(bytes) = bytes_rx.next().await {
-                    trace!(len = bytes.len(), "write");
-                    if let Err(e) = with_timeout::<R, _>(write_timeout, R::write_all(&mut writer, &bytes)).await {
-                        debug!(%e, "write failed");
-                        let _ = control.unbounded_send(IoEvent::Failed(conn, e.into()));
-                        let _ = control.unbounded_send(IoEvent::WriterDone(conn));
-                        return;
-                    }
-                    if control.unbounded_send(IoEvent::Written(conn)).is_err() {
-                        break;
-                    }
-                }
-                let _ = R::shutdown(&mut writer).await;
-                let _ = control.unbounded_send(IoEvent::WriterDone(conn));
-            }
-            .instrument(tracing::Span::current()),
-        );
-        let mut reads = reports.reads;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        loop {
-            buf.reserve(READ_CHUNK);
-            let n = {
-                let read = std::pin::pin!(R::read(&mut reader, &mut buf));
-                match select(read, &mut stop_rx).await {
-                    Either::Left((result, _)) => Some(result),
-                    Either::Right(_) => None,
-                }
-            };
-            let Some(n) = n else {
-                // The core closed the connection and the writer half-closes it: read on until
-                // nsqd's EOF, so the socket is not torn down (RST) with data unread, which
-                // would make the kernel discard our last writes.
-                let drain = async {
-                    loop {
-                        buf.clear();
-                        buf.reserve(READ_CHUNK);
-                        if R::read(&mut reader, &mut buf).await? == 0 {
-                            return Ok(());
-                        }
-                    }
-                };
-                let _ = with_timeout::<R, ()>(LINGER, drain).await;
-                return;
-            };
-            let event = match n {
-                Ok(0) => IoEvent::Eof(conn),
-                Ok(_) => IoEvent::Read(conn, buf.split()),
-                Err(e) => {
-                    debug!(%e, "read failed");
-                    IoEvent::Failed(conn, e.into())
-                }
-            };
-            let eof = matches!(event, IoEvent::Eof(_) | IoEvent::Failed(..));
-            if reads.send(event).await.is_err() || eof {
-                return;
-            }
-        }
-    };
-    R::spawn(task.instrument(span));
 }
 
-/// An engine's sockets: dials, writers, and the reports coming back from their tasks.
+impl<R: Runtime> Conn<R> {
+    /// Whether the connection can take bytes to write now (a failed one takes and drops them).
+    fn idle(&self) -> bool {
+        !matches!(self.write, WriteHalf::Writing(_))
+    }
+
+    fn write(&mut self, bytes: Bytes) {
+        let WriteHalf::Idle(mut writer) = std::mem::replace(&mut self.write, WriteHalf::Failed(None)) else {
+            return;
+        };
+        trace!(conn = %self.id, len = bytes.len(), "write");
+        let timeout = self.write_timeout;
+        self.write = WriteHalf::Writing(Box::pin(async move {
+            let result = with_timeout::<R, _>(timeout, R::write_all(&mut writer, &bytes)).await;
+            (writer, result)
+        }));
+        self.poll_write();
+    }
+
+    fn poll_write(&mut self) {
+        let WriteHalf::Writing(future) = &mut self.write else { return };
+        match future.as_mut().poll(&mut Context::from_waker(&self.writes.waker)) {
+            Poll::Pending => {}
+            Poll::Ready((writer, Ok(()))) => {
+                self.write = WriteHalf::Idle(writer);
+                self.written = true;
+            }
+            Poll::Ready((_, Err(e))) => {
+                debug!(conn = %self.id, %e, "write failed");
+                self.write = WriteHalf::Failed(Some(e.into()));
+            }
+        }
+    }
+
+    /// What the connection's socket has for the engine, polling what was woken.
+    fn poll_event(&mut self) -> Option<IoEvent> {
+        if self.writes.take() {
+            self.poll_write();
+        }
+        if let WriteHalf::Failed(error @ Some(_)) = &mut self.write {
+            return error.take().map(|e| IoEvent::Failed(self.id, e));
+        }
+        if std::mem::take(&mut self.written) {
+            return Some(IoEvent::Written(self.id));
+        }
+        if !self.reads.take() {
+            return None;
+        }
+        let mut future = match std::mem::replace(&mut self.read, ReadHalf::Ended) {
+            ReadHalf::Idle(mut reader, mut buf) => {
+                // Reads on in the same buffer while half of it is left: a new buffer per
+                // small read (a burst of OKs) costs an allocation each.
+                if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+                    buf.reserve(READ_CHUNK);
+                }
+                Box::pin(async move {
+                    let result = R::read(&mut reader, &mut buf).await;
+                    (reader, buf, result)
+                })
+            }
+            ReadHalf::Reading(future) => future,
+            ReadHalf::Ended => return None,
+        };
+        match future.as_mut().poll(&mut Context::from_waker(&self.reads.waker)) {
+            Poll::Pending => {
+                self.read = ReadHalf::Reading(future);
+                None
+            }
+            Poll::Ready((_, _, Ok(0))) => Some(IoEvent::Eof(self.id)),
+            Poll::Ready((reader, mut buf, Ok(_))) => {
+                let bytes = buf.split();
+                self.read = ReadHalf::Idle(reader, buf);
+                // The next read starts when the engine asks for the next event, after it
+                // took this one: a flood from the network waits in the socket.
+                self.reads.set();
+                Some(IoEvent::Read(self.id, bytes))
+            }
+            Poll::Ready((_, _, Err(e))) => {
+                debug!(conn = %self.id, %e, "read failed");
+                Some(IoEvent::Failed(self.id, e.into()))
+            }
+        }
+    }
+
+    /// Writes `last`, half-closes and reads on until nsqd's EOF, in a task of its own; reports
+    /// `Flushed` once the writes are done unless a write already failed.
+    fn close(self, last: Option<Bytes>, reports: mpsc::UnboundedSender<Report<R>>) {
+        let Self { id, read, write, write_timeout, span, .. } = self;
+        let task = async move {
+            let report = !matches!(write, WriteHalf::Failed(_));
+            let mut writer = None;
+            let written = match write {
+                WriteHalf::Idle(w) => Ok(w),
+                WriteHalf::Writing(future) => match future.await {
+                    (w, Ok(())) => Ok(w),
+                    (_, Err(e)) => Err(e),
+                },
+                WriteHalf::Failed(_) => Err(stdio::ErrorKind::BrokenPipe.into()),
+            };
+            let result = match written {
+                Ok(mut w) => {
+                    let result = match last {
+                        Some(bytes) => with_timeout::<R, _>(write_timeout, R::write_all(&mut w, &bytes)).await,
+                        None => Ok(()),
+                    };
+                    if result.is_ok() {
+                        let _ = R::shutdown(&mut w).await;
+                    }
+                    writer = Some(w);
+                    result
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &result {
+                debug!(%e, "write failed");
+            }
+            if report {
+                let _ = reports.unbounded_send(Report::Flushed(id, result));
+            }
+            // Read on until nsqd's EOF, so the socket is not torn down (RST) with data unread,
+            // which would make the kernel discard our last writes.
+            let drain = async {
+                let (mut reader, mut buf) = match read {
+                    ReadHalf::Idle(reader, buf) => (reader, buf),
+                    ReadHalf::Reading(future) => match future.await {
+                        (reader, buf, Ok(n)) if n > 0 => (reader, buf),
+                        _ => return Ok(()),
+                    },
+                    ReadHalf::Ended => return Ok(()),
+                };
+                loop {
+                    buf.clear();
+                    buf.reserve(READ_CHUNK);
+                    if R::read(&mut reader, &mut buf).await? == 0 {
+                        return Ok(());
+                    }
+                }
+            };
+            let _ = with_timeout::<R, ()>(LINGER, drain).await;
+            drop(writer);
+        };
+        R::spawn(task.instrument(span));
+    }
+}
+
+/// An engine's sockets: dials, connections, and the reports of the tasks that dial and close.
 pub(crate) struct Sockets<R: Runtime> {
-    reports: Reports,
-    events: futures_util::stream::Select<mpsc::UnboundedReceiver<IoEvent>, mpsc::Receiver<IoEvent>>,
-    writers: HashMap<ConnId, Writer>,
-    /// The nsqd address of each connection dialled and not yet closed.
-    addrs: HashMap<ConnId, std::sync::Arc<str>>,
-    /// Connections the core closed whose writer is still flushing their last bytes.
+    report: mpsc::UnboundedSender<Report<R>>,
+    reports: mpsc::UnboundedReceiver<Report<R>>,
+    conns: Vec<Conn<R>>,
+    /// Where the next poll of the connections starts, so a busy one does not starve the rest.
+    next_conn: usize,
+    /// The engine's waker, woken by every socket future.
+    engine: Arc<AtomicWaker>,
+    /// Each connection dialled and not yet closed.
+    dialled: HashMap<ConnId, Dialled>,
+    /// Connections the core closed whose last bytes are still being written.
     flushing: HashSet<ConnId>,
-    _runtime: PhantomData<fn() -> R>,
+}
+
+/// A connection dialled and not yet closed.
+struct Dialled {
+    addr: Arc<str>,
+    write_timeout: Duration,
+    span: tracing::Span,
 }
 
 impl<R: Runtime> Sockets<R> {
     pub(crate) fn new() -> Self {
-        let (control, control_rx) = mpsc::unbounded();
-        let (reads, reads_rx) = mpsc::channel(16);
+        let (report, reports) = mpsc::unbounded();
         Self {
-            reports: Reports { control, reads },
-            events: futures_util::stream::select(control_rx, reads_rx),
-            writers: HashMap::new(),
-            addrs: HashMap::new(),
+            report,
+            reports,
+            conns: Vec::new(),
+            next_conn: 0,
+            engine: Arc::default(),
+            dialled: HashMap::new(),
             flushing: HashSet::new(),
-            _runtime: PhantomData,
         }
     }
 
-    /// The next report from a socket task.
+    /// The next event from the sockets.
     pub(crate) async fn next(&mut self) -> Option<IoEvent> {
-        self.events.next().await
+        futures_util::future::poll_fn(|cx| {
+            self.engine.register(cx.waker());
+            match self.poll_event(Some(cx)) {
+                Some(event) => Poll::Ready(Some(event)),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
-    /// A report that is ready now, if any.
+    /// An event that is ready now, if any.
     pub(crate) fn try_next(&mut self) -> Option<IoEvent> {
-        use futures_util::FutureExt;
-        self.events.next().now_or_never().flatten()
+        self.poll_event(None)
+    }
+
+    fn poll_event(&mut self, mut cx: Option<&mut Context<'_>>) -> Option<IoEvent> {
+        loop {
+            let report = match cx.as_deref_mut() {
+                Some(cx) => match self.reports.poll_next_unpin(cx) {
+                    Poll::Ready(report) => report,
+                    Poll::Pending => None,
+                },
+                None => self.reports.try_recv().ok(),
+            };
+            let Some(report) = report else { break };
+            if let Some(event) = self.take_report(report) {
+                return Some(event);
+            }
+        }
+        let n = self.conns.len();
+        for i in 0..n {
+            let at = (self.next_conn + i) % n;
+            if let Some(event) = self.conns[at].poll_event() {
+                self.next_conn = at + 1;
+                return Some(event);
+            }
+        }
+        None
+    }
+
+    fn take_report(&mut self, report: Report<R>) -> Option<IoEvent> {
+        match report {
+            Report::Dialled(id, reader, writer) => {
+                let dialled = self.dialled.get(&id);
+                let conn = Conn {
+                    id,
+                    read: ReadHalf::Idle(reader, BytesMut::new()),
+                    write: WriteHalf::Idle(writer),
+                    write_timeout: dialled.map_or(Duration::ZERO, |d| d.write_timeout),
+                    reads: Signal::new(&self.engine, true),
+                    writes: Signal::new(&self.engine, false),
+                    written: false,
+                    span: dialled.map_or_else(tracing::Span::none, |d| d.span.clone()),
+                };
+                if dialled.is_some() {
+                    self.conns.push(conn);
+                    Some(IoEvent::Connected(id))
+                } else {
+                    // The core closed the connection while it was being dialled.
+                    conn.close(None, self.report.clone());
+                    None
+                }
+            }
+            Report::DialFailed(id, error) => Some(IoEvent::ConnectFailed(id, error)),
+            Report::Flushed(id, result) => {
+                self.flushing.remove(&id);
+                Some(match result {
+                    Ok(()) => IoEvent::Written(id),
+                    Err(e) => IoEvent::Failed(id, e.into()),
+                })
+            }
+        }
     }
 
     /// The nsqd address of a live connection.
-    pub(crate) fn addr(&self, conn: ConnId) -> std::sync::Arc<str> {
-        self.addrs.get(&conn).cloned().unwrap_or_else(|| "".into())
+    pub(crate) fn addr(&self, conn: ConnId) -> Arc<str> {
+        self.dialled.get(&conn).map_or_else(|| "".into(), |d| d.addr.clone())
     }
 
     /// Whether every closed connection's last bytes are written.
@@ -199,71 +382,77 @@ impl<R: Runtime> Sockets<R> {
         self.flushing.is_empty()
     }
 
-    /// Hands a report to the state machine, keeping the writers' books.
+    /// Hands an event to the state machine.
     pub(crate) fn apply(&mut self, event: IoEvent, machine: &mut impl Machine, now: Instant) {
         match event {
-            IoEvent::Connected(conn, writer) => {
-                // A connection the core closed while it was being dialled is dropped here,
-                // which closes the socket and ends its reader.
-                if self.addrs.contains_key(&conn) {
-                    self.writers.insert(conn, writer);
-                    machine.handle_connected(conn, now);
-                }
-            }
+            IoEvent::Connected(conn) => machine.handle_connected(conn, now),
             IoEvent::ConnectFailed(conn, error) => machine.handle_connect_failed(conn, error, now),
             IoEvent::Read(conn, bytes) => machine.handle_input(conn, now, bytes),
             IoEvent::Eof(conn) => machine.handle_eof(conn, now),
             IoEvent::Failed(conn, error) => machine.handle_io_error(conn, error, now),
-            IoEvent::Written(conn) => {
-                if let Some(w) = self.writers.get_mut(&conn) {
-                    w.busy = false;
-                }
-            }
-            IoEvent::WriterDone(conn) => {
-                // Ended before the core closed the connection (a write failed): its close
-                // then has nothing to wait for.
-                if let Some(w) = self.writers.get_mut(&conn) {
-                    w.done = true;
-                }
-                self.flushing.remove(&conn);
-            }
+            IoEvent::Written(_) => {}
         }
     }
 
-    /// Carries out the machine's actions and writes what it has for idle connections.
-    /// Returns whether anything happened.
+    /// Carries out the machine's actions and writes what it has for connections with no
+    /// write under way. Returns whether anything happened.
     pub(crate) fn pump(&mut self, machine: &mut impl Machine) -> bool {
         let mut progress = false;
         while let Some(action) = machine.poll_action() {
             progress = true;
             match action {
                 Action::Connect { conn, addr, local_addr, timeout, write_timeout } => {
-                    self.addrs.insert(conn, addr.as_str().into());
                     let span = tracing::debug_span!("socket", %addr, %conn);
-                    spawn_connection::<R>(conn, addr, local_addr, timeout, write_timeout, self.reports.clone(), span);
+                    let dialled = Dialled { addr: addr.as_str().into(), write_timeout, span: span.clone() };
+                    self.dialled.insert(conn, dialled);
+                    dial::<R>(conn, addr, local_addr, timeout, self.report.clone(), span);
                 }
                 Action::Close { conn } => {
-                    self.addrs.remove(&conn);
-                    // The connection's last bytes go out before the writer closes.
-                    if let Some(mut writer) = self.writers.remove(&conn) {
+                    self.dialled.remove(&conn);
+                    if let Some(at) = self.conns.iter().position(|c| c.id == conn) {
+                        let socket = self.conns.swap_remove(at);
+                        // The connection's last bytes go out before it half-closes.
                         let last = machine.poll_transmit_for(conn);
-                        if !writer.done {
+                        if !matches!(socket.write, WriteHalf::Failed(_)) {
                             self.flushing.insert(conn);
-                            if let Some(bytes) = last {
-                                writer.send(bytes);
-                            }
                         }
+                        socket.close(last, self.report.clone());
                     }
                 }
             }
         }
         // Only connections whose previous write finished: what queues meanwhile leaves as one.
-        for (&conn, writer) in self.writers.iter_mut().filter(|(_, w)| !w.busy) {
-            if let Some(bytes) = machine.poll_transmit_for(conn) {
+        for conn in self.conns.iter_mut().filter(|c| c.idle()) {
+            if let Some(bytes) = machine.poll_transmit_for(conn.id) {
                 progress = true;
-                writer.send(bytes);
+                conn.write(bytes);
             }
         }
         progress
     }
+}
+
+/// Dials `addr` in a task of its own and reports the connection's halves.
+fn dial<R: Runtime>(
+    conn: ConnId,
+    addr: String,
+    local_addr: Option<SocketAddr>,
+    dial_timeout: Duration,
+    reports: mpsc::UnboundedSender<Report<R>>,
+    span: tracing::Span,
+) {
+    let task = async move {
+        let report = match with_timeout::<R, _>(dial_timeout, R::connect(addr, local_addr)).await {
+            Ok((reader, writer)) => {
+                debug!("connected");
+                Report::Dialled(conn, reader, writer)
+            }
+            Err(e) => {
+                debug!(%e, "connect failed");
+                Report::DialFailed(conn, e.into())
+            }
+        };
+        let _ = reports.unbounded_send(report);
+    };
+    R::spawn(task.instrument(span));
 }

@@ -3,9 +3,10 @@
 //!
 //! Enabled by the `driver` feature; it depends on no runtime. The runtime crates (`nsq-tokio`,
 //! `nsq-async-std`, `nsq-smol`) implement [`Runtime`] and export these types under the same
-//! names. Each producer or consumer runs one engine task that owns the sans-IO state machine;
-//! per connection a task reads the socket and another writes it; handles talk to the engine over
-//! channels. The engine decides nothing itself: it carries out what the state machine says.
+//! names. Each producer or consumer runs one engine task that owns the sans-IO state machine
+//! and polls its connections' reads and writes itself (a dial, and a closed connection's last
+//! write and linger, run in tasks of their own); handles talk to the engine over channels. The
+//! engine decides nothing itself: it carries out what the state machine says.
 //!
 //! To run on another executor, implement [`Runtime`]; if its TCP stream is a cloneable
 //! futures-io stream, implement the smaller [`FuturesIoRuntime`] instead (connect, shutdown,

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures_channel::{mpsc, oneshot};
+use futures_channel::oneshot;
 use futures_util::future::{select, Either};
-use futures_util::StreamExt;
+use futures_util::task::AtomicWaker;
 use tracing::{debug, Instrument};
 
 use super::io::{IoEvent, Sockets};
@@ -61,9 +61,102 @@ impl<R: Runtime> fmt::Debug for Producer<R> {
 #[derive(Debug)]
 struct Handle {
     addr: String,
-    commands: mpsc::UnboundedSender<Command>,
+    inbox: Arc<Inbox>,
     /// nsqd's last AUTH answer.
     auth: Arc<Mutex<Option<AuthResponse>>>,
+}
+
+/// Commands from the handles to the engine: a vector the engine swaps out whole, so a command
+/// costs a lock and no allocation, and a burst of them one wake-up of the engine.
+#[derive(Debug, Default)]
+struct Inbox {
+    queue: Mutex<Queue>,
+    engine: AtomicWaker,
+}
+
+#[derive(Default)]
+struct Queue {
+    commands: Vec<Command>,
+    /// The last topic published to, validated: publishes to it share it instead of copying.
+    topic: Option<Arc<Topic>>,
+    /// The engine has ended: nothing will take commands.
+    closed: bool,
+}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue").field("commands", &self.commands.len()).field("closed", &self.closed).finish()
+    }
+}
+
+impl Inbox {
+    /// Queues `command`; `Stopped` once the engine has ended.
+    fn send(&self, command: Command) -> Result<(), Error> {
+        self.send_with(|_| Ok(command))
+    }
+
+    /// Queues the command `make` builds under the lock (with the topic cache at hand).
+    fn send_with(&self, make: impl FnOnce(&mut Option<Arc<Topic>>) -> Result<Command, Error>) -> Result<(), Error> {
+        let wake = {
+            let mut queue = self.queue.lock().map_err(|_| Error::Stopped)?;
+            if queue.closed {
+                return Err(Error::Stopped);
+            }
+            let command = make(&mut queue.topic)?;
+            queue.commands.push(command);
+            queue.commands.len() == 1
+        };
+        if wake {
+            self.engine.wake();
+        }
+        Ok(())
+    }
+
+    /// Swaps the queued commands into `batch` (empty); pending while there are none.
+    fn poll_take(&self, cx: &mut std::task::Context<'_>, batch: &mut Vec<Command>) -> std::task::Poll<()> {
+        self.engine.register(cx.waker());
+        if self.try_take(batch) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    fn try_take(&self, batch: &mut Vec<Command>) -> bool {
+        match self.queue.lock() {
+            Ok(mut queue) if !queue.commands.is_empty() => {
+                std::mem::swap(&mut queue.commands, batch);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The engine has ended: refuses new commands and drops the queued ones (their callers
+    /// see `Stopped`).
+    fn close(&self) {
+        let commands = match self.queue.lock() {
+            Ok(mut queue) => {
+                queue.closed = true;
+                std::mem::take(&mut queue.commands)
+            }
+            Err(_) => Vec::new(),
+        };
+        drop(commands);
+    }
+}
+
+/// The topic for a publish: the cached one when the name matches, else `name` validated (and
+/// cached).
+fn cached_topic(cache: &mut Option<Arc<Topic>>, name: &str) -> Result<Arc<Topic>, Error> {
+    match cache {
+        Some(topic) if topic.as_str() == name => Ok(topic.clone()),
+        _ => {
+            let topic = Arc::new(Topic::new(name)?);
+            *cache = Some(topic.clone());
+            Ok(topic)
+        }
+    }
 }
 
 /// The state machine an engine runs.
@@ -177,7 +270,7 @@ impl Publisher {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        let _ = self.commands.unbounded_send(Command::Shutdown);
+        let _ = self.inbox.send(Command::Shutdown);
     }
 }
 
@@ -192,9 +285,9 @@ enum Command {
 }
 
 enum Publish {
-    One(Topic, Bytes),
-    Many(Topic, Vec<Bytes>),
-    Deferred(Topic, Duration, Bytes),
+    One(Arc<Topic>, Bytes),
+    Many(Arc<Topic>, Vec<Bytes>),
+    Deferred(Arc<Topic>, Duration, Bytes),
 }
 
 impl<R: Runtime> Producer<R> {
@@ -246,11 +339,11 @@ impl<R: Runtime> Producer<R> {
     }
 
     fn spawn(addr: String, machine: Publisher, span: tracing::Span) -> Self {
-        let (commands, rx) = mpsc::unbounded();
-        let engine = Engine::<R>::new(machine, rx);
+        let inbox = Arc::new(Inbox::default());
+        let engine = Engine::<R>::new(machine, EngineInbox(inbox.clone()));
         let auth = engine.auth.clone();
         R::spawn(engine.run().instrument(span));
-        Self { handle: Arc::new(Handle { addr, commands, auth }), _runtime: PhantomData }
+        Self { handle: Arc::new(Handle { addr, inbox, auth }), _runtime: PhantomData }
     }
 
     /// Connects now and waits for the handshake, instead of at the first publish; returns the
@@ -275,8 +368,8 @@ impl<R: Runtime> Producer<R> {
 
     /// Publishes one message.
     pub async fn publish(&self, topic: impl AsRef<str>, body: impl Into<Bytes>) -> Result<(), Error> {
-        let topic = Topic::new(topic)?;
-        self.request(Publish::One(topic, body.into())).await
+        let body = body.into();
+        self.request(topic.as_ref(), |topic| Publish::One(topic, body)).await
     }
 
     /// Publishes several messages atomically (MPUB).
@@ -285,8 +378,8 @@ impl<R: Runtime> Producer<R> {
         topic: impl AsRef<str>,
         bodies: impl IntoIterator<Item = B>,
     ) -> Result<(), Error> {
-        let topic = Topic::new(topic)?;
-        self.request(Publish::Many(topic, bodies.into_iter().map(Into::into).collect())).await
+        let bodies = bodies.into_iter().map(Into::into).collect();
+        self.request(topic.as_ref(), |topic| Publish::Many(topic, bodies)).await
     }
 
     /// Publishes one message that nsqd delivers after `delay` (DPUB).
@@ -296,8 +389,8 @@ impl<R: Runtime> Producer<R> {
         delay: Duration,
         body: impl Into<Bytes>,
     ) -> Result<(), Error> {
-        let topic = Topic::new(topic)?;
-        self.request(Publish::Deferred(topic, delay, body.into())).await
+        let body = body.into();
+        self.request(topic.as_ref(), |topic| Publish::Deferred(topic, delay, body)).await
     }
 
     /// Refuses new publishes, waits for outstanding ones to resolve, closes the connection.
@@ -337,18 +430,20 @@ impl<R: Runtime> Producer<R> {
         rx.await.unwrap_or_default()
     }
 
-    async fn request(&self, publish: Publish) -> Result<(), Error> {
+    async fn request(&self, topic: &str, publish: impl FnOnce(Arc<Topic>) -> Publish) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
-        self.send(Command::Publish(publish, tx))?;
+        self.handle.inbox.send_with(|cache| Ok(Command::Publish(publish(cached_topic(cache, topic)?), tx)))?;
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 
     fn send(&self, command: Command) -> Result<(), Error> {
-        self.handle.commands.unbounded_send(command).map_err(|_| Error::Stopped)
+        self.handle.inbox.send(command)
     }
 }
 
 enum Input {
+    /// The commands queued since the engine last took them, in `Engine::batch`.
+    Commands,
     Command(Command),
     Io(IoEvent),
     Timeout,
@@ -356,9 +451,20 @@ enum Input {
     Closed,
 }
 
+/// The engine's end of the inbox: closes it when the engine ends, however it ends.
+struct EngineInbox(Arc<Inbox>);
+
+impl Drop for EngineInbox {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 struct Engine<R: Runtime> {
     state: Publisher,
-    commands: mpsc::UnboundedReceiver<Command>,
+    inbox: EngineInbox,
+    /// Commands taken from the inbox, handled in one turn.
+    batch: Vec<Command>,
     sockets: Sockets<R>,
     pending: HashMap<TxId, oneshot::Sender<Result<(), Error>>, BuildHasherDefault<IdHasher>>,
     connect_waiters: Vec<oneshot::Sender<Result<(), Error>>>,
@@ -372,10 +478,11 @@ struct Engine<R: Runtime> {
 }
 
 impl<R: Runtime> Engine<R> {
-    fn new(state: Publisher, commands: mpsc::UnboundedReceiver<Command>) -> Self {
+    fn new(state: Publisher, inbox: EngineInbox) -> Self {
         Self {
             state,
-            commands,
+            inbox,
+            batch: Vec::new(),
             sockets: Sockets::new(),
             pending: HashMap::default(),
             connect_waiters: Vec::new(),
@@ -402,14 +509,14 @@ impl<R: Runtime> Engine<R> {
             self.timer.arm::<R>(self.state.poll_timeout());
             let input = {
                 let shutdown = self.shutdown;
-                let commands = &mut self.commands;
-                let commands = async move {
+                let (inbox, batch) = (&self.inbox.0, &mut self.batch);
+                let commands = futures_util::future::poll_fn(move |cx| {
                     if shutdown {
-                        futures_util::future::pending().await
+                        std::task::Poll::Pending
                     } else {
-                        commands.next().await.map_or(Input::Closed, Input::Command)
+                        inbox.poll_take(cx, batch).map(|()| Input::Commands)
                     }
-                };
+                });
                 let io = self.sockets.next();
                 let sleep = self.timer.fired();
                 let (commands, io) = (std::pin::pin!(commands), std::pin::pin!(io));
@@ -431,18 +538,24 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn try_next(&mut self) -> Option<Input> {
-        use futures_util::FutureExt;
-        if !self.shutdown {
-            if let Some(Some(command)) = self.commands.next().now_or_never() {
-                return Some(Input::Command(command));
-            }
+        if !self.shutdown && self.inbox.0.try_take(&mut self.batch) {
+            return Some(Input::Commands);
         }
         self.sockets.try_next().map(Input::Io)
     }
 
     fn handle(&mut self, input: Input, now: Instant) {
+        if let Input::Commands = input {
+            let mut batch = std::mem::take(&mut self.batch);
+            for command in batch.drain(..) {
+                self.handle(Input::Command(command), now);
+            }
+            self.batch = batch;
+            return;
+        }
         let state = &mut self.state;
         match input {
+            Input::Commands => {}
             Input::Timeout => either!(state.handle_timeout(now)),
             Input::Closed | Input::Command(Command::Shutdown) => {
                 self.shutdown = true;
