@@ -408,7 +408,8 @@ fn send(out: &mut Box<dyn Write + Send>, bytes: &[u8]) -> io::Result<()> {
     out.flush()
 }
 
-fn frame(kind: u32, data: &[u8]) -> Vec<u8> {
+/// An nsqd frame: size, type, data.
+pub fn frame(kind: u32, data: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(8 + data.len());
     f.extend_from_slice(&(data.len() as u32 + 4).to_be_bytes());
     f.extend_from_slice(&kind.to_be_bytes());

@@ -78,6 +78,7 @@ macro_rules! scenario_tests {
             a_discovery_filter_chooses_the_nsqds,
             ping_writes_a_nop_or_says_why_it_cannot,
             a_blocked_handler_starves_the_consumer,
+            a_flooding_nsqd_does_not_monopolize_the_consumer,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -1111,6 +1112,74 @@ pub async fn a_blocked_handler_starves_the_consumer<R: Runtime>() {
         sleep::<R>(Duration::from_millis(10)).await;
     }
     consumer.stop().await;
+}
+
+/// A peer that never stops sending (one message, then nsqd heartbeats as fast as loopback
+/// carries them) does not keep the consumer's engine from yielding: the handler task on the
+/// same runtime still gets the message and finishes it, and the consumer stops.
+pub async fn a_flooding_nsqd_does_not_monopolize_the_consumer<R: Runtime>() {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fins = Arc::new(AtomicUsize::new(0));
+    let addr = flooding_nsqd(stop.clone(), fins.clone());
+    let consumer = consumer::<R>("flood", 10);
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqd(addr).await.unwrap();
+    wait_for::<R>("the message handled", || seen.len() == 1).await;
+    wait_for::<R>("its FIN written", || fins.load(Ordering::SeqCst) == 1).await;
+    assert!(!stop.load(Ordering::SeqCst), "the flood ended before the message was handled");
+    stop.store(true, Ordering::SeqCst);
+    consumer.stop().await;
+}
+
+/// Speaks just enough of nsqd to subscribe one consumer (an `OK` to IDENTIFY: no feature
+/// negotiation), then sends one message and heartbeats until `stop`, and closes. Counts the
+/// FINs it reads.
+fn flooding_nsqd(stop: Arc<std::sync::atomic::AtomicBool>, fins: Arc<AtomicUsize>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let Ok((mut out, _)) = listener.accept() else { return };
+        let mut input = BufReader::new(out.try_clone().unwrap());
+        let mut magic = [0u8; 4];
+        input.read_exact(&mut magic).unwrap();
+        let mut line = String::new();
+        input.read_line(&mut line).unwrap();
+        assert_eq!(line, "IDENTIFY\n");
+        let mut size = [0u8; 4];
+        input.read_exact(&mut size).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(size) as usize];
+        input.read_exact(&mut body).unwrap();
+        out.write_all(&crate::frame(0, b"OK")).unwrap();
+        line.clear();
+        input.read_line(&mut line).unwrap();
+        assert!(line.starts_with("SUB "), "{line}");
+        out.write_all(&crate::frame(0, b"OK")).unwrap();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while input.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if line.starts_with("FIN ") {
+                    fins.fetch_add(1, Ordering::SeqCst);
+                }
+                line.clear();
+            }
+        });
+        let mut message = Vec::new();
+        message.extend_from_slice(&0u64.to_be_bytes());
+        message.extend_from_slice(&1u16.to_be_bytes());
+        message.extend_from_slice(b"0123456789abcdef");
+        message.extend_from_slice(b"flood");
+        let _ = out.write_all(&crate::frame(2, &message));
+        let heartbeats = crate::frame(0, b"_heartbeat_").repeat(4096);
+        while !stop.load(Ordering::SeqCst) {
+            if out.write_all(&heartbeats).is_err() {
+                break;
+            }
+        }
+        let _ = out.shutdown(std::net::Shutdown::Both);
+    });
+    addr
 }
 
 /// Keeps `Future` in scope for the macro's users.
