@@ -27,6 +27,11 @@ use crate::{Action, ConnId, Machine, SocketError};
 const READ_CHUNK: usize = 64 * 1024;
 /// How long a closed connection waits for nsqd's EOF after half-closing.
 const LINGER: Duration = Duration::from_secs(5);
+/// Reads an engine takes one after another before it yields to the runtime. async-io's
+/// sockets (async-std, smol) have no cooperative budget and read as long as there are bytes:
+/// a peer that never stops sending would otherwise keep the engine from writing, and every
+/// task on its thread from running.
+const READS_PER_TURN: u32 = 16;
 
 /// What the sockets report to the engine.
 #[derive(Debug)]
@@ -267,6 +272,8 @@ pub(crate) struct Sockets<R: Runtime> {
     conns: Vec<Conn<R>>,
     /// Where the next poll of the connections starts, so a busy one does not starve the rest.
     next_conn: usize,
+    /// Reads handed to the engine since it last found nothing to read or yielded.
+    reads_in_a_row: u32,
     /// The engine's waker, woken by every socket future.
     engine: Arc<AtomicWaker>,
     /// Each connection dialled and not yet closed.
@@ -290,6 +297,7 @@ impl<R: Runtime> Sockets<R> {
             reports,
             conns: Vec::new(),
             next_conn: 0,
+            reads_in_a_row: 0,
             engine: Arc::default(),
             dialled: HashMap::new(),
             flushing: HashSet::new(),
@@ -327,14 +335,26 @@ impl<R: Runtime> Sockets<R> {
                 return Some(event);
             }
         }
+        if self.reads_in_a_row >= READS_PER_TURN {
+            if let Some(cx) = cx {
+                // Yields: the engine is polled again after the tasks queued before it.
+                self.reads_in_a_row = 0;
+                cx.waker().wake_by_ref();
+            }
+            return None;
+        }
         let n = self.conns.len();
         for i in 0..n {
             let at = (self.next_conn + i) % n;
             if let Some(event) = self.conns[at].poll_event() {
                 self.next_conn = at + 1;
+                if matches!(event, IoEvent::Read(..)) {
+                    self.reads_in_a_row += 1;
+                }
                 return Some(event);
             }
         }
+        self.reads_in_a_row = 0;
         None
     }
 
