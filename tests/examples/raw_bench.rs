@@ -9,6 +9,11 @@
 //! - `--mode sub`: SUB, RDY `--max-in-flight`, and a FIN for every message (the FINs of one
 //!   read leave in one write); timed from the first message to the last.
 //!
+//! With `--poll` the socket is non-blocking and the loop waits in `epoll_wait` (through mio),
+//! as an async runtime's reactor does, instead of sleeping in `read`: the same loop, with the
+//! reactor's way of waking up and nothing else. It tells what any async client pays for that
+//! from what a library adds.
+//!
 //! ```sh
 //! cargo run --release -p nsq-tests --example raw_bench -- --mode mpub --batch 200 --outstanding-batches 1
 //! ```
@@ -54,6 +59,9 @@ struct Args {
     /// RDY count (sub).
     #[arg(long = "max-in-flight", default_value_t = 2500)]
     max_in_flight: u32,
+    /// Wait for the socket in epoll_wait (non-blocking, through mio) instead of in read.
+    #[arg(long)]
+    poll: bool,
 }
 
 fn main() -> ExitCode {
@@ -63,8 +71,9 @@ fn main() -> ExitCode {
         Ok((secs, startup)) => {
             let secs = secs.as_secs_f64().max(1e-9);
             println!(
-                "RESULT client=raw mode={} msgs={} bytes={} secs={secs:.3} msgs_per_sec={:.0} startup_secs={:.3} \
+                "RESULT client={} mode={} msgs={} bytes={} secs={secs:.3} msgs_per_sec={:.0} startup_secs={:.3} \
                  total_secs={:.3}",
+                if args.poll { "raw-poll" } else { "raw" },
                 args.mode,
                 args.n,
                 args.size,
@@ -89,6 +98,7 @@ fn run(args: &Args) -> Result<(Duration, Duration), String> {
     let started = Instant::now();
     let stream = TcpStream::connect(&args.nsqd_tcp_address).map_err(|e| format!("{}: {e}", args.nsqd_tcp_address))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let stream = if args.poll { Socket::polled(stream).map_err(|e| e.to_string())? } else { Socket::Blocking(stream) };
     let mut nsqd = Nsqd { stream, rx: vec![0; READ_CHUNK], start: 0, end: 0 };
     nsqd.write(b"  V2")?;
     let body = vec![b'a'; args.size.max(1)];
@@ -134,9 +144,73 @@ const RESPONSE: u32 = 0;
 const ERROR: u32 = 1;
 const MESSAGE: u32 = 2;
 
+/// How the loop waits for its socket.
+enum Socket {
+    /// Blocking: the thread sleeps in `read` (and `write`).
+    Blocking(TcpStream),
+    /// Non-blocking: the thread sleeps in `epoll_wait` until the socket is ready.
+    Polled { stream: mio::net::TcpStream, poll: mio::Poll, events: mio::Events, timeout: Option<Duration> },
+}
+
+impl Socket {
+    fn polled(stream: TcpStream) -> std::io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        let mut stream = mio::net::TcpStream::from_std(stream);
+        let poll = mio::Poll::new()?;
+        let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+        poll.registry().register(&mut stream, mio::Token(0), interest)?;
+        Ok(Self::Polled { stream, poll, events: mio::Events::with_capacity(4), timeout: None })
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Blocking(stream) => stream.read(buf),
+            Self::Polled { stream, poll, events, timeout } => loop {
+                match stream.read(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        poll.poll(events, *timeout)?;
+                        if events.is_empty() {
+                            return Err(std::io::ErrorKind::TimedOut.into());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    other => return other,
+                }
+            },
+        }
+    }
+
+    fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Blocking(stream) => stream.write_all(bytes),
+            Self::Polled { stream, poll, events, .. } => {
+                while !bytes.is_empty() {
+                    match stream.write(bytes) {
+                        Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                        Ok(n) => bytes = &bytes[n..],
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => poll.poll(events, None)?,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn set_read_timeout(&mut self, limit: Duration) {
+        match self {
+            Self::Blocking(stream) => {
+                let _ = stream.set_read_timeout(Some(limit));
+            }
+            Self::Polled { timeout, .. } => *timeout = Some(limit),
+        }
+    }
+}
+
 /// One connection: a socket and the bytes read but not yet taken as frames.
 struct Nsqd {
-    stream: TcpStream,
+    stream: Socket,
     /// `rx[start..end]` is read and not yet taken.
     rx: Vec<u8>,
     start: usize,
@@ -279,7 +353,7 @@ impl Nsqd {
             return;
         }
         // An nsqd that never answers does not hold the exit up for long.
-        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(5)));
+        self.stream.set_read_timeout(Duration::from_secs(5));
         loop {
             loop {
                 match self.frame() {
