@@ -286,19 +286,22 @@ fn bench_refuses_a_rate_for_mpub() {
 
 #[test]
 fn raw_bench_publishes_and_consumes_every_message() {
-    let nsqd = FakeNsqd::start_default().unwrap();
-    let addr = nsqd.addr();
-    let base = ["--nsqd-tcp-address", addr.as_str(), "--topic", "raw"];
-    let pub_args = [&base[..], &["--mode", "pub", "--n", "500", "--outstanding", "7"]].concat();
-    let fields = result_fields(&run("raw_bench", &pub_args, b""));
-    assert_eq!((fields["client"].as_str(), fields["mode"].as_str()), ("raw", "pub"));
-    let mpub_args =
-        [&base[..], &["--mode", "mpub", "--n", "500", "--batch", "50", "--outstanding-batches", "3"]].concat();
-    result_fields(&run("raw_bench", &mpub_args, b""));
-    assert_eq!(nsqd.stats().published["raw"], 1000);
+    for (poll, client) in [(&[][..], "raw"), (&["--poll"][..], "raw-poll")] {
+        let nsqd = FakeNsqd::start_default().unwrap();
+        let addr = nsqd.addr();
+        let base = [&["--nsqd-tcp-address", addr.as_str(), "--topic", "raw"][..], poll].concat();
+        let pub_args = [&base[..], &["--mode", "pub", "--n", "500", "--outstanding", "7"]].concat();
+        let fields = result_fields(&run("raw_bench", &pub_args, b""));
+        assert_eq!((fields["client"].as_str(), fields["mode"].as_str()), (client, "pub"));
+        let mpub_args =
+            [&base[..], &["--mode", "mpub", "--n", "500", "--batch", "50", "--outstanding-batches", "3"]].concat();
+        result_fields(&run("raw_bench", &mpub_args, b""));
+        assert_eq!(nsqd.stats().published["raw"], 1000);
 
-    let sub_args = [&base[..], &["--mode", "sub", "--channel", "c", "--n", "1000", "--max-in-flight", "64"]].concat();
-    let fields = result_fields(&run("raw_bench", &sub_args, b""));
-    assert_eq!(fields["msgs"], "1000");
-    assert_eq!(nsqd.stats().finished, 1000);
+        let sub_args =
+            [&base[..], &["--mode", "sub", "--channel", "c", "--n", "1000", "--max-in-flight", "64"]].concat();
+        let fields = result_fields(&run("raw_bench", &sub_args, b""));
+        assert_eq!(fields["msgs"], "1000");
+        assert_eq!(nsqd.stats().finished, 1000, "{client}");
+    }
 }
