@@ -127,6 +127,10 @@ impl<R: Runtime> Conn<R> {
     }
 
     fn write(&mut self, bytes: Bytes) {
+        // A failed connection drops what it is given, and keeps its error until it is reported.
+        if !matches!(self.write, WriteHalf::Idle(_)) {
+            return;
+        }
         let WriteHalf::Idle(mut writer) = std::mem::replace(&mut self.write, WriteHalf::Failed(None)) else {
             return;
         };
