@@ -93,7 +93,12 @@ impl Command<'_> {
                 let mut n = itoa_buf();
                 line(buf, &[b"RDY ", fmt_u128(&mut n, u128::from(count))]);
             }
-            Self::Fin(id) => line(buf, &[b"FIN ", id.as_bytes()]),
+            Self::Fin(id) => {
+                // One copy: a consumer writes a FIN for every message.
+                let mut fin = *b"FIN 0123456789abcdef\n";
+                fin[4..20].copy_from_slice(id.as_bytes());
+                buf.put_slice(&fin);
+            }
             Self::Req(id, delay) => {
                 let mut ms = itoa_buf();
                 let ms = fmt_u128(&mut ms, delay.as_millis());

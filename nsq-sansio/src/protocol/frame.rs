@@ -118,14 +118,16 @@ pub fn decode(rx: &mut BytesMut, max_size: u32) -> Result<Option<Frame>, FrameEr
         FRAME_TYPE_RESPONSE => Ok(Some(Frame::Response(frame))),
         FRAME_TYPE_ERROR => Ok(Some(Frame::Error(ServerError::parse(&frame)))),
         FRAME_TYPE_MESSAGE => {
-            if frame.len() < Message::HEADER_LEN {
+            // The header in one read: timestamp, attempts, id.
+            let Some(&[t0, t1, t2, t3, t4, t5, t6, t7, a0, a1, ref id @ ..]) =
+                frame.first_chunk::<{ Message::HEADER_LEN }>()
+            else {
                 return Err(FrameError::ShortMessage(frame.len()));
-            }
-            let timestamp = frame.get_u64();
-            let attempts = frame.get_u16();
-            let mut id = [0u8; 16];
-            frame.copy_to_slice(&mut id);
-            Ok(Some(Frame::Message(Message { id: MessageId(id), timestamp, attempts, body: frame })))
+            };
+            let (timestamp, attempts, id) =
+                (u64::from_be_bytes([t0, t1, t2, t3, t4, t5, t6, t7]), u16::from_be_bytes([a0, a1]), MessageId(*id));
+            frame.advance(Message::HEADER_LEN);
+            Ok(Some(Frame::Message(Message { id, timestamp, attempts, body: frame })))
         }
         other => Err(FrameError::UnknownType(other)),
     }
