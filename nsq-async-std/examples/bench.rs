@@ -2,7 +2,7 @@
 //!
 //! One client on one thread, as the tokio and smol benches: async-std's executor gets one
 //! thread (unless `ASYNC_STD_THREAD_COUNT` says otherwise) and the benchmark runs as a task on
-//! it, so the engine, its socket tasks and the handlers wake each other without crossing
+//! it, so the engine, its dial tasks and the handlers wake each other without crossing
 //! threads (BENCHMARKS.md has the difference).
 
 fn main() -> std::process::ExitCode {

@@ -1,6 +1,6 @@
 //! Throughput benchmark on tokio: see `nsq_sansio::driver::tools` for the flags.
 //!
-//! One client on one thread: the engine, its socket tasks and the handlers wake each other
+//! One client on one thread: the engine, its dial tasks and the handlers wake each other
 //! without crossing threads, which halves the CPU per message against the multi-threaded
 //! scheduler (BENCHMARKS.md has both).
 
