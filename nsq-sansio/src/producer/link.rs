@@ -42,6 +42,61 @@ pub(crate) enum LinkEvent {
     Closed { conn: ConnId, error: ConnectionError, was_ready: bool, retry_at: Option<Instant> },
 }
 
+/// The transactions one publish answers: most often one, so without an allocation; several
+/// for an auto-batched MPUB.
+#[derive(Debug, Clone)]
+pub(crate) enum Txs {
+    One(TxId),
+    Many(Vec<TxId>),
+}
+
+impl Txs {
+    fn len(&self) -> usize {
+        match self {
+            Self::One(_) => 1,
+            Self::Many(txs) => txs.len(),
+        }
+    }
+}
+
+impl From<Vec<TxId>> for Txs {
+    fn from(txs: Vec<TxId>) -> Self {
+        match txs[..] {
+            [tx] => Self::One(tx),
+            _ => Self::Many(txs),
+        }
+    }
+}
+
+impl IntoIterator for Txs {
+    type Item = TxId;
+    type IntoIter = TxsIter;
+
+    fn into_iter(self) -> TxsIter {
+        match self {
+            Self::One(tx) => TxsIter::One(Some(tx)),
+            Self::Many(txs) => TxsIter::Many(txs.into_iter()),
+        }
+    }
+}
+
+/// The transactions of a [`Txs`], in order.
+pub(crate) enum TxsIter {
+    One(Option<TxId>),
+    Many(std::vec::IntoIter<TxId>),
+}
+
+impl Iterator for TxsIter {
+    type Item = TxId;
+
+    fn next(&mut self) -> Option<TxId> {
+        match self {
+            Self::One(tx) => tx.take(),
+            Self::Many(txs) => txs.next(),
+        }
+    }
+}
+
 /// A live connection and the transactions it carries.
 #[derive(Debug)]
 struct Conn {
@@ -52,7 +107,7 @@ struct Conn {
     /// When the handshake finished.
     ready_at: Option<Instant>,
     /// Transactions by the connection's publish ids; a batch maps to several.
-    txs: VecDeque<(PublishId, Vec<TxId>)>,
+    txs: VecDeque<(PublishId, Txs)>,
     /// Pings whose NOP is queued and not yet handed to the socket.
     pings: Vec<TxId>,
     /// Pings whose NOP was handed to the socket, to report.
@@ -157,7 +212,7 @@ impl Link {
     }
 
     /// Records that `txs` wait for the answer to publish `id` of the current connection.
-    pub(crate) fn track(&mut self, id: PublishId, txs: Vec<TxId>) {
+    pub(crate) fn track(&mut self, id: PublishId, txs: Txs) {
         if let Some(conn) = &mut self.conn {
             self.sent += 1;
             conn.txs.push_back((id, txs));

@@ -14,7 +14,7 @@ use crate::error::{CommandError, ConnectionError, PublishError, SocketError};
 use crate::rng::Rng;
 use crate::{AuthResponse, Config, Topic};
 
-use link::{Link, LinkEvent};
+use link::{Link, LinkEvent, Txs};
 pub use pool::{Health, NsqdStats, PoolError, PoolEvent, PoolOptions, ProducerPoolState, Strategy};
 
 /// Identifies one publish (or ping) of a [`ProducerState`]; [`ProducerEvent::Published`] (or
@@ -187,7 +187,7 @@ impl ProducerState {
         }
         self.flush_batch();
         self.ensure_conn();
-        self.queue(vec![tx], |state| state.publish(topic, body))?;
+        self.queue(Txs::One(tx), |state| state.publish(topic, body))?;
         Ok(tx)
     }
 
@@ -202,7 +202,7 @@ impl ProducerState {
             return Ok(tx);
         }
         self.ensure_conn();
-        self.queue(vec![tx], |state| state.multi_publish(topic, &bodies))?;
+        self.queue(Txs::One(tx), |state| state.multi_publish(topic, &bodies))?;
         Ok(tx)
     }
 
@@ -223,7 +223,7 @@ impl ProducerState {
             return Ok(tx);
         }
         self.ensure_conn();
-        self.queue(vec![tx], |state| state.deferred_publish(topic, delay, body))?;
+        self.queue(Txs::One(tx), |state| state.deferred_publish(topic, delay, body))?;
         Ok(tx)
     }
 
@@ -402,7 +402,7 @@ impl ProducerState {
     /// Queues a publish on the current connection for `txs`.
     fn queue(
         &mut self,
-        txs: Vec<TxId>,
+        txs: Txs,
         encode: impl FnOnce(&mut crate::ConnectionState) -> Result<crate::PublishId, CommandError>,
     ) -> Result<(), CommandError> {
         let state = self.link.state().ok_or(CommandError::Closed)?;
@@ -438,10 +438,10 @@ impl ProducerState {
             let txs: Vec<TxId> = group.iter().map(|(_, tx, _)| *tx).collect();
             self.ensure_conn();
             let queued = if let [(_, _, body)] = group {
-                self.queue(txs.clone(), |state| state.publish(topic, body.clone()))
+                self.queue(Txs::from(txs.clone()), |state| state.publish(topic, body.clone()))
             } else {
                 let bodies: Vec<Bytes> = group.iter().map(|(_, _, b)| b.clone()).collect();
-                self.queue(txs.clone(), |state| state.multi_publish(topic, &bodies))
+                self.queue(Txs::from(txs.clone()), |state| state.multi_publish(topic, &bodies))
             };
             match queued {
                 Ok(()) => {}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, info, warn};
 
-use super::link::{Link, LinkEvent};
+use super::link::{Link, LinkEvent, Txs};
 use super::TxId;
 use crate::action::{Action, ConnId};
 use crate::connection::{deadline, IdHasher};
@@ -878,7 +878,7 @@ impl ProducerPoolState {
         p.todo.retain(|&m| m != i);
         match queued {
             Ok(id) => {
-                member.link.track(id, vec![attempt]);
+                member.link.track(id, Txs::One(attempt));
                 p.in_flight += 1;
                 self.attempts.insert(attempt, (tx, i));
             }
