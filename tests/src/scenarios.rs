@@ -79,6 +79,7 @@ macro_rules! scenario_tests {
             ping_writes_a_nop_or_says_why_it_cannot,
             a_blocked_handler_starves_the_consumer,
             a_flooding_nsqd_does_not_monopolize_the_consumer,
+            an_nsqd_that_stops_reading_times_the_writes_out,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -1131,10 +1132,51 @@ pub async fn a_flooding_nsqd_does_not_monopolize_the_consumer<R: Runtime>() {
     consumer.stop().await;
 }
 
+/// A peer that takes the handshake and then never reads again: the producer's writes back up
+/// in the socket until the write timeout ends the connection, and every publish under way
+/// fails with that cause instead of waiting.
+pub async fn an_nsqd_that_stops_reading_times_the_writes_out<R: Runtime>() {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = {
+        let stop = stop.clone();
+        hand_made_nsqd(move |_, _| {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let producer = Producer::<R>::new(
+        addr,
+        config(|c| {
+            c.write_timeout(Duration::from_millis(200)).unwrap();
+        }),
+    )
+    .unwrap();
+    producer.connect().await.unwrap();
+    // More than loopback's socket buffers on both ends hold.
+    let body = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+    let publishes = (0..400).map(|_| producer.publish("stalled", body.clone()));
+    let results = futures_util::future::join_all(publishes).await;
+    stop.store(true, Ordering::SeqCst);
+    for result in &results {
+        let error = result.as_ref().expect_err("nsqd read nothing, so acknowledged nothing");
+        assert!(matches!(error, Error::Publish(PublishError::ConnectionLost(ConnectionError::Io(_)))), "{error:?}");
+        assert!(error.to_string().contains("timed out"), "{error}");
+    }
+}
+
 /// Speaks just enough of nsqd to subscribe one consumer (an `OK` to IDENTIFY: no feature
 /// negotiation), then sends one message and heartbeats until `stop`, and closes. Counts the
 /// FINs it reads.
 fn flooding_nsqd(stop: Arc<std::sync::atomic::AtomicBool>, fins: Arc<AtomicUsize>) -> String {
+    hand_made_nsqd(move |input, out| flood(input, out, &stop, fins))
+}
+
+/// A one-connection nsqd of a test's own: answers the magic and IDENTIFY with `OK` (no feature
+/// negotiation), then hands the connection's reader and writer to `then` on its thread.
+fn hand_made_nsqd(
+    then: impl FnOnce(std::io::BufReader<std::net::TcpStream>, std::net::TcpStream) + Send + 'static,
+) -> String {
     use std::io::{BufRead, BufReader, Write};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -1151,34 +1193,46 @@ fn flooding_nsqd(stop: Arc<std::sync::atomic::AtomicBool>, fins: Arc<AtomicUsize
         let mut body = vec![0u8; u32::from_be_bytes(size) as usize];
         input.read_exact(&mut body).unwrap();
         out.write_all(&crate::frame(0, b"OK")).unwrap();
-        line.clear();
-        input.read_line(&mut line).unwrap();
-        assert!(line.starts_with("SUB "), "{line}");
-        out.write_all(&crate::frame(0, b"OK")).unwrap();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            while input.read_line(&mut line).is_ok_and(|n| n > 0) {
-                if line.starts_with("FIN ") {
-                    fins.fetch_add(1, Ordering::SeqCst);
-                }
-                line.clear();
-            }
-        });
-        let mut message = Vec::new();
-        message.extend_from_slice(&0u64.to_be_bytes());
-        message.extend_from_slice(&1u16.to_be_bytes());
-        message.extend_from_slice(b"0123456789abcdef");
-        message.extend_from_slice(b"flood");
-        let _ = out.write_all(&crate::frame(2, &message));
-        let heartbeats = crate::frame(0, b"_heartbeat_").repeat(4096);
-        while !stop.load(Ordering::SeqCst) {
-            if out.write_all(&heartbeats).is_err() {
-                break;
-            }
-        }
-        let _ = out.shutdown(std::net::Shutdown::Both);
+        then(input, out);
     });
     addr
+}
+
+/// The flooding peer's part after IDENTIFY: `OK` to SUB, FINs counted on a thread of their
+/// own, one message, then heartbeats until `stop`.
+fn flood(
+    mut input: std::io::BufReader<std::net::TcpStream>,
+    mut out: std::net::TcpStream,
+    stop: &std::sync::atomic::AtomicBool,
+    fins: Arc<AtomicUsize>,
+) {
+    use std::io::{BufRead, Write};
+    let mut line = String::new();
+    input.read_line(&mut line).unwrap();
+    assert!(line.starts_with("SUB "), "{line}");
+    out.write_all(&crate::frame(0, b"OK")).unwrap();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while input.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if line.starts_with("FIN ") {
+                fins.fetch_add(1, Ordering::SeqCst);
+            }
+            line.clear();
+        }
+    });
+    let mut message = Vec::new();
+    message.extend_from_slice(&0u64.to_be_bytes());
+    message.extend_from_slice(&1u16.to_be_bytes());
+    message.extend_from_slice(b"0123456789abcdef");
+    message.extend_from_slice(b"flood");
+    let _ = out.write_all(&crate::frame(2, &message));
+    let heartbeats = crate::frame(0, b"_heartbeat_").repeat(4096);
+    while !stop.load(Ordering::SeqCst) {
+        if out.write_all(&heartbeats).is_err() {
+            break;
+        }
+    }
+    let _ = out.shutdown(std::net::Shutdown::Both);
 }
 
 /// Keeps `Future` in scope for the macro's users.
