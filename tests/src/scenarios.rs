@@ -80,6 +80,7 @@ macro_rules! scenario_tests {
             a_blocked_handler_starves_the_consumer,
             a_flooding_nsqd_does_not_monopolize_the_consumer,
             an_nsqd_that_stops_reading_times_the_writes_out,
+            a_silent_nsqd_is_read_timed_out_and_redialled,
         );
     };
     (@each $rt:ty, $block_on:path, $($name:ident),* $(,)?) => {
@@ -1163,6 +1164,28 @@ pub async fn an_nsqd_that_stops_reading_times_the_writes_out<R: Runtime>() {
         assert!(matches!(error, Error::Publish(PublishError::ConnectionLost(ConnectionError::Io(_)))), "{error:?}");
         assert!(error.to_string().contains("timed out"), "{error}");
     }
+}
+
+/// An nsqd whose socket stays open but that sends nothing, heartbeats included: the consumer's
+/// read timeout ends the connection, and it dials the nsqd again.
+pub async fn a_silent_nsqd_is_read_timed_out_and_redialled<R: Runtime>() {
+    let nsqd = FakeNsqd::start_default().unwrap();
+    let consumer = Consumer::<R>::new(
+        "silent",
+        "ch",
+        config(|c| {
+            c.heartbeat_interval(Some(Duration::from_secs(1)));
+            c.read_timeout(Duration::from_millis(1500)).unwrap();
+        }),
+    )
+    .unwrap();
+    let seen = Seen::default();
+    consumer.add_handler(recording_handler(&seen));
+    consumer.connect_to_nsqd(nsqd.addr()).await.unwrap();
+    wait_for::<R>("a heartbeat answered", || nsqd.stats().nops >= 1).await;
+    nsqd.go_silent();
+    wait_for::<R>("a second connection", || nsqd.stats().connections >= 2).await;
+    consumer.stop().await;
 }
 
 /// Speaks just enough of nsqd to subscribe one consumer (an `OK` to IDENTIFY: no feature
