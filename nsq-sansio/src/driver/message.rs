@@ -3,13 +3,12 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 
+use super::batch::Batch;
 use crate::{ConnId, MessageId, Response};
 
 /// A message delivered to a consumer. Cheap to clone; clones share one response.
@@ -200,6 +199,7 @@ impl Shared {
 
     fn send(&self, response: Response, handle: Option<Recyclable>) {
         let answer = Answer { conn: self.origin.conn, id: self.id, attempts: self.attempts, response, handle };
+        // Refused once the consumer is gone: nsqd requeues the message after its timeout anyway.
         self.origin.answers.push(answer);
     }
 }
@@ -239,64 +239,9 @@ impl Recycler {
     }
 }
 
-/// Answers on their way from message handles to the consumer engine: a vector behind a mutex
-/// and one waker. A burst of FINs costs a lock each, no allocation, and one wake: only the
-/// answer that finds the vector empty wakes the engine (the ones after it are taken with it);
-/// the engine takes them all in one swap.
-#[derive(Debug, Default)]
-pub(crate) struct Answers {
-    queue: Mutex<Vec<Answer>>,
-    waker: AtomicWaker,
-    closed: AtomicBool,
-}
-
-impl Answers {
-    fn push(&self, answer: Answer) {
-        // The consumer is gone: nsqd requeues the message after its timeout anyway.
-        if self.closed.load(Ordering::Acquire) {
-            return;
-        }
-        let first = match self.queue.lock() {
-            Ok(mut queue) => {
-                queue.push(answer);
-                queue.len() == 1
-            }
-            Err(_) => return,
-        };
-        if first {
-            self.waker.wake();
-        }
-    }
-
-    /// Moves every queued answer into `batch` (which must be empty); false if there were none.
-    pub(crate) fn try_take(&self, batch: &mut Vec<Answer>) -> bool {
-        match self.queue.lock() {
-            Ok(mut queue) if !queue.is_empty() => {
-                std::mem::swap(&mut *queue, batch);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Like [`try_take`](Self::try_take), waiting for an answer.
-    pub(crate) fn poll_take(&self, cx: &mut Context<'_>, batch: &mut Vec<Answer>) -> Poll<()> {
-        self.waker.register(cx.waker());
-        if self.try_take(batch) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }
-
-    /// Drops every later answer: the engine that would read them has ended.
-    pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        if let Ok(mut queue) = self.queue.lock() {
-            queue.clear();
-        }
-    }
-}
+/// Answers on their way from message handles to the consumer engine: a burst of FINs costs a
+/// lock each, no allocation, and one wake of the engine, which takes them all in one swap.
+pub(crate) type Answers = Batch<Answer>;
 
 impl Drop for Shared {
     fn drop(&mut self) {

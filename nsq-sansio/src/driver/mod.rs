@@ -12,6 +12,7 @@
 //! futures-io stream, implement the smaller [`FuturesIoRuntime`] instead (connect, shutdown,
 //! spawn, sleep) and reads and writes come with it.
 
+mod batch;
 mod consumer;
 mod io;
 mod message;

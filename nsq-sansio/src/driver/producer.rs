@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_channel::oneshot;
 use futures_util::future::{select, Either};
-use futures_util::task::AtomicWaker;
 use tracing::{debug, Instrument};
 
+use super::batch::Batch;
 use super::io::{IoEvent, Sockets};
 use super::{EngineTimer, Error, Runtime};
 use crate::connection::IdHasher;
@@ -66,85 +66,9 @@ struct Handle {
     auth: Arc<Mutex<Option<AuthResponse>>>,
 }
 
-/// Commands from the handles to the engine: a vector the engine swaps out whole, so a command
-/// costs a lock and no allocation, and a burst of them one wake-up of the engine.
-#[derive(Debug, Default)]
-struct Inbox {
-    queue: Mutex<Queue>,
-    engine: AtomicWaker,
-}
-
-#[derive(Default)]
-struct Queue {
-    commands: Vec<Command>,
-    /// The last topic published to, validated: publishes to it share it instead of copying.
-    topic: Option<Arc<Topic>>,
-    /// The engine has ended: nothing will take commands.
-    closed: bool,
-}
-
-impl fmt::Debug for Queue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Queue").field("commands", &self.commands.len()).field("closed", &self.closed).finish()
-    }
-}
-
-impl Inbox {
-    /// Queues `command`; `Stopped` once the engine has ended.
-    fn send(&self, command: Command) -> Result<(), Error> {
-        self.send_with(|_| Ok(command))
-    }
-
-    /// Queues the command `make` builds under the lock (with the topic cache at hand).
-    fn send_with(&self, make: impl FnOnce(&mut Option<Arc<Topic>>) -> Result<Command, Error>) -> Result<(), Error> {
-        let wake = {
-            let mut queue = self.queue.lock().map_err(|_| Error::Stopped)?;
-            if queue.closed {
-                return Err(Error::Stopped);
-            }
-            let command = make(&mut queue.topic)?;
-            queue.commands.push(command);
-            queue.commands.len() == 1
-        };
-        if wake {
-            self.engine.wake();
-        }
-        Ok(())
-    }
-
-    /// Swaps the queued commands into `batch` (empty); pending while there are none.
-    fn poll_take(&self, cx: &mut std::task::Context<'_>, batch: &mut Vec<Command>) -> std::task::Poll<()> {
-        self.engine.register(cx.waker());
-        if self.try_take(batch) {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    }
-
-    fn try_take(&self, batch: &mut Vec<Command>) -> bool {
-        match self.queue.lock() {
-            Ok(mut queue) if !queue.commands.is_empty() => {
-                std::mem::swap(&mut queue.commands, batch);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// The engine has ended: refuses new commands and drops the queued ones (their callers
-    /// see `Stopped`).
-    fn close(&self) {
-        let commands = match self.queue.lock() {
-            Ok(mut queue) => {
-                queue.closed = true;
-                std::mem::take(&mut queue.commands)
-            }
-            Err(_) => Vec::new(),
-        };
-        drop(commands);
-    }
-}
+/// Commands from the handles to the engine (see [`Batch`]), with the last topic published to,
+/// validated: publishes to it share it instead of copying.
+type Inbox = Batch<Command, Option<Arc<Topic>>>;
 
 /// The topic for a publish: the cached one when the name matches, else `name` validated (and
 /// cached).
@@ -270,7 +194,7 @@ impl Publisher {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        let _ = self.inbox.send(Command::Shutdown);
+        self.inbox.push(Command::Shutdown);
     }
 }
 
@@ -432,12 +356,19 @@ impl<R: Runtime> Producer<R> {
 
     async fn request(&self, topic: &str, publish: impl FnOnce(Arc<Topic>) -> Publish) -> Result<(), Error> {
         let (tx, rx) = oneshot::channel();
-        self.handle.inbox.send_with(|cache| Ok(Command::Publish(publish(cached_topic(cache, topic)?), tx)))?;
+        let command = |cache: &mut _| Ok::<_, Error>(Command::Publish(publish(cached_topic(cache, topic)?), tx));
+        if !self.handle.inbox.push_with(command)? {
+            return Err(Error::Stopped);
+        }
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 
     fn send(&self, command: Command) -> Result<(), Error> {
-        self.handle.inbox.send(command)
+        if self.handle.inbox.push(command) {
+            Ok(())
+        } else {
+            Err(Error::Stopped)
+        }
     }
 }
 
