@@ -127,12 +127,14 @@ impl<R: Runtime> Conn<R> {
     }
 
     fn write(&mut self, bytes: Bytes) {
-        // A failed connection drops what it is given, and keeps its error until it is reported.
-        if !matches!(self.write, WriteHalf::Idle(_)) {
-            return;
-        }
-        let WriteHalf::Idle(mut writer) = std::mem::replace(&mut self.write, WriteHalf::Failed(None)) else {
-            return;
+        let mut writer = match std::mem::replace(&mut self.write, WriteHalf::Failed(None)) {
+            WriteHalf::Idle(writer) => writer,
+            // A failed connection drops what it is given, and keeps its error until it is
+            // reported.
+            other => {
+                self.write = other;
+                return;
+            }
         };
         trace!(conn = %self.id, len = bytes.len(), "write");
         let timeout = self.write_timeout;
@@ -209,11 +211,12 @@ impl<R: Runtime> Conn<R> {
     }
 
     /// Writes `last`, half-closes and reads on until nsqd's EOF, in a task of its own; reports
-    /// `Flushed` once the writes are done unless a write already failed.
-    fn close(self, last: Option<Bytes>, reports: mpsc::UnboundedSender<Report<R>>) {
+    /// `Flushed` once the writes are done unless a write already failed. Returns whether it
+    /// will report.
+    fn close(self, last: Option<Bytes>, reports: mpsc::UnboundedSender<Report<R>>) -> bool {
         let Self { id, read, write, write_timeout, span, .. } = self;
+        let report = !matches!(write, WriteHalf::Failed(_));
         let task = async move {
-            let report = !matches!(write, WriteHalf::Failed(_));
             let mut writer = None;
             let written = match write {
                 WriteHalf::Idle(w) => Ok(w),
@@ -266,6 +269,7 @@ impl<R: Runtime> Conn<R> {
             drop(writer);
         };
         R::spawn(task.instrument(span));
+        report
     }
 }
 
@@ -381,7 +385,7 @@ impl<R: Runtime> Sockets<R> {
                     Some(IoEvent::Connected(id))
                 } else {
                     // The core closed the connection while it was being dialled.
-                    conn.close(None, self.report.clone());
+                    let _ = conn.close(None, self.report.clone());
                     None
                 }
             }
@@ -437,10 +441,9 @@ impl<R: Runtime> Sockets<R> {
                         let socket = self.conns.swap_remove(at);
                         // The connection's last bytes go out before it half-closes.
                         let last = machine.poll_transmit_for(conn);
-                        if !matches!(socket.write, WriteHalf::Failed(_)) {
+                        if socket.close(last, self.report.clone()) {
                             self.flushing.insert(conn);
                         }
-                        socket.close(last, self.report.clone());
                     }
                 }
             }
