@@ -70,30 +70,15 @@ impl From<Vec<TxId>> for Txs {
 
 impl IntoIterator for Txs {
     type Item = TxId;
-    type IntoIter = TxsIter;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<TxId>, std::vec::IntoIter<TxId>>;
 
-    fn into_iter(self) -> TxsIter {
-        match self {
-            Self::One(tx) => TxsIter::One(Some(tx)),
-            Self::Many(txs) => TxsIter::Many(txs.into_iter()),
-        }
-    }
-}
-
-/// The transactions of a [`Txs`], in order.
-pub(crate) enum TxsIter {
-    One(Option<TxId>),
-    Many(std::vec::IntoIter<TxId>),
-}
-
-impl Iterator for TxsIter {
-    type Item = TxId;
-
-    fn next(&mut self) -> Option<TxId> {
-        match self {
-            Self::One(tx) => tx.take(),
-            Self::Many(txs) => txs.next(),
-        }
+    fn into_iter(self) -> Self::IntoIter {
+        // An empty vector does not allocate.
+        let (one, many) = match self {
+            Self::One(tx) => (Some(tx), Vec::new()),
+            Self::Many(txs) => (None, txs),
+        };
+        one.into_iter().chain(many)
     }
 }
 
