@@ -141,8 +141,18 @@ name_type!(
 );
 
 /// A message id: the 16 bytes nsqd assigns (ASCII hex in practice, but treated as opaque).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MessageId(pub [u8; 16]);
+
+/// Two words instead of a length and a run of bytes: a connection hashes each id twice
+/// (delivery and answer), at every message.
+impl std::hash::Hash for MessageId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let id = u128::from_le_bytes(self.0);
+        state.write_u64(id as u64);
+        state.write_u64((id >> 64) as u64);
+    }
+}
 
 impl MessageId {
     /// The id's raw bytes, as they go on the wire in FIN, REQ and TOUCH.
