@@ -87,6 +87,7 @@ impl nsq_sansio::driver::Runtime for Tokio {
     }
 
     async fn read(reader: &mut OwnedReadHalf, buf: &mut BytesMut) -> io::Result<usize> {
+        nsq_sansio::driver::reserve_read_room(buf);
         reader.read_buf(buf).await
     }
 

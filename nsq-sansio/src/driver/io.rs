@@ -23,8 +23,6 @@ use tracing::{debug, trace, Instrument};
 use super::{with_timeout, Runtime};
 use crate::{Action, ConnId, Machine, SocketError};
 
-/// Read buffer growth per read: large enough to drain a busy socket in few syscalls.
-const READ_CHUNK: usize = 64 * 1024;
 /// How long a closed connection waits for nsqd's EOF after half-closing.
 const LINGER: Duration = Duration::from_secs(5);
 /// Reads an engine takes one after another before it yields to the runtime. async-io's
@@ -175,17 +173,10 @@ impl<R: Runtime> Conn<R> {
             return None;
         }
         let mut future = match std::mem::replace(&mut self.read, ReadHalf::Ended) {
-            ReadHalf::Idle(mut reader, mut buf) => {
-                // Reads on in the same buffer while half of it is left: a new buffer per
-                // small read (a burst of OKs) costs an allocation each.
-                if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-                    buf.reserve(READ_CHUNK);
-                }
-                Box::pin(async move {
-                    let result = R::read(&mut reader, &mut buf).await;
-                    (reader, buf, result)
-                })
-            }
+            ReadHalf::Idle(mut reader, mut buf) => Box::pin(async move {
+                let result = R::read(&mut reader, &mut buf).await;
+                (reader, buf, result)
+            }),
             ReadHalf::Reading(future) => future,
             ReadHalf::Ended => return None,
         };
@@ -259,7 +250,6 @@ impl<R: Runtime> Conn<R> {
                 };
                 loop {
                     buf.clear();
-                    buf.reserve(READ_CHUNK);
                     if R::read(&mut reader, &mut buf).await? == 0 {
                         return Ok(());
                     }

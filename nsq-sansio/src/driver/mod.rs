@@ -51,8 +51,9 @@ pub trait Runtime: Send + Sync + 'static {
         local_addr: Option<SocketAddr>,
     ) -> impl Future<Output = stdio::Result<(Self::Reader, Self::Writer)>> + Send;
 
-    /// Reads what is available into the spare capacity of `buf` (reserved by the caller);
-    /// `Ok(0)` is end of file.
+    /// Reads what is available and appends it to `buf`; `Ok(0)` is end of file. The reader
+    /// chooses the room it reads into: a runtime that reads into spare capacity makes it with
+    /// [`reserve_read_room`].
     fn read(reader: &mut Self::Reader, buf: &mut BytesMut) -> impl Future<Output = stdio::Result<usize>> + Send;
 
     /// Writes all of `data`.
@@ -95,22 +96,64 @@ pub trait FuturesIoRuntime: Send + Sync + 'static {
     fn sleep_until(deadline: Instant) -> impl Future<Output = ()> + Send;
 }
 
-impl<T: FuturesIoRuntime> Runtime for T {
-    type Reader = T::Stream;
-    type Writer = T::Stream;
+/// Bytes a read gets room for: enough to drain a busy socket in few syscalls.
+const READ_CHUNK: usize = 64 * 1024;
 
-    async fn connect(addr: String, local_addr: Option<SocketAddr>) -> stdio::Result<(T::Stream, T::Stream)> {
-        let stream = <T as FuturesIoRuntime>::connect(addr, local_addr).await?;
-        Ok((stream.clone(), stream))
+/// Makes room in `buf` for a read into its spare capacity: reads go on in the same buffer
+/// while half a chunk is left, since a new buffer per small read (a burst of OKs) would cost
+/// an allocation each.
+pub fn reserve_read_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// The read half of a [`FuturesIoRuntime`]'s stream, with the room its reads fill.
+///
+/// A futures-io read takes initialized bytes. The room is zeroed once per chunk, and each
+/// read hands over the front of it that it filled, so no byte is zeroed twice. Zeroing the
+/// buffer's spare capacity at every read instead (up to 96 KiB for a 10-byte OK) was a fifth
+/// of the instructions nsq-smol spent publishing with 200 callers.
+pub struct FuturesIoReader<S> {
+    stream: S,
+    /// Zeroed bytes that no read has filled yet.
+    room: BytesMut,
+}
+
+impl<S: futures_util::io::AsyncRead + Unpin> FuturesIoReader<S> {
+    fn new(stream: S) -> Self {
+        Self { stream, room: BytesMut::new() }
     }
 
-    async fn read(reader: &mut T::Stream, buf: &mut BytesMut) -> stdio::Result<usize> {
+    async fn read(&mut self, buf: &mut BytesMut) -> stdio::Result<usize> {
         use futures_util::io::AsyncReadExt;
-        let start = buf.len();
-        buf.resize(buf.capacity().max(start + 1), 0);
-        let result = reader.read(&mut buf[start..]).await;
-        buf.truncate(start + *result.as_ref().unwrap_or(&0));
-        result
+        if self.room.len() < READ_CHUNK / 2 {
+            self.room = BytesMut::zeroed(READ_CHUNK);
+        }
+        let n = self.stream.read(&mut self.room).await?;
+        // Takes the filled bytes without a copy when `buf` is empty, as the engine's is.
+        buf.unsplit(self.room.split_to(n));
+        Ok(n)
+    }
+}
+
+impl<S> std::fmt::Debug for FuturesIoReader<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FuturesIoReader").field("room", &self.room.len()).finish_non_exhaustive()
+    }
+}
+
+impl<T: FuturesIoRuntime> Runtime for T {
+    type Reader = FuturesIoReader<T::Stream>;
+    type Writer = T::Stream;
+
+    async fn connect(addr: String, local_addr: Option<SocketAddr>) -> stdio::Result<(Self::Reader, T::Stream)> {
+        let stream = <T as FuturesIoRuntime>::connect(addr, local_addr).await?;
+        Ok((FuturesIoReader::new(stream.clone()), stream))
+    }
+
+    async fn read(reader: &mut Self::Reader, buf: &mut BytesMut) -> stdio::Result<usize> {
+        reader.read(buf).await
     }
 
     async fn write_all(writer: &mut T::Stream, data: &[u8]) -> stdio::Result<()> {
@@ -383,5 +426,67 @@ impl EngineTimer {
             }
             None => std::task::Poll::Pending,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    /// Hands out `data` in reads of the given sizes, then EOF.
+    struct Chunked {
+        data: Vec<u8>,
+        sizes: Vec<usize>,
+    }
+
+    impl futures_util::io::AsyncRead for Chunked {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut [u8]) -> Poll<stdio::Result<usize>> {
+            let want = if self.sizes.is_empty() { usize::MAX } else { self.sizes.remove(0) };
+            let n = want.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data.drain(..n);
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn futures_io_reads_come_out_whole_and_small_ones_share_one_room() {
+        let data: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8).collect();
+        let mut sizes = vec![10; 1000];
+        sizes.extend([READ_CHUNK, 5, READ_CHUNK / 2 + 1, 40_000, 1]);
+        let mut reader = FuturesIoReader::new(Chunked { data: data.clone(), sizes });
+        let mut got = Vec::new();
+        let mut small_reads_at = Vec::new();
+        loop {
+            let mut buf = BytesMut::new();
+            let n = reader.read(&mut buf).now_or_never().unwrap().unwrap();
+            assert_eq!(buf.len(), n);
+            if n == 0 {
+                break;
+            }
+            if small_reads_at.len() < 1000 {
+                small_reads_at.push(buf.as_ptr() as usize);
+            }
+            got.extend_from_slice(&buf);
+        }
+        assert_eq!(got, data);
+        // Each small read took the bytes right after the previous one's: one zeroed room for
+        // all of them, none zeroed again.
+        assert!(small_reads_at.windows(2).all(|w| w[1] == w[0] + 10));
+    }
+
+    #[test]
+    fn a_futures_io_read_appends_to_what_the_buffer_holds() {
+        let mut reader = FuturesIoReader::new(Chunked { data: b"hello world".to_vec(), sizes: vec![5, 6] });
+        let mut buf = BytesMut::new();
+        reader.read(&mut buf).now_or_never().unwrap().unwrap();
+        reader.read(&mut buf).now_or_never().unwrap().unwrap();
+        assert_eq!(&buf[..], b"hello world");
     }
 }
