@@ -210,8 +210,9 @@ impl World {
         }
         let bound = inv::pool_publish_bound(pool.wait, t.attempts.len(), took);
         if elapsed <= bound {
-            // Attempts under way may count up to their cap.
-            let more = if open { cap } else { Duration::ZERO };
+            // Attempts under way may count up to their cap. The next look is later than now
+            // even at the bound itself.
+            let more = if open { cap } else { Duration::from_nanos(1) };
             return Ok(Some(self.now + (bound - elapsed) + more));
         }
         Err(Violation {
