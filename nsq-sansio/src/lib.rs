@@ -171,7 +171,7 @@ pub use action::{Action, ConnId, Machine};
 pub use config::{BackoffStrategy, Config, ConfigError, MAX_MSG_SIZE_LIMIT, MESSAGE_FRAME_OVERHEAD};
 pub use connection::{
     AuthResponse, ConnectionState, ConnectionStats, Event, Phase, PublishId, DEFAULT_MAX_DEFER, DEFAULT_MAX_MSG_SIZE,
-    DEFAULT_MAX_RDY_COUNT,
+    DEFAULT_MAX_RDY_COUNT, MAX_UNANSWERED_WRITES,
 };
 pub use consumer::{ConsumerError, ConsumerEvent, ConsumerState, ConsumerStats, Response};
 pub use error::{CommandError, ConnectionError, PublishError, SocketError};

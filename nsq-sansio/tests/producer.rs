@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use nsq_sansio::{
     Action, CommandError, Config, ConnId, ConnectionError, ErrorCode, Frame, ProducerEvent, ProducerState,
-    PublishError, ServerError, Topic, TxId,
+    PublishError, ServerError, Topic, TxId, MAX_UNANSWERED_WRITES,
 };
 use proptest::prelude::*;
 
@@ -388,6 +388,8 @@ fn replays_the_publish_capture() {
     let mut txs = vec![sim.p.publish(&topic, Bytes::from_static(b"hello pub"), sim.now).unwrap()];
     sim.drain();
     assert_eq!(&sim.wire()[start..], &c2s[1][..]);
+    // nsqd answers each command before the capture's client sends the next.
+    sim.input(response(b"OK"));
     for s in &c2s[2..] {
         let before = sim.wire().len();
         let text = String::from_utf8_lossy(s).into_owned();
@@ -411,8 +413,6 @@ fn replays_the_publish_capture() {
         txs.push(tx.unwrap());
         sim.drain();
         assert_eq!(&sim.wire()[before..], &s[..], "{text:?}");
-    }
-    for _ in &txs {
         sim.input(response(b"OK"));
     }
     assert!(txs.iter().all(|tx| sim.results[tx] == Ok(())));
@@ -459,6 +459,90 @@ fn commands_queued_between_polls_go_out_as_one_write() {
     sim.drain();
     assert_eq!(sim.writes.len() - before, 1, "one buffer for 100 PUBs");
     assert_eq!(sim.writes.last().unwrap().1.len(), 100 * b"PUB t\n\0\0\0\x01x".len());
+}
+
+#[test]
+fn publishes_wait_while_max_unanswered_writes_are_out_then_leave_in_one_write() {
+    let mut sim = Sim::new();
+    sim.p.connect(sim.now).unwrap();
+    sim.drain();
+    sim.accept();
+    // Each write carries two publishes; none is answered.
+    let mut txs = Vec::new();
+    for _ in 0..MAX_UNANSWERED_WRITES {
+        let before = sim.writes.len();
+        txs.push(sim.p.publish(&Topic::new("t").unwrap(), Bytes::from_static(b"a"), sim.now).unwrap());
+        txs.push(sim.p.publish(&Topic::new("t").unwrap(), Bytes::from_static(b"b"), sim.now).unwrap());
+        sim.drain();
+        assert_eq!(sim.writes.len(), before + 1);
+    }
+    let before = sim.writes.len();
+    for _ in 0..3 {
+        txs.push(sim.publish(b"held"));
+    }
+    // A heartbeat's NOP waits behind them too.
+    sim.input(response(b"_heartbeat_"));
+    assert_eq!(sim.writes.len(), before, "nothing leaves while the writes are unanswered");
+    // The first publish of the oldest write answered: that write is not done yet.
+    sim.input(response(b"OK"));
+    assert_eq!(sim.writes.len(), before);
+    // Its last publish answered: everything queued leaves in one write.
+    sim.input(response(b"OK"));
+    assert_eq!(sim.writes.len(), before + 1);
+    let held = &sim.writes[before].1;
+    assert_eq!(held.windows(4).filter(|w| w == b"PUB ").count(), 3);
+    assert!(held.ends_with(b"NOP\n"));
+    for _ in 2..txs.len() {
+        sim.input(response(b"OK"));
+    }
+    assert!(txs.iter().all(|tx| sim.results[tx] == Ok(())));
+    // Answered: the next publish leaves at once.
+    let before = sim.writes.len();
+    sim.publish(b"free");
+    assert_eq!(sim.writes.len(), before + 1);
+}
+
+#[test]
+fn held_publishes_wait_at_most_the_write_timeout_for_an_answer() {
+    let mut sim = Sim::new();
+    sim.p.connect(sim.now).unwrap();
+    sim.drain();
+    sim.accept();
+    for _ in 0..MAX_UNANSWERED_WRITES {
+        sim.publish(b"sent");
+    }
+    let before = sim.writes.len();
+    sim.publish(b"held");
+    assert_eq!(sim.writes.len(), before);
+    // An nsqd that stopped reading answers nothing; the wait ends with the write timeout (1s
+    // by default), and what waited goes to the socket, where that timeout applies.
+    let due = sim.p.poll_timeout().unwrap();
+    assert_eq!(due, sim.now + Duration::from_secs(1));
+    sim.now += Duration::from_millis(999);
+    sim.p.handle_timeout(sim.now);
+    sim.drain();
+    assert_eq!(sim.writes.len(), before);
+    sim.now = due;
+    sim.p.handle_timeout(sim.now);
+    sim.drain();
+    assert_eq!(sim.writes.len(), before + 1);
+    assert!(sim.writes[before].1.ends_with(b"held"));
+}
+
+#[test]
+fn a_fatal_error_fails_held_publishes_with_the_connection() {
+    let mut sim = Sim::new();
+    sim.p.connect(sim.now).unwrap();
+    sim.drain();
+    sim.accept();
+    let sent: Vec<TxId> = (0..MAX_UNANSWERED_WRITES).map(|_| sim.publish(b"sent")).collect();
+    let held = sim.publish(b"held");
+    let before = sim.writes.len();
+    sim.input(error(b"E_BAD_MESSAGE PUB bad"));
+    assert!(matches!(sim.results[&sent[0]], Err(PublishError::Server(_))));
+    assert!(sent[1..].iter().all(|tx| matches!(sim.results[tx], Err(PublishError::ConnectionLost(_)))));
+    assert!(matches!(sim.results[&held], Err(PublishError::ConnectionLost(_))));
+    assert_eq!(sim.writes.len(), before, "held bytes do not go out on a broken connection");
 }
 
 #[test]

@@ -33,6 +33,15 @@ const DEFAULT_MSG_TIMEOUT: Duration = Duration::from_secs(60);
 /// Plaintext a transport layer may produce beyond one maximal frame before the framing layer
 /// consumes it.
 const RX_SLACK: usize = 64 * 1024;
+/// Writes carrying publishes that nsqd may have unanswered before the next one waits: what is
+/// queued meanwhile goes out in one write when the oldest is answered. nsqd answers each
+/// publish with a write of its own, so a busy producer would otherwise send a few publishes
+/// per write, each write waking nsqd; this way every write carries what its callers queued
+/// during a round trip, and nsqd always has the next writes waiting in its socket.
+///
+/// The wait lasts at most `write_timeout` from the oldest write: an nsqd that stopped reading
+/// must still meet the write timeout, as it would without the wait.
+pub const MAX_UNANSWERED_WRITES: usize = 4;
 
 /// Identifies one publish on a connection; [`Event::Published`] carries it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -136,6 +145,8 @@ enum Timer {
     Read,
     MessageExpiry,
     Drain,
+    /// The wait of held commands ends (see [`MAX_UNANSWERED_WRITES`]).
+    Held,
 }
 
 impl From<Timer> for usize {
@@ -187,7 +198,7 @@ pub struct ConnectionState {
     held: BytesMut,
     expect: VecDeque<Expect>,
     events: VecDeque<Event>,
-    timers: TimerTable<Timer, 3>,
+    timers: TimerTable<Timer, 4>,
     in_flight: InFlight,
     negotiated: Option<IdentifyResponse>,
     subscribed: bool,
@@ -199,6 +210,11 @@ pub struct ConnectionState {
     rdy: u32,
     rdy_remaining: u32,
     next_publish: u64,
+    /// Publishes handed to the transport: those below this id.
+    publishes_out: u64,
+    /// The last publish of each write whose publishes nsqd has not all answered, and when it
+    /// was written, oldest first.
+    unanswered_writes: VecDeque<(u64, Instant)>,
     now: Instant,
     last_message: Option<Instant>,
     stats: ConnectionStats,
@@ -234,6 +250,8 @@ impl ConnectionState {
             rdy: 0,
             rdy_remaining: 0,
             next_publish: 0,
+            publishes_out: 0,
+            unanswered_writes: VecDeque::new(),
             now,
             last_message: None,
             stats: ConnectionStats::default(),
@@ -310,6 +328,8 @@ impl ConnectionState {
             self.events.push_back(Event::MessageTimedOut(id));
         }
         self.arm_expiry_timer();
+        // What waited goes out at the next `poll_transmit`.
+        self.timers.expire(Timer::Held, self.now);
         if self.timers.expire(Timer::Drain, self.now) {
             debug!(host = %self.host, in_flight = self.in_flight.len(), "close drain deadline passed");
             return self.finish_close(ConnectionError::LocallyClosed);
@@ -464,10 +484,16 @@ impl ConnectionState {
 
     // ---- output ------------------------------------------------------------------------------
 
-    /// The bytes to write next: everything queued since the last call, as one buffer.
+    /// The bytes to write next: everything queued since the last call, as one buffer. While
+    /// [`MAX_UNANSWERED_WRITES`] writes of publishes await nsqd's answers, commands wait for
+    /// the oldest to be answered.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        if !self.tx.is_empty() {
+        if !self.tx.is_empty() && !self.holds() {
+            if self.next_publish > self.publishes_out {
+                self.unanswered_writes.push_back((self.next_publish - 1, self.now));
+                self.publishes_out = self.next_publish;
+            }
             if let Err(e) = self.transport.send(&mut self.tx) {
                 self.fail(e.into());
             }
@@ -645,6 +671,31 @@ impl ConnectionState {
         Ok(())
     }
 
+    /// nsqd answered publish `id`: the writes it ended are answered.
+    fn answered(&mut self, id: PublishId) {
+        while self.unanswered_writes.front().is_some_and(|&(last, _)| last <= id.0) {
+            self.unanswered_writes.pop_front();
+        }
+        if self.unanswered_writes.len() < MAX_UNANSWERED_WRITES {
+            self.timers.stop(Timer::Held);
+        }
+    }
+
+    /// Whether queued commands wait for an answer: `MAX_UNANSWERED_WRITES` writes are out and
+    /// the oldest was written within `write_timeout`. Arms the timer that ends the wait.
+    fn holds(&mut self) -> bool {
+        if self.unanswered_writes.len() < MAX_UNANSWERED_WRITES {
+            return false;
+        }
+        let Some(&(_, written)) = self.unanswered_writes.front() else { return false };
+        let until = deadline(written, self.config.write_timeout);
+        if self.now >= until {
+            return false;
+        }
+        self.timers.set(Timer::Held, until);
+        true
+    }
+
     fn expect_publish(&mut self) -> PublishId {
         let id = PublishId(self.next_publish);
         self.next_publish += 1;
@@ -718,6 +769,7 @@ impl ConnectionState {
             Phase::Ready | Phase::Closing => match self.expect.pop_front() {
                 Some(Expect::Sub) if data.as_ref() == OK => self.events.push_back(Event::Subscribed),
                 Some(Expect::Publish(id)) if data.as_ref() == OK => {
+                    self.answered(id);
                     self.stats.published += 1;
                     self.events.push_back(Event::Published { id, result: Ok(()) });
                     self.maybe_finish_close();
@@ -843,6 +895,7 @@ impl ConnectionState {
         let sent = matches!(self.phase, Phase::Ready | Phase::Closing);
         if let (true, Some(Expect::Publish(id))) = (sent, self.expect.front().copied()) {
             self.expect.pop_front();
+            self.answered(id);
             self.events.push_back(Event::Published { id, result: Err(PublishError::Server(err.clone())) });
         }
         self.fail(ConnectionError::Server(err));
@@ -890,6 +943,7 @@ impl ConnectionState {
         self.phase = Phase::Closed;
         self.timers.clear();
         self.held.clear();
+        self.unanswered_writes.clear();
         if !reason.is_local_close() {
             // Nothing more can be written usefully to a broken stream.
             self.tx.clear();

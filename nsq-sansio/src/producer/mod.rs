@@ -93,7 +93,9 @@ pub enum ProducerEvent {
 ///
 /// Commands queued between two [`poll_transmit`](Self::poll_transmit) calls go out as one
 /// buffer: an adapter that polls only when its previous write finished coalesces writes without
-/// any flush timer.
+/// any flush timer. While [`MAX_UNANSWERED_WRITES`](crate::MAX_UNANSWERED_WRITES) writes of
+/// publishes await nsqd's answers, what is queued waits for the oldest to be answered, so a
+/// busy producer sends what its callers queue in a round trip as one write.
 ///
 /// With [`set_auto_batch`](Self::set_auto_batch), consecutive PUBs to one topic that queued up
 /// while a write was in flight go out as one MPUB. Each caller still gets its own result, but

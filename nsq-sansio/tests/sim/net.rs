@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use nsq_sansio::ConnId;
+use nsq_sansio::{ConnId, MAX_UNANSWERED_WRITES};
 
 use super::nsqd::ServerConn;
 use super::rng::SimRng;
@@ -208,6 +208,12 @@ pub struct Link {
     pub response: Vec<u8>,
     /// A lookupd link: the poll round of the query.
     pub round: Option<Round>,
+    /// A pool's writes of publishes on this link whose publishes are not all resolved: when
+    /// each was written and how many are left.
+    pub publish_writes: VecDeque<(Duration, usize)>,
+    /// When the link had `MAX_UNANSWERED_WRITES` such writes, so that the client may hold
+    /// publishes queued on it: from, and until (`None`: still).
+    pub full: Vec<(Duration, Option<Duration>)>,
 }
 
 impl Link {
@@ -248,7 +254,49 @@ impl Link {
             answered: false,
             response: Vec::new(),
             round: None,
+            publish_writes: VecDeque::new(),
+            full: Vec::new(),
         }
+    }
+
+    /// The client wrote `count` publishes of a pool in one write.
+    pub fn publish_written(&mut self, now: Duration, count: usize) {
+        if count > 0 {
+            self.publish_writes.push_back((now, count));
+            self.update_full(now);
+        }
+    }
+
+    /// A publish written at `written` resolved.
+    pub fn publish_resolved(&mut self, written: Duration, now: Duration) {
+        if let Some(i) = self.publish_writes.iter().position(|&(at, _)| at == written) {
+            self.publish_writes[i].1 -= 1;
+            if self.publish_writes[i].1 == 0 {
+                self.publish_writes.remove(i);
+            }
+            self.update_full(now);
+        }
+    }
+
+    fn update_full(&mut self, now: Duration) {
+        let full = self.publish_writes.len() >= MAX_UNANSWERED_WRITES;
+        match self.full.last_mut() {
+            Some((_, until @ None)) if !full => *until = Some(now),
+            Some((_, None)) => {}
+            _ if full => self.full.push((now, None)),
+            _ => {}
+        }
+    }
+
+    /// How long within `from..now` the link was open and full.
+    pub fn full_within(&self, from: Duration, now: Duration) -> Duration {
+        let end = self.closed_at.unwrap_or(now).min(now);
+        self.full.iter().map(|&(start, until)| until.unwrap_or(end).min(end).saturating_sub(start.max(from))).sum()
+    }
+
+    /// Whether the link is open and full now.
+    pub fn is_full(&self) -> bool {
+        self.closed_at.is_none() && matches!(self.full.last(), Some((_, None)))
     }
 
     pub fn pipe(&mut self, dir: Dir) -> &mut Pipe {

@@ -234,6 +234,7 @@ impl World {
         if !self.links[l].is_lookupd() {
             self.links[l].scanner.feed(bytes, &mut scanned);
         }
+        let mut publishes = 0;
         for s in scanned {
             match s {
                 Scanned::Rdy(n) => {
@@ -247,11 +248,13 @@ impl World {
                         let p = &mut self.producers[i];
                         if let Some(tx) = p.by_body.get(body.as_slice()).and_then(|tx| p.txs.get_mut(tx)) {
                             tx.attempts.push((l, self.now));
+                            publishes += 1;
                         }
                     }
                 }
             }
         }
+        self.links[l].publish_written(self.now, publishes);
         let link = &mut self.links[l];
         if !link.server_open {
             return Ok(());
