@@ -341,7 +341,9 @@ impl Config {
         read_timeout, 100 * MS, 5 * MIN, "100ms..=5m"
     );
     duration_setter!(
-        /// Deadline for each write (`write_timeout`, default 1s, 100ms..=5m).
+        /// Deadline for each write (`write_timeout`, default 1s, 100ms..=5m). Also the longest
+        /// a producer's commands wait behind unanswered writes
+        /// ([`MAX_UNANSWERED_WRITES`](crate::MAX_UNANSWERED_WRITES)).
         write_timeout, 100 * MS, 5 * MIN, "100ms..=5m"
     );
 
