@@ -378,7 +378,7 @@ enum Input {
     Command(Command),
     Io(IoEvent),
     Timeout,
-    /// Every handle is gone.
+    /// The sockets' events ended.
     Closed,
 }
 
@@ -476,17 +476,15 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn handle(&mut self, input: Input, now: Instant) {
-        if let Input::Commands = input {
-            let mut batch = std::mem::take(&mut self.batch);
-            for command in batch.drain(..) {
-                self.handle(Input::Command(command), now);
-            }
-            self.batch = batch;
-            return;
-        }
         let state = &mut self.state;
         match input {
-            Input::Commands => {}
+            Input::Commands => {
+                let mut batch = std::mem::take(&mut self.batch);
+                for command in batch.drain(..) {
+                    self.handle(Input::Command(command), now);
+                }
+                self.batch = batch;
+            }
             Input::Timeout => either!(state.handle_timeout(now)),
             Input::Closed | Input::Command(Command::Shutdown) => {
                 self.shutdown = true;
