@@ -74,13 +74,7 @@ impl fmt::Debug for Recyclable {
 
 impl Message {
     pub(crate) fn new(inner: crate::Message, origin: Arc<Origin>) -> Self {
-        let shared = Arc::new(Shared {
-            origin,
-            id: inner.id,
-            attempts: inner.attempts,
-            answered: AtomicBool::new(false),
-            auto_response: AtomicBool::new(true),
-        });
+        let shared = Arc::new(Shared::new(&inner, origin));
         Self { inner, shared }
     }
 
@@ -188,6 +182,17 @@ impl Responder {
 }
 
 impl Shared {
+    /// The unanswered shared part of `inner`.
+    fn new(inner: &crate::Message, origin: Arc<Origin>) -> Self {
+        Self {
+            origin,
+            id: inner.id,
+            attempts: inner.attempts,
+            answered: AtomicBool::new(false),
+            auto_response: AtomicBool::new(true),
+        }
+    }
+
     /// Answers unless answered already; the shared part goes back with the answer for reuse.
     fn answer(this: &Arc<Self>, response: Response) -> bool {
         if this.answered.swap(true, Ordering::AcqRel) {
@@ -222,11 +227,8 @@ impl Recycler {
         while let Some(Recyclable(mut shared)) = self.spare.pop() {
             // Not unique: the application still holds a clone; that handle stays its own.
             if let Some(slot) = Arc::get_mut(&mut shared) {
-                slot.origin.clone_from(origin);
-                slot.id = inner.id;
-                slot.attempts = inner.attempts;
-                *slot.answered.get_mut() = false;
-                *slot.auto_response.get_mut() = true;
+                // The old part was answered: dropping it sends nothing.
+                *slot = Shared::new(&inner, origin.clone());
                 return Message { inner, shared };
             }
         }
