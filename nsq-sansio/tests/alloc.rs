@@ -68,15 +68,20 @@ fn round(conn: &mut ConnectionState, now: Instant, input: BytesMut) -> usize {
     allocs() - before
 }
 
-#[test]
-fn no_allocation_per_message_when_consuming_and_finishing() {
-    let now = Instant::now();
+/// A subscribed connection at max_in_flight 2500 that consumed and finished three rounds of
+/// 2000 messages: its buffers and tables grew to their working size.
+fn warmed_up(now: Instant) -> ConnectionState {
     let mut conn = subscribed(now, 2500);
-
-    // Warm up: buffers and tables grow to their working size.
     for r in 0..3 {
         round(&mut conn, now, frames(2000, r, 200));
     }
+    conn
+}
+
+#[test]
+fn no_allocation_per_message_when_consuming_and_finishing() {
+    let now = Instant::now();
+    let mut conn = warmed_up(now);
     let small = round(&mut conn, now, frames(500, 10, 200));
     let large = round(&mut conn, now, frames(2000, 11, 200));
     assert_eq!(conn.in_flight(), 0);
@@ -116,10 +121,7 @@ fn the_decoder_allocates_nothing_per_frame() {
 #[test]
 fn a_frame_split_across_reads_costs_what_the_frame_does() {
     let now = Instant::now();
-    let mut conn = subscribed(now, 2500);
-    for r in 0..3 {
-        round(&mut conn, now, frames(2000, r, 200));
-    }
+    let mut conn = warmed_up(now);
     // Two reads in separate allocations, the first ending inside a frame's body.
     let mut split = |n: usize, r: usize| {
         let buf = frames(n, r, 200);

@@ -70,6 +70,15 @@ impl Sim {
         }
     }
 
+    /// Connected at once (`connect`), the handshake done.
+    fn connected() -> Self {
+        let mut sim = Self::new();
+        sim.p.connect(sim.now).unwrap();
+        sim.drain();
+        sim.accept();
+        sim
+    }
+
     fn conn(&self) -> ConnId {
         *self.dialled.last().unwrap()
     }
@@ -119,10 +128,7 @@ fn connects_lazily_and_publishes_after_the_handshake() {
 
 #[test]
 fn responses_match_in_order_and_an_error_fails_its_own_publish_and_the_rest() {
-    let mut sim = Sim::new();
-    sim.p.connect(sim.now).unwrap();
-    sim.drain();
-    sim.accept();
+    let mut sim = Sim::connected();
     let txs: Vec<TxId> = [&b"a"[..], b"b", b"c", b"d"].iter().map(|b| sim.publish(b)).collect();
     sim.input(response(b"OK"));
     assert_eq!(sim.results.len(), 1);
@@ -378,12 +384,9 @@ fn replays_the_publish_capture() {
         .filter(|s| s["dir"] == "c2s" && s.get("event").is_none())
         .map(|s| hex::decode(s["hex"].as_str().unwrap()).unwrap())
         .collect();
-    let mut sim = Sim::new();
+    let mut sim = Sim::connected();
     let topic = Topic::new("fixture_pub").unwrap();
     let eph = Topic::new("fixture_pub#ephemeral").unwrap();
-    sim.p.connect(sim.now).unwrap();
-    sim.drain();
-    sim.accept();
     let start = sim.wire().len();
     let mut txs = vec![sim.p.publish(&topic, Bytes::from_static(b"hello pub"), sim.now).unwrap()];
     sim.drain();
@@ -420,10 +423,7 @@ fn replays_the_publish_capture() {
 
 #[test]
 fn heartbeats_are_answered_while_idle() {
-    let mut sim = Sim::new();
-    sim.p.connect(sim.now).unwrap();
-    sim.drain();
-    sim.accept();
+    let mut sim = Sim::connected();
     let before = sim.writes.len();
     sim.input(response(b"_heartbeat_"));
     assert_eq!(sim.writes[before..].iter().map(|(_, b)| b.to_vec()).collect::<Vec<_>>(), [b"NOP\n".to_vec()]);
@@ -447,10 +447,7 @@ fn stop_lets_outstanding_publishes_finish_then_closes() {
 
 #[test]
 fn commands_queued_between_polls_go_out_as_one_write() {
-    let mut sim = Sim::new();
-    sim.p.connect(sim.now).unwrap();
-    sim.drain();
-    sim.accept();
+    let mut sim = Sim::connected();
     let before = sim.writes.len();
     let t = Topic::new("t").unwrap();
     for _ in 0..100 {
@@ -463,10 +460,7 @@ fn commands_queued_between_polls_go_out_as_one_write() {
 
 #[test]
 fn publishes_wait_while_max_unanswered_writes_are_out_then_leave_in_one_write() {
-    let mut sim = Sim::new();
-    sim.p.connect(sim.now).unwrap();
-    sim.drain();
-    sim.accept();
+    let mut sim = Sim::connected();
     // Each write carries two publishes; none is answered.
     let mut txs = Vec::new();
     for _ in 0..MAX_UNANSWERED_WRITES {
@@ -504,10 +498,7 @@ fn publishes_wait_while_max_unanswered_writes_are_out_then_leave_in_one_write() 
 
 #[test]
 fn held_publishes_wait_at_most_the_write_timeout_for_an_answer() {
-    let mut sim = Sim::new();
-    sim.p.connect(sim.now).unwrap();
-    sim.drain();
-    sim.accept();
+    let mut sim = Sim::connected();
     for _ in 0..MAX_UNANSWERED_WRITES {
         sim.publish(b"sent");
     }
@@ -531,10 +522,7 @@ fn held_publishes_wait_at_most_the_write_timeout_for_an_answer() {
 
 #[test]
 fn a_fatal_error_fails_held_publishes_with_the_connection() {
-    let mut sim = Sim::new();
-    sim.p.connect(sim.now).unwrap();
-    sim.drain();
-    sim.accept();
+    let mut sim = Sim::connected();
     let sent: Vec<TxId> = (0..MAX_UNANSWERED_WRITES).map(|_| sim.publish(b"sent")).collect();
     let held = sim.publish(b"held");
     let before = sim.writes.len();
