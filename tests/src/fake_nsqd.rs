@@ -373,13 +373,8 @@ fn tick(st: &mut State, shared: &Shared) {
             st.stats.delivered += 1;
             if let Some(c) = st.clients.get_mut(&id) {
                 c.in_flight += 1;
-                let mut data = Vec::with_capacity(26 + m.body.len());
-                data.extend_from_slice(&m.timestamp.to_be_bytes());
-                data.extend_from_slice(&m.attempts.to_be_bytes());
-                data.extend_from_slice(&m.id);
-                data.extend_from_slice(&m.body);
                 // Buffered, as nsqd's output buffer does; flushed once the pass is done.
-                let _ = c.out.write_all(&frame(2, &data));
+                let _ = c.out.write_all(&message_frame(m.timestamp, m.attempts, &m.id, &m.body));
                 c.unflushed = true;
             }
             progress = true;
@@ -415,6 +410,16 @@ pub fn frame(kind: u32, data: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&kind.to_be_bytes());
     f.extend_from_slice(data);
     f
+}
+
+/// A message frame: timestamp, attempts, id, body.
+pub fn message_frame(timestamp: u64, attempts: u16, id: &[u8; 16], body: &[u8]) -> Vec<u8> {
+    let mut data = Vec::with_capacity(26 + body.len());
+    data.extend_from_slice(&timestamp.to_be_bytes());
+    data.extend_from_slice(&attempts.to_be_bytes());
+    data.extend_from_slice(id);
+    data.extend_from_slice(body);
+    frame(2, &data)
 }
 
 /// A fatal error: nsqd sends the frame, then closes.

@@ -12,4 +12,4 @@ pub mod tls_stream;
 
 pub use certs::TestPki;
 pub use fake_lookupd::{FakeLookupd, FakeLookupdOptions};
-pub use fake_nsqd::{frame, FakeNsqd, FakeNsqdOptions, FakeStats};
+pub use fake_nsqd::{frame, message_frame, FakeNsqd, FakeNsqdOptions, FakeStats};

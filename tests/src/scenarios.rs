@@ -1243,12 +1243,7 @@ fn flood(
             line.clear();
         }
     });
-    let mut message = Vec::new();
-    message.extend_from_slice(&0u64.to_be_bytes());
-    message.extend_from_slice(&1u16.to_be_bytes());
-    message.extend_from_slice(b"0123456789abcdef");
-    message.extend_from_slice(b"flood");
-    let _ = out.write_all(&crate::frame(2, &message));
+    let _ = out.write_all(&crate::message_frame(0, 1, b"0123456789abcdef", b"flood"));
     let heartbeats = crate::frame(0, b"_heartbeat_").repeat(4096);
     while !stop.load(Ordering::SeqCst) {
         if out.write_all(&heartbeats).is_err() {
